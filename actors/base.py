@@ -1,0 +1,172 @@
+"""The msgpack-only actor base, and the per-node directory actors reach each other through.
+
+Every actor inbox receives ``bytes``; the base decodes them into a catalog message and calls the one
+handler registered for that type. A handler's return value (a message) is the reply to an ``ask``,
+encoded to bytes again. Undecodable or unhandled messages, and handlers that raise, are logged and
+dropped: the actor keeps running. Actors never hold each other's objects, only names in a
+:class:`Directory`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import pykka
+
+from meshllm.codec import CodecError, Message, decode, encode
+from meshllm.logsetup import Logger
+from meshllm.messages import Refused, Tick
+
+MsgT = TypeVar("MsgT", bound=Message)
+Handler = Callable[[Any, Any], Message | None]
+
+
+def handles(msg_type: type[Message]) -> Callable[[Callable[[Any, MsgT], Message | None]], Handler]:
+    """Mark a method as the handler for one message type."""
+
+    def mark(fn: Callable[[Any, MsgT], Message | None]) -> Handler:
+        fn._handles = msg_type  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Directory:
+    """A node's actors by name. Telling a name that is not (or no longer) there is a no-op."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, ref: pykka.ActorRef[Any]) -> None:
+        with self._lock:
+            self._refs[name] = ref
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._refs.pop(name, None)
+
+    def ref(self, name: str) -> pykka.ActorRef[Any] | None:
+        with self._lock:
+            return self._refs.get(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._refs)
+
+    def tell(self, name: str, msg: Message) -> bool:
+        """Send a message; False if nobody by that name is alive."""
+        ref = self.ref(name)
+        if ref is None:
+            return False
+        try:
+            ref.tell(encode(msg))
+        except pykka.ActorDeadError:
+            return False
+        return True
+
+    def ask(self, name: str, msg: Message, timeout: float = 5.0) -> Message:
+        """Send a message and wait for the decoded reply (raises LookupError if nobody is there)."""
+        ref = self.ref(name)
+        if ref is None:
+            raise LookupError(f"no actor named {name!r}")
+        reply = ref.ask(encode(msg), timeout=timeout)
+        if not isinstance(reply, bytes):
+            raise CodecError(f"{name} replied with {type(reply).__name__}, not bytes")
+        return decode(reply)
+
+    def ask_future(self, name: str, msg: Message) -> pykka.Future[Any]:
+        """Start an ask without waiting (for asyncio code, which awaits it in an executor)."""
+        ref = self.ref(name)
+        if ref is None:
+            raise LookupError(f"no actor named {name!r}")
+        return ref.ask(encode(msg), block=False)
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            refs = list(self._refs.items())
+            self._refs.clear()
+        for _name, ref in reversed(refs):
+            try:
+                ref.stop(block=True, timeout=timeout)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass
+
+
+class MsgpackActor(pykka.ThreadingActor):
+    """Base for every meshllm actor: bytes in, one handler per message type, bytes out."""
+
+    _handlers: ClassVar[dict[type[Message], Handler]] = {}
+    name: ClassVar[str] = "actor"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        handlers: dict[type[Message], Handler] = {}
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                msg_type = getattr(attr, "_handles", None)
+                if msg_type is not None:
+                    handlers[msg_type] = attr
+        cls._handlers = handlers
+
+    def __init__(self, directory: Directory, logger: Logger) -> None:
+        super().__init__()
+        self.directory = directory
+        self.log = logger.bind(actor=self.name)
+        self._timers: list[threading.Event] = []
+
+    # -- inbox --------------------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if not isinstance(message, bytes):
+            self.log.warning("actor.bad_message", reason=f"inbox got {type(message).__name__}, not bytes")
+            return encode(Refused("messages must be msgpack bytes"))
+        try:
+            msg = decode(message)
+        except CodecError as exc:
+            self.log.warning("actor.bad_message", reason=str(exc), error=type(exc).__name__)
+            return encode(Refused(f"{type(exc).__name__}: {exc}"))
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            self.log.warning("actor.unhandled", message=type(msg).__name__)
+            return encode(Refused(f"{self.name} does not handle {type(msg).__name__}"))
+        try:
+            reply = handler(self, msg)
+        except Exception as exc:
+            self.log.exception("actor.handler_failed", message=type(msg).__name__)
+            return encode(Refused(f"{type(exc).__name__}: {exc}"))
+        return encode(reply) if reply is not None else None
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def tell(self, name: str, msg: Message) -> bool:
+        return self.directory.tell(name, msg)
+
+    def every(self, interval_s: float, tick: str, jitter: float = 0.0, first_after: float | None = None) -> None:
+        """Tell this actor ``Tick(tick)`` every ``interval_s`` seconds (± jitter fraction) until it stops."""
+        stop = threading.Event()
+        self._timers.append(stop)
+        ref = self.actor_ref
+        payload = encode(Tick(tick))
+
+        def run() -> None:
+            delay = interval_s if first_after is None else first_after
+            while not stop.wait(delay):
+                try:
+                    ref.tell(payload)
+                except pykka.ActorDeadError:
+                    return
+                delay = interval_s * (1 + random.uniform(-jitter, jitter))
+
+        threading.Thread(target=run, name=f"{self.name}-timer-{tick}", daemon=True).start()
+
+    def on_stop(self) -> None:
+        for stop in self._timers:
+            stop.set()
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        for stop in self._timers:
+            stop.set()

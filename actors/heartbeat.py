@@ -1,0 +1,96 @@
+"""Heartbeat actor: owns the probe schedule and the last good answer of every active peer.
+
+Each interval it asks the transport to probe every peer it follows (a QUIC ping, or a re-dial when
+the connection is gone). A peer that has not answered for ``dead_after_s`` is reported to the
+registry, which buries it and broadcasts the death. It follows the registry's topology events.
+"""
+
+from __future__ import annotations
+
+import time
+
+from actors.base import Directory, MsgpackActor, handles
+from meshllm.config import TimingSection
+from meshllm.logsetup import Logger
+from meshllm.messages import (
+    ConnectionLost,
+    DeclareDead,
+    PeerDied,
+    PeerJoined,
+    PeerLeft,
+    PeerUpdated,
+    ProbePeer,
+    ProbeResult,
+    Subscribe,
+    Tick,
+)
+
+
+class Heartbeat(MsgpackActor):
+    """Probes active peers and declares the silent ones dead."""
+
+    name = "heartbeat"
+
+    def __init__(self, directory: Directory, logger: Logger, timing: TimingSection) -> None:
+        super().__init__(directory, logger)
+        self.timing = timing
+        self.addrs: dict[str, tuple[str, ...]] = {}
+        self.last_ok: dict[str, float] = {}
+        self.declared: set[str] = set()
+
+    def on_start(self) -> None:
+        self.tell("registry", Subscribe(subscriber=self.name))
+        self.every(self.timing.probe_interval_s, "probe")
+
+    def _follow(self, node_id: str, addrs: tuple[str, ...]) -> None:
+        self.addrs[node_id] = addrs
+        self.last_ok.setdefault(node_id, time.monotonic())
+        self.declared.discard(node_id)
+
+    def _unfollow(self, node_id: str) -> None:
+        self.addrs.pop(node_id, None)
+        self.last_ok.pop(node_id, None)
+        self.declared.discard(node_id)
+
+    @handles(PeerJoined)
+    def on_joined(self, msg: PeerJoined) -> None:
+        self._follow(msg.peer.node_id, msg.peer.addrs)
+        self.last_ok[msg.peer.node_id] = time.monotonic()
+
+    @handles(PeerUpdated)
+    def on_updated(self, msg: PeerUpdated) -> None:
+        if msg.peer.node_id in self.addrs:
+            self.addrs[msg.peer.node_id] = msg.peer.addrs
+
+    @handles(PeerDied)
+    def on_died(self, msg: PeerDied) -> None:
+        self._unfollow(msg.node_id)
+
+    @handles(PeerLeft)
+    def on_left(self, msg: PeerLeft) -> None:
+        self._unfollow(msg.node_id)
+
+    @handles(ConnectionLost)
+    def on_connection_lost(self, msg: ConnectionLost) -> None:
+        if msg.node_id in self.addrs:
+            # Probe now rather than at the next tick: a lost connection is the earliest sign of death.
+            self.tell("transport", ProbePeer(msg.node_id, self.addrs[msg.node_id], self.timing.probe_interval_s))
+
+    @handles(ProbeResult)
+    def on_result(self, msg: ProbeResult) -> None:
+        if msg.node_id in self.addrs and msg.ok:
+            self.last_ok[msg.node_id] = time.monotonic()
+
+    @handles(Tick)
+    def on_tick(self, msg: Tick) -> None:
+        now = time.monotonic()
+        for node_id, addrs in self.addrs.items():
+            if node_id in self.declared:
+                continue
+            silent = now - self.last_ok.get(node_id, now)
+            if silent >= self.timing.dead_after_s:
+                self.declared.add(node_id)
+                reason = f"no answer for {silent:.1f}s"
+                self.tell("registry", DeclareDead(node_id=node_id, reason=reason))
+                continue
+            self.tell("transport", ProbePeer(node_id, addrs, self.timing.probe_interval_s))

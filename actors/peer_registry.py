@@ -1,0 +1,223 @@
+"""PeerRegistry actor: owns the set of active peers, their announcements, and the dead set.
+
+It decides whom to gossip with and when, turns gossip and notices into topology events for its
+subscribers (PeerJoined, PeerUpdated, PeerDied, PeerLeft), and keeps the transport's gossip snapshot
+current. The merge rules live in :mod:`meshllm.peerview`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+
+from actors.base import Directory, MsgpackActor, handles
+from meshllm.codec import Message
+from meshllm.config import TimingSection
+from meshllm.logsetup import Logger
+from meshllm.messages import (
+    BroadcastPeerDown,
+    ConnectionLost,
+    DeclareDead,
+    ExchangeGossip,
+    ForgetPeer,
+    GetStatus,
+    Gossip,
+    GossipFailed,
+    GossipReceived,
+    GossipSnapshot,
+    JoinMesh,
+    PeerAnnouncement,
+    PeerDied,
+    PeerDown,
+    PeerDownReceived,
+    PeerJoined,
+    PeerLeavingReceived,
+    PeerLeft,
+    PeerStatus,
+    PeerUpdated,
+    SetLocalAnnouncement,
+    StatusReply,
+    Subscribe,
+    Tick,
+)
+from meshllm.peerview import Change, PeerView
+
+GOSSIP_FANOUT = 3
+DIAL_BACKOFF_S = 1.0
+DIAL_BACKOFF_MAX_S = 30.0
+
+
+class PeerRegistry(MsgpackActor):
+    """The node's view of the active mesh."""
+
+    name = "registry"
+
+    def __init__(self, directory: Directory, logger: Logger, own: PeerAnnouncement, timing: TimingSection) -> None:
+        super().__init__(directory, logger)
+        self.own = own
+        self.timing = timing
+        self.view = PeerView(own.node_id, timing.dead_ttl_s)
+        self.subscribers: list[str] = []
+
+    def on_start(self) -> None:
+        self._push_snapshot()
+        self.every(self.timing.gossip_interval_s, "gossip", jitter=0.2)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _gossip(self) -> Gossip:
+        return Gossip(announcements=(self.own, *self.view.peers.values()))
+
+    def _push_snapshot(self) -> None:
+        self.tell("transport", GossipSnapshot(gossip=self._gossip()))
+
+    def _publish(self, event: Message) -> None:
+        for name in self.subscribers:
+            self.tell(name, event)
+
+    def _exchange(self, node_id: str, addrs: tuple[str, ...]) -> None:
+        self.tell("transport", ExchangeGossip(node_id=node_id, addrs=addrs, gossip=self._gossip()))
+
+    def _dial_due(self, now: float) -> None:
+        for node_id, addrs in self.view.due_candidates(now):
+            self.view.candidate_attempted(node_id, now, DIAL_BACKOFF_S * 5)
+            self._exchange(node_id, addrs)
+
+    def _apply(self, change: Change, now: float) -> None:
+        for ann in change.joined:
+            self.log.info("peer.joined", peer=ann.node_id, peer_name=ann.name, addrs=list(ann.addrs))
+            self._publish(PeerJoined(peer=ann))
+        for ann in change.updated:
+            self.log.info("peer.updated", peer=ann.node_id, peer_name=ann.name, serving=list(ann.serving))
+            self._publish(PeerUpdated(peer=ann))
+        if change.joined or change.updated:
+            self._push_snapshot()
+        if change.joined:
+            # Spread news of a newcomer at once instead of waiting for the next round.
+            joined = {a.node_id for a in change.joined}
+            others = [(n, a) for n, a in self.view.peers.items() if n not in joined]
+            for node_id, ann in random.sample(others, min(GOSSIP_FANOUT, len(others))):
+                self._exchange(node_id, ann.addrs)
+        if change.new_candidates:
+            self._dial_due(now)
+
+    # -- handlers -----------------------------------------------------------------------------------------
+
+    @handles(Subscribe)
+    def on_subscribe(self, msg: Subscribe) -> None:
+        if msg.subscriber not in self.subscribers:
+            self.subscribers.append(msg.subscriber)
+        for ann in self.view.peers.values():  # bring a late subscriber up to date
+            self.tell(msg.subscriber, PeerJoined(peer=ann))
+
+    @handles(JoinMesh)
+    def on_join(self, msg: JoinMesh) -> None:
+        for seed in msg.seeds:
+            self.view.add_seed(seed.node_id, seed.addrs)
+        self._dial_due(time.monotonic())
+
+    @handles(Tick)
+    def on_tick(self, msg: Tick) -> None:
+        now = time.monotonic()
+        self.view.expire(now)
+        peers = list(self.view.peers.items())
+        for node_id, ann in random.sample(peers, min(GOSSIP_FANOUT, len(peers))):
+            self._exchange(node_id, ann.addrs)
+        self._dial_due(now)
+
+    @handles(GossipReceived)
+    def on_gossip(self, msg: GossipReceived) -> None:
+        now = time.monotonic()
+        self._apply(self.view.merge_direct(msg.peer_id, msg.announcements, now), now)
+
+    @handles(GossipFailed)
+    def on_gossip_failed(self, msg: GossipFailed) -> None:
+        now = time.monotonic()
+        cand = self.view.candidates.get(msg.node_id)
+        if cand is not None:
+            event = "mesh.join_failed" if cand.seed else "peer.unreachable"
+            self.log.warning(event, peer=msg.node_id, addrs=list(msg.addrs), reason=msg.reason)
+            self.view.candidate_failed(msg.node_id, now, DIAL_BACKOFF_S, DIAL_BACKOFF_MAX_S)
+        # An active peer failing one exchange is the heartbeat's business, not ours.
+
+    @handles(DeclareDead)
+    def on_declare_dead(self, msg: DeclareDead) -> None:
+        ann = self.view.peers.get(msg.node_id)
+        if ann is None:
+            return
+        self.view.bury(msg.node_id, ann.incarnation, time.monotonic())
+        self.log.warning("peer.died", peer=msg.node_id, peer_name=ann.name, reason=msg.reason)
+        self._publish(PeerDied(node_id=msg.node_id, incarnation=ann.incarnation, reason=msg.reason))
+        self._push_snapshot()
+        notice = PeerDown(node_id=msg.node_id, incarnation=ann.incarnation, reporter=self.own.node_id)
+        self.tell("transport", BroadcastPeerDown(notice=notice))
+
+    @handles(PeerDownReceived)
+    def on_peer_down(self, msg: PeerDownReceived) -> None:
+        notice = msg.notice
+        if notice.node_id == self.own.node_id:
+            self.log.warning("mesh.reported_dead", reporter=notice.reporter)
+            return
+        removed = self.view.bury(notice.node_id, notice.incarnation, time.monotonic())
+        if removed is None:
+            return
+        reason = f"reported by {notice.reporter}"
+        self.log.warning("peer.died", peer=notice.node_id, peer_name=removed.name, reason=reason)
+        self._publish(PeerDied(node_id=notice.node_id, incarnation=removed.incarnation, reason=reason))
+        self._push_snapshot()
+        self.tell("transport", ForgetPeer(node_id=notice.node_id))
+
+    @handles(PeerLeavingReceived)
+    def on_leaving(self, msg: PeerLeavingReceived) -> None:
+        removed = self.view.bury(msg.notice.node_id, msg.notice.incarnation, time.monotonic())
+        if removed is None:
+            return
+        self.log.info("peer.left", peer=removed.node_id, peer_name=removed.name)
+        self._publish(PeerLeft(node_id=removed.node_id, incarnation=removed.incarnation))
+        self._push_snapshot()
+
+    @handles(ConnectionLost)
+    def on_connection_lost(self, msg: ConnectionLost) -> None:
+        pass  # liveness is decided by the heartbeat's probes
+
+    @handles(SetLocalAnnouncement)
+    def on_set_local(self, msg: SetLocalAnnouncement) -> None:
+        updated = replace(
+            self.own, models=msg.models, serving=msg.serving, vram_bytes=msg.vram_bytes, version=self.own.version + 1
+        )
+        if (updated.models, updated.serving, updated.vram_bytes) == (
+            self.own.models,
+            self.own.serving,
+            self.own.vram_bytes,
+        ):
+            return
+        self.own = updated
+        self._push_snapshot()
+        for node_id, ann in self.view.peers.items():
+            self._exchange(node_id, ann.addrs)
+
+    @handles(GetStatus)
+    def on_status(self, msg: GetStatus) -> StatusReply:
+        now = time.monotonic()
+        peers = tuple(
+            PeerStatus(
+                node_id=a.node_id,
+                name=a.name,
+                role=a.role,
+                vram_bytes=a.vram_bytes,
+                models=a.models,
+                serving=a.serving,
+                last_seen_s=round(now - self.view.last_seen.get(a.node_id, now), 3),
+                addrs=a.addrs,
+            )
+            for a in self.view.peers.values()
+        )
+        return StatusReply(
+            node_id=self.own.node_id,
+            name=self.own.name,
+            role=self.own.role,
+            vram_bytes=self.own.vram_bytes,
+            peers=peers,
+            dead=tuple(self.view.dead),
+        )

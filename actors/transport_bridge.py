@@ -1,0 +1,76 @@
+"""TransportBridge actor: the actors' side of the QUIC endpoint.
+
+It owns the :class:`~meshllm.transport.MeshEndpoint` (and so its loop thread): outbound commands
+arrive here as messages and are scheduled onto the loop; what the loop learns goes back to the owning
+actors as messages, straight from the endpoint. Stopping this actor closes the endpoint.
+"""
+
+from __future__ import annotations
+
+from actors.base import Directory, MsgpackActor, handles
+from meshllm.logsetup import Logger
+from meshllm.messages import (
+    Ack,
+    BroadcastPeerDown,
+    ExchangeGossip,
+    ForgetPeer,
+    GetTransportStats,
+    GossipSnapshot,
+    Leave,
+    ProbePeer,
+    TransportStats,
+)
+from meshllm.transport import CONTROL_TIMEOUT_S, MeshEndpoint
+
+
+class TransportBridge(MsgpackActor):
+    """Turns command messages into coroutines on the endpoint's loop."""
+
+    name = "transport"
+
+    def __init__(self, directory: Directory, logger: Logger, endpoint: MeshEndpoint) -> None:
+        super().__init__(directory, logger)
+        self.endpoint = endpoint
+        self._thread = endpoint.loop_thread
+
+    @handles(GossipSnapshot)
+    def on_snapshot(self, msg: GossipSnapshot) -> None:
+        def apply() -> None:
+            self.endpoint.gossip_snapshot = msg.gossip
+
+        self._thread.loop.call_soon_threadsafe(apply)
+
+    @handles(ExchangeGossip)
+    def on_exchange(self, msg: ExchangeGossip) -> None:
+        self._thread.submit(self.endpoint.exchange_gossip(msg.node_id, msg.addrs, msg.gossip, CONTROL_TIMEOUT_S))
+
+    @handles(ProbePeer)
+    def on_probe(self, msg: ProbePeer) -> None:
+        self._thread.submit(self.endpoint.probe(msg.node_id, msg.addrs, msg.timeout_s))
+
+    @handles(BroadcastPeerDown)
+    def on_broadcast_down(self, msg: BroadcastPeerDown) -> None:
+        self._thread.submit(self.endpoint.broadcast_peer_down(msg.notice))
+
+    @handles(ForgetPeer)
+    def on_forget(self, msg: ForgetPeer) -> None:
+        self._thread.loop.call_soon_threadsafe(self.endpoint.forget, msg.node_id)
+
+    @handles(Leave)
+    def on_leave(self, msg: Leave) -> Ack:
+        try:
+            self._thread.run(self.endpoint.leave(msg.notice, msg.timeout_s), timeout=msg.timeout_s + 1)
+        except TimeoutError:
+            self.log.warning("mesh.leave_timeout")
+        return Ack()
+
+    @handles(GetTransportStats)
+    def on_stats(self, msg: GetTransportStats) -> TransportStats:
+        async def read() -> TransportStats:
+            return self.endpoint.stats()
+
+        return self._thread.run(read(), timeout=5)
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        self.endpoint.stop()

@@ -1,0 +1,76 @@
+"""The node's console HTTP server. For now it serves ``GET /api/status``: the node and the active
+peers it knows, as JSON. It runs on its own loop thread and asks the registry for the view."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from actors.base import Directory
+from meshllm.aio import LoopThread
+from meshllm.messages import GetStatus, GetTransportStats, StatusReply, TransportStats
+
+ASK_TIMEOUT_S = 5.0
+
+
+def status_json(status: StatusReply, transport: TransportStats | None, extra: dict[str, Any]) -> dict[str, Any]:
+    body = dataclasses.asdict(status)
+    body.update(extra)
+    if transport is not None:
+        body["connections"] = transport.connections
+        body["passive_connections"] = transport.passive_connections
+    return body
+
+
+class ConsoleServer:
+    """aiohttp app on a loop thread; ``port`` is known after :meth:`start`."""
+
+    def __init__(self, directory: Directory, host: str, port: int, extra: Callable[[], dict[str, Any]]) -> None:
+        self.directory = directory
+        self.host = host
+        self.port = port
+        self._extra = extra
+        self._thread = LoopThread("console")
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> int:
+        return self._thread.run(self._start(), timeout=10)
+
+    async def _start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/api/status", self._status)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _ask(self, msg: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.directory.ask("registry" if isinstance(msg, GetStatus) else "transport", msg, ASK_TIMEOUT_S))
+
+    async def _status(self, request: web.Request) -> web.Response:
+        try:
+            status = await self._ask(GetStatus())
+            transport = await self._ask(GetTransportStats())
+        except Exception as exc:  # an actor that is stopping or stuck must not crash the console
+            return web.json_response({"error": f"status unavailable: {exc}"}, status=503)
+        if not isinstance(status, StatusReply):
+            return web.json_response({"error": "status unavailable"}, status=503)
+        stats = transport if isinstance(transport, TransportStats) else None
+        return web.json_response(status_json(status, stats, self._extra()))
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            try:
+                self._thread.run(self._runner.cleanup(), timeout=5)
+            except Exception:
+                pass
+        self._thread.stop()

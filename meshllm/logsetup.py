@@ -1,0 +1,78 @@
+"""Structured logs: one JSON object a line (``event``, ``node``, ``ts``, ``level``, fields) to stderr,
+optionally also to a file in the data dir, or a human console format.
+
+Each node gets its own wrapped logger (not structlog's global configuration), so several nodes in one
+process - as tests run them - keep their own ``node`` field and their own files.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from structlog.typing import Processor
+
+Logger = structlog.typing.FilteringBoundLogger
+
+
+class LineSink:
+    """Writes each rendered line to every stream it holds, whole, from any thread."""
+
+    def __init__(self, streams: list[IO[str]]) -> None:
+        self._streams = streams
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            for stream in self._streams:
+                try:
+                    stream.write(message + "\n")
+                    stream.flush()
+                except (ValueError, OSError):
+                    pass  # a closed stream (interpreter shutdown) must not break the caller
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+    def close_files(self) -> None:
+        with self._lock:
+            for stream in self._streams:
+                if stream not in (sys.stderr, sys.stdout):
+                    stream.close()
+            self._streams = [s for s in self._streams if s in (sys.stderr, sys.stdout)]
+
+
+def make_logger(node: str, fmt: str = "json", file: Path | None = None, stream: IO[str] | None = None) -> Logger:
+    """A logger bound to ``node`` that renders as ``fmt`` ("json" or "console")."""
+    streams: list[IO[str]] = [stream if stream is not None else sys.stderr]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        streams.append(file.open("a", encoding="utf-8"))
+    renderer: Processor
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(default=str)
+    processors: list[Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    logger: Any = structlog.wrap_logger(
+        LineSink(streams),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        cache_logger_on_first_use=False,
+    )
+    bound: Logger = logger.bind(node=node)
+    return bound
+
+
+def close_logger(logger: Logger) -> None:
+    """Close the files a logger writes to (stderr stays open)."""
+    sink = getattr(logger, "_logger", None)
+    if isinstance(sink, LineSink):
+        sink.close_files()

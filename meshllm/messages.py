@@ -1,0 +1,350 @@
+"""The message catalog: every message an actor receives and every frame a peer sends.
+
+One vocabulary for both, so a gossip frame from a remote node and a topology event between two local
+actors are the same classes. Tags are stable and never reused: add new ones at the end of a range.
+
+Ranges: 1-49 wire frames, 50-99 nested structs (untagged on the wire, tagged here for uniqueness),
+100-199 mesh actor messages, 200-299 serving (election, supervisor, router), 300+ replies/queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshllm.codec import Message, message
+
+# -- nested structs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerAnnouncement:
+    """What a node says about itself in gossip; the newest (incarnation, version) wins per node."""
+
+    node_id: str
+    name: str
+    role: str
+    addrs: tuple[str, ...]
+    vram_bytes: int
+    models: tuple[str, ...] = ()
+    serving: tuple[str, ...] = ()
+    incarnation: int = 0
+    version: int = 0
+
+    def newer_than(self, other: PeerAnnouncement) -> bool:
+        return (self.incarnation, self.version) > (other.incarnation, other.version)
+
+
+# -- wire frames ---------------------------------------------------------------------------------------
+
+
+@message(1)
+@dataclass(frozen=True)
+class Hello:
+    """First frame a connection's initiator sends (and the answer it gets): proves mesh secret and key.
+
+    ``mac`` is HMAC-SHA256 with the mesh secret and ``signature`` an Ed25519 signature with the node
+    key, both over :func:`meshllm.auth.hello_payload` of the other fields.
+    """
+
+    mesh_id: str
+    node_id: str
+    public_key: bytes
+    role: str
+    target: str
+    nonce: bytes
+    mac: bytes
+    signature: bytes
+
+
+@message(2)
+@dataclass(frozen=True)
+class Refused:
+    """The stream was refused; the reason is for both sides' logs."""
+
+    reason: str
+
+
+@message(3)
+@dataclass(frozen=True)
+class Gossip:
+    """A node's view of the active mesh: its own announcement and every active peer it knows."""
+
+    announcements: tuple[PeerAnnouncement, ...]
+
+
+@message(4)
+@dataclass(frozen=True)
+class PeerDown:
+    """Death notice: ``reporter`` decided ``node_id`` (at ``incarnation``) is dead."""
+
+    node_id: str
+    incarnation: int
+    reporter: str
+
+
+@message(5)
+@dataclass(frozen=True)
+class PeerLeaving:
+    """A node is shutting down on purpose."""
+
+    node_id: str
+    incarnation: int
+
+
+@message(6)
+@dataclass(frozen=True)
+class Ack:
+    """Empty acknowledgement of a one-shot frame."""
+
+
+# -- mesh actor messages ---------------------------------------------------------------------------------
+
+
+@message(100)
+@dataclass(frozen=True)
+class GossipReceived:
+    """Transport -> registry: a valid gossip exchange happened with ``peer_id``."""
+
+    peer_id: str
+    announcements: tuple[PeerAnnouncement, ...]
+
+
+@message(101)
+@dataclass(frozen=True)
+class GossipFailed:
+    """Transport -> registry: could not exchange gossip with a node (unreachable or refused)."""
+
+    node_id: str
+    addrs: tuple[str, ...]
+    reason: str
+
+
+@message(102)
+@dataclass(frozen=True)
+class ExchangeGossip:
+    """Registry -> transport: connect if needed and exchange gossip with one node."""
+
+    node_id: str
+    addrs: tuple[str, ...]
+    gossip: Gossip
+
+
+@message(103)
+@dataclass(frozen=True)
+class GossipSnapshot:
+    """Registry -> transport: the view to answer incoming gossip with, until the next snapshot."""
+
+    gossip: Gossip
+
+
+@message(120)
+@dataclass(frozen=True)
+class ForgetPeer:
+    """Registry -> transport: close our connections to a node we consider dead."""
+
+    node_id: str
+
+
+@message(104)
+@dataclass(frozen=True)
+class ProbePeer:
+    """Heartbeat -> transport: check that a peer answers (reconnecting if there is no connection)."""
+
+    node_id: str
+    addrs: tuple[str, ...]
+    timeout_s: float
+
+
+@message(105)
+@dataclass(frozen=True)
+class ProbeResult:
+    """Transport -> heartbeat: the outcome of one probe."""
+
+    node_id: str
+    ok: bool
+    rtt_ms: float
+    error: str = ""
+
+
+@message(106)
+@dataclass(frozen=True)
+class ConnectionLost:
+    """Transport -> registry and heartbeat: the last connection to a node closed."""
+
+    node_id: str
+    reason: str
+
+
+@message(107)
+@dataclass(frozen=True)
+class PeerJoined:
+    """Topology event: a node passed a direct gossip exchange and is now an active peer."""
+
+    peer: PeerAnnouncement
+
+
+@message(108)
+@dataclass(frozen=True)
+class PeerUpdated:
+    """Topology event: an active peer's announcement changed."""
+
+    peer: PeerAnnouncement
+
+
+@message(109)
+@dataclass(frozen=True)
+class PeerDied:
+    """Topology event: an active peer is dead (probes failed, or a death notice arrived)."""
+
+    node_id: str
+    incarnation: int
+    reason: str
+
+
+@message(110)
+@dataclass(frozen=True)
+class PeerLeft:
+    """Topology event: an active peer left on purpose."""
+
+    node_id: str
+    incarnation: int
+
+
+@message(111)
+@dataclass(frozen=True)
+class PeerDownReceived:
+    """Transport -> registry: a death notice arrived from ``from_peer``."""
+
+    notice: PeerDown
+    from_peer: str
+
+
+@message(112)
+@dataclass(frozen=True)
+class PeerLeavingReceived:
+    """Transport -> registry: a leaving notice arrived."""
+
+    notice: PeerLeaving
+
+
+@message(113)
+@dataclass(frozen=True)
+class DeclareDead:
+    """Heartbeat -> registry: probes to a peer have failed for too long."""
+
+    node_id: str
+    reason: str
+
+
+@message(114)
+@dataclass(frozen=True)
+class BroadcastPeerDown:
+    """Registry -> transport: tell every open connection that a node is dead, and drop ours to it."""
+
+    notice: PeerDown
+
+
+@message(115)
+@dataclass(frozen=True)
+class Leave:
+    """Node -> transport: send leaving notices to every connection and close them."""
+
+    notice: PeerLeaving
+    timeout_s: float
+
+
+@message(116)
+@dataclass(frozen=True)
+class Tick:
+    """A timer fired; ``name`` says which (an actor may run several)."""
+
+    name: str
+
+
+@message(117)
+@dataclass(frozen=True)
+class SetLocalAnnouncement:
+    """Node/election -> registry: what this node now says about itself (models, serving, VRAM)."""
+
+    models: tuple[str, ...]
+    serving: tuple[str, ...]
+    vram_bytes: int
+
+
+@message(118)
+@dataclass(frozen=True)
+class JoinMesh:
+    """Node -> registry: bootstrap from invite tokens' addresses (node id and addresses each)."""
+
+    seeds: tuple[Seed, ...]
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A node to start gossip with: its id and where it listens."""
+
+    node_id: str
+    addrs: tuple[str, ...]
+
+
+@message(119)
+@dataclass(frozen=True)
+class Subscribe:
+    """Ask an actor to tell the named actor its events from now on."""
+
+    subscriber: str
+
+
+# -- queries and replies ------------------------------------------------------------------------------
+
+
+@message(300)
+@dataclass(frozen=True)
+class GetStatus:
+    """Ask the registry for the node's view, for ``/api/status``."""
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """One active peer as ``/api/status`` shows it."""
+
+    node_id: str
+    name: str
+    role: str
+    vram_bytes: int
+    models: tuple[str, ...]
+    serving: tuple[str, ...]
+    last_seen_s: float
+    addrs: tuple[str, ...] = ()
+
+
+@message(301)
+@dataclass(frozen=True)
+class StatusReply:
+    """The registry's answer to :class:`GetStatus`."""
+
+    node_id: str
+    name: str
+    role: str
+    vram_bytes: int
+    peers: tuple[PeerStatus, ...]
+    dead: tuple[str, ...] = field(default=())
+
+
+@message(302)
+@dataclass(frozen=True)
+class TransportStats:
+    """The transport's counters (bytes and frames by stream kind, connections)."""
+
+    connections: int
+    passive_connections: int
+    bytes_sent: dict[str, int]
+    frames_sent: dict[str, int]
+    frames_received: dict[str, int]
+    probes_sent: int
+
+
+@message(303)
+@dataclass(frozen=True)
+class GetTransportStats:
+    """Ask the transport bridge for :class:`TransportStats`."""

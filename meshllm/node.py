@@ -1,0 +1,224 @@
+"""A node: wires identity, mesh membership, the QUIC endpoint, the actors and the HTTP servers
+together from one :class:`~meshllm.config.NodeConfig`, and takes them down again.
+
+Tests and embedding code use it directly::
+
+    node = Node(config).start()
+    node.invite_token          # give this to another node's [node] join
+    node.status()              # the registry's StatusReply
+    node.stop()                # leaving notice to peers, then everything stops
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import IO, Any
+
+import psutil
+
+from actors.base import Directory
+from actors.heartbeat import Heartbeat
+from actors.peer_registry import PeerRegistry
+from actors.transport_bridge import TransportBridge
+from meshllm.config import ConfigError, NodeConfig
+from meshllm.console import ConsoleServer
+from meshllm.identity import NodeIdentity
+from meshllm.invite import InviteError, InviteToken, MeshMembership
+from meshllm.logsetup import Logger, close_logger, make_logger
+from meshllm.messages import (
+    GetStatus,
+    JoinMesh,
+    Leave,
+    PeerAnnouncement,
+    PeerLeaving,
+    Seed,
+    StatusReply,
+)
+from meshllm.resources import detect_vram
+from meshllm.transport import MeshEndpoint
+
+LEAVE_TIMEOUT_S = 1.0
+
+
+class NodeStartError(RuntimeError):
+    """The node cannot start (bad token, port in use, unreadable data dir)."""
+
+
+def local_addresses(host: str, port: int) -> tuple[str, ...]:
+    """Where peers can reach a socket bound to ``host``: itself, or for a wildcard every interface
+    address (non-loopback first, so remote peers try a reachable one first)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
+    outside: list[str] = []
+    loopback: list[str] = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family != socket.AF_INET:
+                continue
+            (loopback if a.address.startswith("127.") else outside).append(f"{a.address}:{port}")
+    return tuple(outside + loopback) or (f"127.0.0.1:{port}",)
+
+
+def parse_join_tokens(tokens: tuple[str, ...]) -> list[InviteToken]:
+    parsed = []
+    for i, text in enumerate(tokens):
+        try:
+            parsed.append(InviteToken.decode(text))
+        except InviteError as exc:
+            raise ConfigError(f"node.join[{i}]: {exc}", key="node.join") from None
+    return parsed
+
+
+class Node:
+    """One meshllm node in this process."""
+
+    def __init__(self, config: NodeConfig, log_stream: IO[str] | None = None) -> None:
+        self.config = config
+        self._log_stream = log_stream
+        self.directory = Directory()
+        self.log: Logger = make_logger(config.node.name, config.log.format, None, log_stream)
+        self.identity: NodeIdentity | None = None
+        self.membership: MeshMembership | None = None
+        self.endpoint: MeshEndpoint | None = None
+        self.console: ConsoleServer | None = None
+        self.addrs: tuple[str, ...] = ()
+        self.incarnation = 0
+        self._started = False
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> Node:
+        cfg = self.config
+        data_dir = cfg.node.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NodeStartError(f"data dir {data_dir}: {exc}") from None
+        if cfg.log.file:
+            close_logger(self.log)
+            self.log = make_logger(cfg.node.name, cfg.log.format, data_dir / "node.log", self._log_stream)
+        tokens = parse_join_tokens(cfg.node.join)
+        self.identity = NodeIdentity.load_or_create(data_dir)
+        self.membership = MeshMembership.resolve(data_dir, tokens)
+        self.log = self.log.bind(node_id=self.identity.node_id)
+        vram = detect_vram(cfg.node.vram_gb)
+        self.incarnation = time.time_ns()
+
+        listen = cfg.node.quic_listen
+        self.endpoint = MeshEndpoint(
+            self.identity, self.membership, cfg.node.role, listen.host, listen.port, self.directory, self.log
+        )
+        try:
+            port = self.endpoint.start()
+        except OSError as exc:
+            self.endpoint.stop()
+            raise NodeStartError(f"node.quic_listen {listen}: {exc}") from None
+        if cfg.node.advertise:
+            self.addrs = tuple(str(a) for a in cfg.node.advertise)
+        else:
+            self.addrs = local_addresses(listen.host, port)
+
+        own = PeerAnnouncement(
+            node_id=self.identity.node_id,
+            name=cfg.node.name,
+            role=cfg.node.role,
+            addrs=self.addrs,
+            vram_bytes=vram.bytes,
+            models=cfg.models.serve,
+            serving=(),
+            incarnation=self.incarnation,
+            version=0,
+        )
+        self._started = True
+        self._spawn(TransportBridge, endpoint=self.endpoint)
+        self._spawn(PeerRegistry, own=own, timing=cfg.timing)
+        self._spawn(Heartbeat, timing=cfg.timing)
+
+        self.console = ConsoleServer(self.directory, cfg.console.listen.host, cfg.console.listen.port, self._extra)
+        try:
+            console_port = self.console.start()
+        except OSError as exc:
+            self.stop(leave=False)
+            raise NodeStartError(f"console.listen {cfg.console.listen}: {exc}") from None
+
+        self.log.info(
+            "node.started",
+            name=cfg.node.name,
+            role=cfg.node.role,
+            quic_port=port,
+            addrs=list(self.addrs),
+            console=f"http://{cfg.console.listen.host}:{console_port}",
+            vram_bytes=vram.bytes,
+            vram_source=vram.source,
+            mesh_id=self.membership.mesh_id,
+        )
+        self.log.info("mesh.invite", token=self.invite_token)
+        if tokens:
+            seeds = tuple(Seed(node_id=t.node_id, addrs=t.addrs) for t in tokens if t.node_id != self.node_id)
+            self.directory.tell("registry", JoinMesh(seeds=seeds))
+        return self
+
+    def _spawn(self, actor_cls: Any, **kwargs: Any) -> None:
+        ref = actor_cls.start(self.directory, self.log, **kwargs)
+        self.directory.register(actor_cls.name, ref)
+
+    def stop(self, leave: bool = True) -> None:
+        """Stop the node; with ``leave`` peers are told first (they log ``peer.left``)."""
+        if not self._started:
+            return
+        self._started = False
+        if leave:
+            notice = PeerLeaving(node_id=self.node_id, incarnation=self.incarnation)
+            try:
+                self.directory.ask("transport", Leave(notice=notice, timeout_s=LEAVE_TIMEOUT_S), LEAVE_TIMEOUT_S + 2)
+            except Exception as exc:
+                self.log.warning("mesh.leave_failed", reason=str(exc))
+        if self.console is not None:
+            self.console.stop()
+        self.directory.stop_all()
+        self.log.info("node.stopped")
+        close_logger(self.log)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- views ------------------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        assert self.identity is not None, "node not started"
+        return self.identity.node_id
+
+    @property
+    def invite_token(self) -> str:
+        assert self.membership is not None, "node not started"
+        return self.membership.invite(self.node_id, self.addrs).encode()
+
+    @property
+    def console_url(self) -> str:
+        assert self.console is not None
+        return f"http://{self.config.console.listen.host}:{self.console.port}"
+
+    @property
+    def quic_port(self) -> int:
+        assert self.endpoint is not None
+        return self.endpoint.port
+
+    def status(self, timeout: float = 5.0) -> StatusReply:
+        reply = self.directory.ask("registry", GetStatus(), timeout)
+        assert isinstance(reply, StatusReply)
+        return reply
+
+    def peer_ids(self) -> set[str]:
+        return {p.node_id for p in self.status().peers}
+
+    def _extra(self) -> dict[str, Any]:
+        return {
+            "mesh_id": self.membership.mesh_id if self.membership else None,
+            "addrs": list(self.addrs),
+            "incarnation": self.incarnation,
+        }

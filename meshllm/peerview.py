@@ -1,0 +1,136 @@
+"""The pure part of the peer registry: merging announcements, the dead set, candidates to dial.
+
+No I/O and no clock of its own (callers pass ``now``), so every rule - newest wins, no resurrection
+by stale gossip, a restarted node is accepted again - is tested without a network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshllm.messages import PeerAnnouncement
+
+
+@dataclass
+class DeadEntry:
+    incarnation: int
+    expires_at: float
+
+
+@dataclass
+class Candidate:
+    addrs: tuple[str, ...]
+    next_try: float = 0.0
+    failures: int = 0
+    seed: bool = False
+
+
+@dataclass
+class Change:
+    """What a merge did, so the actor can publish events."""
+
+    joined: list[PeerAnnouncement] = field(default_factory=list)
+    updated: list[PeerAnnouncement] = field(default_factory=list)
+    new_candidates: list[str] = field(default_factory=list)
+
+
+class PeerView:
+    """Active peers by node id, the dead set, and nodes heard of but not yet met."""
+
+    def __init__(self, own_id: str, dead_ttl_s: float) -> None:
+        self.own_id = own_id
+        self.dead_ttl_s = dead_ttl_s
+        self.peers: dict[str, PeerAnnouncement] = {}
+        self.last_seen: dict[str, float] = {}
+        self.dead: dict[str, DeadEntry] = {}
+        self.candidates: dict[str, Candidate] = {}
+
+    def is_buried(self, ann: PeerAnnouncement, now: float) -> bool:
+        """True if ``ann`` is no newer than a death we know of (stale gossip must not resurrect)."""
+        entry = self.dead.get(ann.node_id)
+        return entry is not None and entry.expires_at > now and ann.incarnation <= entry.incarnation
+
+    def merge_direct(self, peer_id: str, anns: tuple[PeerAnnouncement, ...], now: float) -> Change:
+        """A gossip exchange with ``peer_id`` itself succeeded: it is alive and active."""
+        change = Change()
+        own = next((a for a in anns if a.node_id == peer_id), None)
+        if own is not None and own.role == "active":
+            self.dead.pop(peer_id, None)  # it answered us directly, whatever we heard before
+            self.candidates.pop(peer_id, None)
+            known = self.peers.get(peer_id)
+            self.last_seen[peer_id] = now
+            if known is None:
+                self.peers[peer_id] = own
+                change.joined.append(own)
+            elif own.newer_than(known):
+                self.peers[peer_id] = own
+                change.updated.append(own)
+        for ann in anns:
+            if ann.node_id in (peer_id, self.own_id) or ann.role != "active":
+                continue
+            self._merge_hearsay(ann, now, change)
+        return change
+
+    def _merge_hearsay(self, ann: PeerAnnouncement, now: float, change: Change) -> None:
+        if self.is_buried(ann, now):
+            return
+        known = self.peers.get(ann.node_id)
+        if known is not None:
+            if ann.newer_than(known):
+                if ann.incarnation > known.incarnation:
+                    # A restart we have not seen directly: meet it again before trusting it.
+                    self._add_candidate(ann, change)
+                    return
+                self.peers[ann.node_id] = ann
+                change.updated.append(ann)
+            return
+        self._add_candidate(ann, change)
+
+    def _add_candidate(self, ann: PeerAnnouncement, change: Change) -> None:
+        cand = self.candidates.get(ann.node_id)
+        if cand is None:
+            self.candidates[ann.node_id] = Candidate(addrs=ann.addrs)
+            change.new_candidates.append(ann.node_id)
+        else:
+            cand.addrs = ann.addrs
+
+    def add_seed(self, node_id: str, addrs: tuple[str, ...]) -> None:
+        if node_id != self.own_id and node_id not in self.peers:
+            self.candidates[node_id] = Candidate(addrs=addrs, seed=True)
+
+    def due_candidates(self, now: float) -> list[tuple[str, tuple[str, ...]]]:
+        return [(nid, c.addrs) for nid, c in self.candidates.items() if c.next_try <= now]
+
+    def candidate_attempted(self, node_id: str, now: float, base_backoff_s: float) -> None:
+        cand = self.candidates.get(node_id)
+        if cand is not None:
+            cand.next_try = now + base_backoff_s
+
+    def candidate_failed(self, node_id: str, now: float, base_backoff_s: float, max_backoff_s: float) -> bool:
+        """Back off a failed dial; non-seed candidates are dropped after a few failures. True if kept."""
+        cand = self.candidates.get(node_id)
+        if cand is None:
+            return False
+        cand.failures += 1
+        if not cand.seed and cand.failures >= 5:
+            del self.candidates[node_id]
+            return False
+        cand.next_try = now + min(max_backoff_s, base_backoff_s * 2 ** (cand.failures - 1))
+        return True
+
+    def bury(self, node_id: str, incarnation: int, now: float) -> PeerAnnouncement | None:
+        """Mark a node dead at ``incarnation``; returns the peer it removed, if it was active."""
+        removed = self.peers.get(node_id)
+        if removed is not None and removed.incarnation > incarnation:
+            return None  # the notice is about an older life of this node
+        entry = self.dead.get(node_id)
+        inc = max(incarnation, entry.incarnation if entry else 0, removed.incarnation if removed else 0)
+        self.dead[node_id] = DeadEntry(incarnation=inc, expires_at=now + self.dead_ttl_s)
+        self.peers.pop(node_id, None)
+        self.last_seen.pop(node_id, None)
+        self.candidates.pop(node_id, None)
+        return removed
+
+    def expire(self, now: float) -> None:
+        for nid in [n for n, e in self.dead.items() if e.expires_at <= now]:
+            del self.dead[nid]
