@@ -145,7 +145,9 @@ class MsgpackActor(pykka.ThreadingActor):
     def tell(self, name: str, msg: Message) -> bool:
         return self.directory.tell(name, msg)
 
-    def every(self, interval_s: float, tick: str, jitter: float = 0.0, first_after: float | None = None) -> None:
+    def every(
+        self, interval_s: float, tick: str, jitter: float = 0.0, first_after: float | None = None
+    ) -> None:
         """Tell this actor ``Tick(tick)`` every ``interval_s`` seconds (± jitter fraction) until it stops."""
         stop = threading.Event()
         self._timers.append(stop)

@@ -74,7 +74,9 @@ class Heartbeat(MsgpackActor):
     def on_connection_lost(self, msg: ConnectionLost) -> None:
         if msg.node_id in self.addrs:
             # Probe now rather than at the next tick: a lost connection is the earliest sign of death.
-            self.tell("transport", ProbePeer(msg.node_id, self.addrs[msg.node_id], self.timing.probe_interval_s))
+            self.tell(
+                "transport", ProbePeer(msg.node_id, self.addrs[msg.node_id], self.timing.probe_interval_s)
+            )
 
     @handles(ProbeResult)
     def on_result(self, msg: ProbeResult) -> None:

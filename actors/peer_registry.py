@@ -53,7 +53,9 @@ class PeerRegistry(MsgpackActor):
 
     name = "registry"
 
-    def __init__(self, directory: Directory, logger: Logger, own: PeerAnnouncement, timing: TimingSection) -> None:
+    def __init__(
+        self, directory: Directory, logger: Logger, own: PeerAnnouncement, timing: TimingSection
+    ) -> None:
         super().__init__(directory, logger)
         self.own = own
         self.timing = timing
@@ -184,7 +186,11 @@ class PeerRegistry(MsgpackActor):
     @handles(SetLocalAnnouncement)
     def on_set_local(self, msg: SetLocalAnnouncement) -> None:
         updated = replace(
-            self.own, models=msg.models, serving=msg.serving, vram_bytes=msg.vram_bytes, version=self.own.version + 1
+            self.own,
+            models=msg.models,
+            serving=msg.serving,
+            vram_bytes=msg.vram_bytes,
+            version=self.own.version + 1,
         )
         if (updated.models, updated.serving, updated.vram_bytes) == (
             self.own.models,

@@ -42,7 +42,9 @@ class TransportBridge(MsgpackActor):
 
     @handles(ExchangeGossip)
     def on_exchange(self, msg: ExchangeGossip) -> None:
-        self._thread.submit(self.endpoint.exchange_gossip(msg.node_id, msg.addrs, msg.gossip, CONTROL_TIMEOUT_S))
+        self._thread.submit(
+            self.endpoint.exchange_gossip(msg.node_id, msg.addrs, msg.gossip, CONTROL_TIMEOUT_S)
+        )
 
     @handles(ProbePeer)
     def on_probe(self, msg: ProbePeer) -> None:

@@ -23,7 +23,9 @@ class AuthError(Exception):
     """Why a Hello was refused; the text is sent back in a Refused frame and logged on both sides."""
 
 
-def hello_payload(mesh_id: str, node_id: str, public_key: bytes, role: str, target: str, nonce: bytes) -> bytes:
+def hello_payload(
+    mesh_id: str, node_id: str, public_key: bytes, role: str, target: str, nonce: bytes
+) -> bytes:
     packed: bytes = msgpack.packb(["meshllm-hello/1", mesh_id, node_id, public_key, role, target, nonce])
     return packed
 
@@ -44,7 +46,9 @@ def make_hello(identity: NodeIdentity, membership: MeshMembership, role: str, ta
     )
 
 
-def verify_hello(hello: Hello, membership: MeshMembership, own_id: str, expected_node: str | None = None) -> None:
+def verify_hello(
+    hello: Hello, membership: MeshMembership, own_id: str, expected_node: str | None = None
+) -> None:
     """Raise AuthError unless the Hello is for this node, from this mesh, and signed by its sender."""
     if hello.mesh_id != membership.mesh_id:
         raise AuthError(f"wrong mesh: {hello.mesh_id!r} is not this node's mesh")
@@ -52,7 +56,9 @@ def verify_hello(hello: Hello, membership: MeshMembership, own_id: str, expected
         raise AuthError("hello addressed to another node")
     if len(hello.nonce) < 16:
         raise AuthError("hello nonce too short")
-    payload = hello_payload(hello.mesh_id, hello.node_id, hello.public_key, hello.role, hello.target, hello.nonce)
+    payload = hello_payload(
+        hello.mesh_id, hello.node_id, hello.public_key, hello.role, hello.target, hello.nonce
+    )
     expected_mac = hmac.new(membership.secret, payload, hashlib.sha256).digest()
     if not hmac.compare_digest(expected_mac, hello.mac):
         raise AuthError("bad mesh secret")

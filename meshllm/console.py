@@ -12,12 +12,15 @@ from aiohttp import web
 
 from actors.base import Directory
 from meshllm.aio import LoopThread
+from meshllm.codec import Message
 from meshllm.messages import GetStatus, GetTransportStats, StatusReply, TransportStats
 
 ASK_TIMEOUT_S = 5.0
 
 
-def status_json(status: StatusReply, transport: TransportStats | None, extra: dict[str, Any]) -> dict[str, Any]:
+def status_json(
+    status: StatusReply, transport: TransportStats | None, extra: dict[str, Any]
+) -> dict[str, Any]:
     body = dataclasses.asdict(status)
     body.update(extra)
     if transport is not None:
@@ -29,7 +32,9 @@ def status_json(status: StatusReply, transport: TransportStats | None, extra: di
 class ConsoleServer:
     """aiohttp app on a loop thread; ``port`` is known after :meth:`start`."""
 
-    def __init__(self, directory: Directory, host: str, port: int, extra: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, directory: Directory, host: str, port: int, extra: Callable[[], dict[str, Any]]
+    ) -> None:
         self.directory = directory
         self.host = host
         self.port = port
@@ -52,14 +57,14 @@ class ConsoleServer:
         self.port = server.sockets[0].getsockname()[1]
         return self.port
 
-    async def _ask(self, msg: Any) -> Any:
+    async def _ask(self, name: str, msg: Message) -> Message:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: self.directory.ask("registry" if isinstance(msg, GetStatus) else "transport", msg, ASK_TIMEOUT_S))
+        return await loop.run_in_executor(None, self.directory.ask, name, msg, ASK_TIMEOUT_S)
 
     async def _status(self, request: web.Request) -> web.Response:
         try:
-            status = await self._ask(GetStatus())
-            transport = await self._ask(GetTransportStats())
+            status = await self._ask("registry", GetStatus())
+            transport = await self._ask("transport", GetTransportStats())
         except Exception as exc:  # an actor that is stopping or stuck must not crash the console
             return web.json_response({"error": f"status unavailable: {exc}"}, status=503)
         if not isinstance(status, StatusReply):

@@ -44,7 +44,9 @@ class LineSink:
             self._streams = [s for s in self._streams if s in (sys.stderr, sys.stdout)]
 
 
-def make_logger(node: str, fmt: str = "json", file: Path | None = None, stream: IO[str] | None = None) -> Logger:
+def make_logger(
+    node: str, fmt: str = "json", file: Path | None = None, stream: IO[str] | None = None
+) -> Logger:
     """A logger bound to ``node`` that renders as ``fmt`` ("json" or "console")."""
     streams: list[IO[str]] = [stream if stream is not None else sys.stderr]
     if file is not None:

@@ -39,7 +39,7 @@ class PeerAnnouncement:
 
 @message(1)
 @dataclass(frozen=True)
-class Hello:
+class Hello(Message):
     """First frame a connection's initiator sends (and the answer it gets): proves mesh secret and key.
 
     ``mac`` is HMAC-SHA256 with the mesh secret and ``signature`` an Ed25519 signature with the node
@@ -58,7 +58,7 @@ class Hello:
 
 @message(2)
 @dataclass(frozen=True)
-class Refused:
+class Refused(Message):
     """The stream was refused; the reason is for both sides' logs."""
 
     reason: str
@@ -66,7 +66,7 @@ class Refused:
 
 @message(3)
 @dataclass(frozen=True)
-class Gossip:
+class Gossip(Message):
     """A node's view of the active mesh: its own announcement and every active peer it knows."""
 
     announcements: tuple[PeerAnnouncement, ...]
@@ -74,7 +74,7 @@ class Gossip:
 
 @message(4)
 @dataclass(frozen=True)
-class PeerDown:
+class PeerDown(Message):
     """Death notice: ``reporter`` decided ``node_id`` (at ``incarnation``) is dead."""
 
     node_id: str
@@ -84,7 +84,7 @@ class PeerDown:
 
 @message(5)
 @dataclass(frozen=True)
-class PeerLeaving:
+class PeerLeaving(Message):
     """A node is shutting down on purpose."""
 
     node_id: str
@@ -93,7 +93,7 @@ class PeerLeaving:
 
 @message(6)
 @dataclass(frozen=True)
-class Ack:
+class Ack(Message):
     """Empty acknowledgement of a one-shot frame."""
 
 
@@ -102,7 +102,7 @@ class Ack:
 
 @message(100)
 @dataclass(frozen=True)
-class GossipReceived:
+class GossipReceived(Message):
     """Transport -> registry: a valid gossip exchange happened with ``peer_id``."""
 
     peer_id: str
@@ -111,7 +111,7 @@ class GossipReceived:
 
 @message(101)
 @dataclass(frozen=True)
-class GossipFailed:
+class GossipFailed(Message):
     """Transport -> registry: could not exchange gossip with a node (unreachable or refused)."""
 
     node_id: str
@@ -121,7 +121,7 @@ class GossipFailed:
 
 @message(102)
 @dataclass(frozen=True)
-class ExchangeGossip:
+class ExchangeGossip(Message):
     """Registry -> transport: connect if needed and exchange gossip with one node."""
 
     node_id: str
@@ -131,7 +131,7 @@ class ExchangeGossip:
 
 @message(103)
 @dataclass(frozen=True)
-class GossipSnapshot:
+class GossipSnapshot(Message):
     """Registry -> transport: the view to answer incoming gossip with, until the next snapshot."""
 
     gossip: Gossip
@@ -139,7 +139,7 @@ class GossipSnapshot:
 
 @message(120)
 @dataclass(frozen=True)
-class ForgetPeer:
+class ForgetPeer(Message):
     """Registry -> transport: close our connections to a node we consider dead."""
 
     node_id: str
@@ -147,7 +147,7 @@ class ForgetPeer:
 
 @message(104)
 @dataclass(frozen=True)
-class ProbePeer:
+class ProbePeer(Message):
     """Heartbeat -> transport: check that a peer answers (reconnecting if there is no connection)."""
 
     node_id: str
@@ -157,7 +157,7 @@ class ProbePeer:
 
 @message(105)
 @dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(Message):
     """Transport -> heartbeat: the outcome of one probe."""
 
     node_id: str
@@ -168,7 +168,7 @@ class ProbeResult:
 
 @message(106)
 @dataclass(frozen=True)
-class ConnectionLost:
+class ConnectionLost(Message):
     """Transport -> registry and heartbeat: the last connection to a node closed."""
 
     node_id: str
@@ -177,7 +177,7 @@ class ConnectionLost:
 
 @message(107)
 @dataclass(frozen=True)
-class PeerJoined:
+class PeerJoined(Message):
     """Topology event: a node passed a direct gossip exchange and is now an active peer."""
 
     peer: PeerAnnouncement
@@ -185,7 +185,7 @@ class PeerJoined:
 
 @message(108)
 @dataclass(frozen=True)
-class PeerUpdated:
+class PeerUpdated(Message):
     """Topology event: an active peer's announcement changed."""
 
     peer: PeerAnnouncement
@@ -193,7 +193,7 @@ class PeerUpdated:
 
 @message(109)
 @dataclass(frozen=True)
-class PeerDied:
+class PeerDied(Message):
     """Topology event: an active peer is dead (probes failed, or a death notice arrived)."""
 
     node_id: str
@@ -203,7 +203,7 @@ class PeerDied:
 
 @message(110)
 @dataclass(frozen=True)
-class PeerLeft:
+class PeerLeft(Message):
     """Topology event: an active peer left on purpose."""
 
     node_id: str
@@ -212,7 +212,7 @@ class PeerLeft:
 
 @message(111)
 @dataclass(frozen=True)
-class PeerDownReceived:
+class PeerDownReceived(Message):
     """Transport -> registry: a death notice arrived from ``from_peer``."""
 
     notice: PeerDown
@@ -221,7 +221,7 @@ class PeerDownReceived:
 
 @message(112)
 @dataclass(frozen=True)
-class PeerLeavingReceived:
+class PeerLeavingReceived(Message):
     """Transport -> registry: a leaving notice arrived."""
 
     notice: PeerLeaving
@@ -229,7 +229,7 @@ class PeerLeavingReceived:
 
 @message(113)
 @dataclass(frozen=True)
-class DeclareDead:
+class DeclareDead(Message):
     """Heartbeat -> registry: probes to a peer have failed for too long."""
 
     node_id: str
@@ -238,7 +238,7 @@ class DeclareDead:
 
 @message(114)
 @dataclass(frozen=True)
-class BroadcastPeerDown:
+class BroadcastPeerDown(Message):
     """Registry -> transport: tell every open connection that a node is dead, and drop ours to it."""
 
     notice: PeerDown
@@ -246,7 +246,7 @@ class BroadcastPeerDown:
 
 @message(115)
 @dataclass(frozen=True)
-class Leave:
+class Leave(Message):
     """Node -> transport: send leaving notices to every connection and close them."""
 
     notice: PeerLeaving
@@ -255,7 +255,7 @@ class Leave:
 
 @message(116)
 @dataclass(frozen=True)
-class Tick:
+class Tick(Message):
     """A timer fired; ``name`` says which (an actor may run several)."""
 
     name: str
@@ -263,7 +263,7 @@ class Tick:
 
 @message(117)
 @dataclass(frozen=True)
-class SetLocalAnnouncement:
+class SetLocalAnnouncement(Message):
     """Node/election -> registry: what this node now says about itself (models, serving, VRAM)."""
 
     models: tuple[str, ...]
@@ -273,7 +273,7 @@ class SetLocalAnnouncement:
 
 @message(118)
 @dataclass(frozen=True)
-class JoinMesh:
+class JoinMesh(Message):
     """Node -> registry: bootstrap from invite tokens' addresses (node id and addresses each)."""
 
     seeds: tuple[Seed, ...]
@@ -289,7 +289,7 @@ class Seed:
 
 @message(119)
 @dataclass(frozen=True)
-class Subscribe:
+class Subscribe(Message):
     """Ask an actor to tell the named actor its events from now on."""
 
     subscriber: str
@@ -300,7 +300,7 @@ class Subscribe:
 
 @message(300)
 @dataclass(frozen=True)
-class GetStatus:
+class GetStatus(Message):
     """Ask the registry for the node's view, for ``/api/status``."""
 
 
@@ -320,7 +320,7 @@ class PeerStatus:
 
 @message(301)
 @dataclass(frozen=True)
-class StatusReply:
+class StatusReply(Message):
     """The registry's answer to :class:`GetStatus`."""
 
     node_id: str
@@ -333,7 +333,7 @@ class StatusReply:
 
 @message(302)
 @dataclass(frozen=True)
-class TransportStats:
+class TransportStats(Message):
     """The transport's counters (bytes and frames by stream kind, connections)."""
 
     connections: int
@@ -346,5 +346,5 @@ class TransportStats:
 
 @message(303)
 @dataclass(frozen=True)
-class GetTransportStats:
+class GetTransportStats(Message):
     """Ask the transport bridge for :class:`TransportStats`."""

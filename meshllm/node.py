@@ -135,7 +135,9 @@ class Node:
         self._spawn(PeerRegistry, own=own, timing=cfg.timing)
         self._spawn(Heartbeat, timing=cfg.timing)
 
-        self.console = ConsoleServer(self.directory, cfg.console.listen.host, cfg.console.listen.port, self._extra)
+        self.console = ConsoleServer(
+            self.directory, cfg.console.listen.host, cfg.console.listen.port, self._extra
+        )
         try:
             console_port = self.console.start()
         except OSError as exc:
@@ -171,7 +173,9 @@ class Node:
         if leave:
             notice = PeerLeaving(node_id=self.node_id, incarnation=self.incarnation)
             try:
-                self.directory.ask("transport", Leave(notice=notice, timeout_s=LEAVE_TIMEOUT_S), LEAVE_TIMEOUT_S + 2)
+                self.directory.ask(
+                    "transport", Leave(notice=notice, timeout_s=LEAVE_TIMEOUT_S), LEAVE_TIMEOUT_S + 2
+                )
             except Exception as exc:
                 self.log.warning("mesh.leave_failed", reason=str(exc))
         if self.console is not None:

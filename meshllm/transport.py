@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 import time
@@ -65,6 +66,10 @@ HELLO_DEADLINE_S = 10.0
 IDLE_TIMEOUT_S = 20.0
 
 TunnelHandler = Callable[["MeshConnection", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _same(conn: MeshConnection) -> MeshConnection:
+    return conn
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -291,11 +296,10 @@ class MeshEndpoint:
                 config.server_name = node_id
                 quic = QuicConnection(configuration=config)
                 local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
-                transport, protocol = await self.loop.create_datagram_endpoint(
-                    lambda quic=quic: MeshConnection(quic, endpoint=self, outbound=True),
-                    local_addr=local,
+                conn = MeshConnection(quic, endpoint=self, outbound=True)
+                transport, _ = await self.loop.create_datagram_endpoint(
+                    functools.partial(_same, conn), local_addr=local
                 )
-                conn = protocol
                 conn.datagram_transport = transport
                 self._all.add(conn)
                 conn.connect(sockaddr)
@@ -324,16 +328,18 @@ class MeshEndpoint:
         self.counters.bytes_sent[kind.name] += len(data)
         self.counters.frames_sent[kind.name] += frames
 
-    async def _open(self, conn: MeshConnection, kind: StreamKind, *msgs: Message) -> tuple[
-        asyncio.StreamReader, asyncio.StreamWriter
-    ]:
+    async def _open(
+        self, conn: MeshConnection, kind: StreamKind, *msgs: Message
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await conn.create_stream()
         data = pack_stream_start(kind, *msgs)
         self._count_out(kind, data, len(msgs))
         writer.write(data)
         return reader, writer
 
-    async def exchange_gossip(self, node_id: str, addrs: tuple[str, ...], gossip: Gossip, timeout: float) -> None:
+    async def exchange_gossip(
+        self, node_id: str, addrs: tuple[str, ...], gossip: Gossip, timeout: float
+    ) -> None:
         """Connect if needed, authenticate on first use, swap gossip; tells the registry the outcome."""
         try:
             await asyncio.wait_for(self._exchange_gossip(node_id, addrs, gossip), timeout)
@@ -420,7 +426,9 @@ class MeshEndpoint:
 
     # -- receiving ----------------------------------------------------------------------------------------
 
-    async def serve_stream(self, conn: MeshConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_stream(
+        self, conn: MeshConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Handle one stream the other side opened."""
         self._all.add(conn)  # inbound connections are tracked from their first stream
         kind: StreamKind | None = None
@@ -437,7 +445,9 @@ class MeshEndpoint:
             writer.write(pack_frame(Refused(reason=str(exc))))
         except (CodecError, TimeoutError) as exc:
             reason = "stalled" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            self.log.warning("stream.rejected", peer=conn.peer_id, kind=kind.name if kind else None, reason=reason)
+            self.log.warning(
+                "stream.rejected", peer=conn.peer_id, kind=kind.name if kind else None, reason=reason
+            )
             with contextlib.suppress(Exception):
                 writer.write(pack_frame(Refused(reason=reason)))
         except (ConnectionError, OSError) as exc:
@@ -458,7 +468,11 @@ class MeshEndpoint:
             raise AuthError("connection never authenticated") from None
 
     async def _serve_control(
-        self, conn: MeshConnection, kind: StreamKind, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: MeshConnection,
+        kind: StreamKind,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         first = await read_frame(reader)
         self.counters.frames_received[kind.name] += 1

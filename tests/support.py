@@ -1,0 +1,274 @@
+"""Test helpers: polling with deadlines, log capture, in-process nodes and node processes.
+
+Every process a test starts is ended by its process group at teardown, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from meshllm.config import ConsoleSection, HostPort, NodeConfig, NodeSection, TimingSection
+from meshllm.node import Node
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll until ``predicate()`` is truthy (returns it) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # transient while nodes start
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+        threading.Event().wait(interval)
+
+
+class LogCapture(io.TextIOBase):
+    """A text stream that keeps JSON log lines and lets a test wait for an event."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def write(self, s: str) -> int:
+        for line in s.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            record["_t"] = time.monotonic()
+            with self._cond:
+                self.records.append(record)
+                self._cond.notify_all()
+        return len(s)
+
+    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                r
+                for r in self.records
+                if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+            ]
+
+    def wait_for(self, event: str, timeout: float, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for r in self.records:
+                    if r.get("event") == event and all(r.get(k) == v for k, v in fields.items()):
+                        return r
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log event {event} {fields} within {timeout}s")
+                self._cond.wait(left)
+
+
+def node_config(tmp: Path, name: str, join: tuple[str, ...] = (), **node: Any) -> NodeConfig:
+    """A loopback node config on free ports with its own data dir under ``tmp``."""
+    timing = node.pop("timing", TimingSection())
+    return NodeConfig(
+        node=NodeSection(
+            name=name, data_dir=tmp / name, quic_listen=HostPort("127.0.0.1", 0), join=tuple(join), **node
+        ),
+        console=ConsoleSection(listen=HostPort("127.0.0.1", 0)),
+        timing=timing,
+    )
+
+
+class NodeFactory:
+    """Starts in-process nodes and stops every one of them at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.nodes: list[Node] = []
+        self.logs: dict[str, LogCapture] = {}
+
+    def start(self, name: str, join: tuple[str, ...] = (), **node: Any) -> Node:
+        capture = LogCapture()
+        self.logs[name] = capture
+        n = Node(node_config(self.tmp, name, join, **node), log_stream=capture).start()
+        self.nodes.append(n)
+        return n
+
+    def close(self) -> None:
+        for n in reversed(self.nodes):
+            try:
+                n.stop(leave=False)
+            except Exception:
+                pass
+
+
+def write_config(tmp: Path, name: str, join: tuple[str, ...] = (), extra: str = "") -> Path:
+    """A node.toml for a CLI process on loopback with free ports."""
+    path = tmp / f"{name}.toml"
+    join_list = ", ".join(json.dumps(t) for t in join)
+    path.write_text(
+        f"""
+[node]
+name = "{name}"
+data_dir = "{tmp / name}"
+quic_listen = "127.0.0.1:0"
+join = [{join_list}]
+
+[api]
+listen = "127.0.0.1:0"
+
+[console]
+listen = "127.0.0.1:0"
+{extra}
+"""
+    )
+    return path
+
+
+class NodeProcess:
+    """``meshllm run --config FILE`` in its own process group, its JSON log in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshllm", "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
+            )
+        return self
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        try:
+            text = self.log_path.read_text()
+        except FileNotFoundError:
+            return []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.records()
+            if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+        ]
+
+    def wait_event(self, event: str, timeout: float, since: int = 0, **fields: Any) -> dict[str, Any]:
+        """Wait for the first matching event after the ``since``-th record."""
+
+        def found() -> dict[str, Any] | None:
+            for r in self.records()[since:]:
+                if r.get("event") == event and all(r.get(k) == v for k, v in fields.items()):
+                    return r
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"node exited ({self.proc.returncode}) before {event}:\n{self.tail()}")
+            return None
+
+        try:
+            return wait_until(found, timeout, interval=0.05, what=f"{event} {fields}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- log tail ---\n{self.tail()}") from None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def started(self) -> dict[str, Any]:
+        return self.wait_event("node.started", 30)
+
+    @property
+    def token(self) -> str:
+        return str(self.wait_event("mesh.invite", 30)["token"])
+
+    @property
+    def node_id(self) -> str:
+        return str(self.started["node_id"])
+
+    @property
+    def console_url(self) -> str:
+        return str(self.started["console"])
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+
+class ProcessFactory:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[NodeProcess] = []
+
+    def start(self, name: str, join: tuple[str, ...] = (), extra: str = "") -> NodeProcess:
+        config = self.tmp / f"{name}.toml"
+        if not config.exists():
+            write_config(self.tmp, name, join, extra)
+        runs = sum(1 for q in self.procs if q.config == config)
+        p = NodeProcess(config, self.tmp / f"{name}.{runs}.log").start()
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.signal(signal.SIGKILL)
+                if p.proc is not None:
+                    p.proc.wait(10)
+            except Exception:
+                pass
+
+
+def iter_json(text: str) -> Iterator[dict[str, Any]]:
+    for line in text.splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue

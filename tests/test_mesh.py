@@ -1,0 +1,136 @@
+"""The mesh core in one process over real loopback QUIC: joining, convergence, leaving, death,
+admission and resistance to garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+from aioquic.asyncio.client import connect
+from aioquic.quic.configuration import QuicConfiguration
+
+from meshllm.framing import FrameBuffer, StreamKind, pack_stream_start
+from meshllm.invite import InviteToken, MeshMembership
+from meshllm.messages import Gossip, Refused
+from meshllm.transport import ALPN
+from tests.support import NodeFactory, wait_until
+
+
+def test_ten_nodes_join_through_one_bootstrap(nodes: NodeFactory) -> None:
+    boot = nodes.start("n0")
+    others = [nodes.start(f"n{i}", join=(boot.invite_token,)) for i in range(1, 10)]
+    everyone = [boot, *others]
+    ids = {n.node_id for n in everyone}
+    wait_until(
+        lambda: all(n.peer_ids() == ids - {n.node_id} for n in everyone),
+        timeout=20,
+        what="10 nodes to converge",
+    )
+
+
+def test_leave_is_seen_within_a_second(nodes: NodeFactory) -> None:
+    a = nodes.start("a")
+    b = nodes.start("b", join=(a.invite_token,))
+    wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="b to join")
+    b.stop(leave=True)
+    record = nodes.logs["a"].wait_for("peer.left", timeout=1.0, peer=b.node_id)
+    assert record["peer_name"] == "b"
+    assert a.peer_ids() == set()
+    assert not nodes.logs["a"].find("peer.died")
+
+
+def test_silent_node_is_declared_dead_and_can_come_back(nodes: NodeFactory) -> None:
+    a = nodes.start("a")
+    b = nodes.start("b", join=(a.invite_token,))
+    c = nodes.start("c", join=(a.invite_token,))
+    wait_until(lambda: len(a.peer_ids()) == 2 and len(b.peer_ids()) == 2, timeout=10, what="convergence")
+    c_id = c.node_id
+    c.stop(leave=False)  # vanishes without a word, like kill -9 as far as peers can tell
+    for name in ("a", "b"):
+        nodes.logs[name].wait_for("peer.died", timeout=6, peer=c_id)
+    wait_until(lambda: c_id not in a.peer_ids() and c_id not in b.peer_ids(), timeout=2, what="c dropped")
+    # Stale gossip does not bring it back; a restart from the same data dir does.
+    c2 = nodes.start("c", join=(a.invite_token,))
+    assert c2.node_id == c_id
+    wait_until(lambda: c_id in a.peer_ids() and c_id in b.peer_ids(), timeout=10, what="c to be back")
+
+
+def test_forged_token_is_refused_and_registered_nowhere(nodes: NodeFactory) -> None:
+    a = nodes.start("a")
+    real = InviteToken.decode(a.invite_token)
+    forged = InviteToken(node_id=real.node_id, addrs=real.addrs, mesh_id=real.mesh_id, secret=b"x" * 32)
+    intruder = nodes.start("intruder", join=(forged.encode(),))
+    refused = nodes.logs["a"].wait_for("auth.refused", timeout=10)
+    assert refused["reason"] == "bad mesh secret"
+    nodes.logs["intruder"].wait_for("mesh.join_failed", timeout=10, reason="bad mesh secret")
+    assert a.peer_ids() == set()
+    assert intruder.peer_ids() == set()
+    # Another mesh's token entirely: refused for the mesh id.
+    other = MeshMembership.found().invite(real.node_id, real.addrs)
+    nodes.start("stranger", join=(other.encode(),))
+    nodes.logs["a"].wait_for(
+        "auth.refused", timeout=10, reason=f"wrong mesh: {other.mesh_id!r} is not this node's mesh"
+    )
+    assert a.peer_ids() == set()
+
+
+def test_token_with_wrong_node_id_is_refused_by_certificate(nodes: NodeFactory) -> None:
+    a = nodes.start("a")
+    real = InviteToken.decode(a.invite_token)
+    lying = InviteToken(node_id="0" * 32, addrs=real.addrs, mesh_id=real.mesh_id, secret=real.secret)
+    liar = nodes.start("b", join=(lying.encode(),))
+    record = nodes.logs["b"].wait_for("auth.refused", timeout=10)
+    assert "certificate" in record["reason"]
+    assert liar.peer_ids() == set() and a.peer_ids() == set()
+
+
+async def _raw_stream(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE)
+    async with connect("127.0.0.1", port, configuration=config) as conn:
+        reader, writer = await conn.create_stream()
+        writer.write(payload)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), timeout)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xff\x00garbage",  # unknown stream kind
+        bytes([StreamKind.GOSSIP]) + b"\x00\x00\x00\x05notmsgpack",  # a frame that is not msgpack
+        bytes([StreamKind.GOSSIP]) + b"\xff\xff\xff\xff",  # a length far over the cap
+        pack_stream_start(StreamKind.GOSSIP, Gossip(announcements=())),  # gossip without a Hello
+        pack_stream_start(StreamKind.PEER_DOWN, Refused(reason="x")),  # unauthenticated notice
+    ],
+    ids=["bad-kind", "bad-frame", "oversized", "no-hello", "unauthenticated"],
+)
+def test_garbage_stream_is_closed_and_node_keeps_serving(nodes: NodeFactory, payload: bytes) -> None:
+    a = nodes.start("a")
+    b = nodes.start("b", join=(a.invite_token,))
+    wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="b to join")
+    answer = asyncio.run(_raw_stream(a.quic_port, payload))
+    # Whatever came back is at most a Refused frame with a reason, and the stream is closed.
+    frames = FrameBuffer().feed(answer)
+    assert all(isinstance(f, Refused) and f.reason for f in frames)
+    # The node is unaffected: a newcomer still joins and the old peer is still there.
+    c = nodes.start("c", join=(a.invite_token,))
+    wait_until(lambda: a.peer_ids() == {b.node_id, c.node_id}, timeout=10, what="c to join after garbage")
+    assert a.status().node_id == a.node_id
+
+
+def test_status_lists_peers_with_contract_fields(nodes: NodeFactory) -> None:
+    import json
+    import urllib.request
+
+    a = nodes.start("a")
+    b = nodes.start("b", join=(a.invite_token,), vram_gb=3.0)
+    wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="b to join")
+    body = json.loads(urllib.request.urlopen(a.console_url + "/api/status", timeout=5).read())
+    for key in ("node_id", "name", "role", "vram_bytes", "peers"):
+        assert key in body
+    (peer,) = body["peers"]
+    assert peer["node_id"] == b.node_id and peer["name"] == "b" and peer["role"] == "active"
+    assert peer["vram_bytes"] == 3 * 1024**3
+    for key in ("models", "serving", "last_seen_s"):
+        assert key in peer

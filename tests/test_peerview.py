@@ -1,0 +1,332 @@
+"""Tests for meshllm.peerview: merging gossip, the dead set and the candidates to dial (pure, explicit now)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshllm.messages import PeerAnnouncement
+from meshllm.peerview import PeerView
+
+OWN = "own"
+TTL = 30.0
+
+
+def ann(
+    node_id: str,
+    incarnation: int = 1,
+    version: int = 0,
+    role: str = "active",
+    addrs: tuple[str, ...] | None = None,
+    models: tuple[str, ...] = (),
+) -> PeerAnnouncement:
+    return PeerAnnouncement(
+        node_id=node_id,
+        name=f"name-{node_id}",
+        role=role,
+        addrs=addrs if addrs is not None else (f"{node_id}.example:7000",),
+        vram_bytes=1 << 30,
+        models=models,
+        incarnation=incarnation,
+        version=version,
+    )
+
+
+@pytest.fixture
+def view() -> PeerView:
+    return PeerView(OWN, dead_ttl_s=TTL)
+
+
+# -- direct merges ----------------------------------------------------------------------------------------
+
+
+def test_direct_merge_adds_a_peer(view: PeerView) -> None:
+    a = ann("a")
+    change = view.merge_direct("a", (a,), now=10.0)
+    assert change.joined == [a]
+    assert change.updated == [] and change.new_candidates == []
+    assert view.peers == {"a": a}
+    assert view.last_seen == {"a": 10.0}
+    assert view.candidates == {}
+
+
+def test_direct_merge_newest_wins_and_older_is_ignored(view: PeerView) -> None:
+    view.merge_direct("a", (ann("a", 1, 0),), now=1.0)
+    newer = ann("a", 1, 1, models=("m",))
+    change = view.merge_direct("a", (newer,), now=2.0)
+    assert change.updated == [newer] and change.joined == []
+    assert view.peers["a"] == newer
+
+    restarted = ann("a", 2, 0)
+    change = view.merge_direct("a", (restarted,), now=3.0)
+    assert change.updated == [restarted]
+    assert view.peers["a"] == restarted
+
+    for stale in (ann("a", 1, 9), ann("a", 2, 0), ann("a", 0, 0)):
+        change = view.merge_direct("a", (stale,), now=4.0)
+        assert change.joined == [] and change.updated == []
+        assert view.peers["a"] == restarted
+    assert view.last_seen["a"] == 4.0  # it still answered, so it was seen
+
+
+def test_direct_merge_without_own_announcement_does_not_add_the_peer(view: PeerView) -> None:
+    change = view.merge_direct("a", (ann("b"),), now=1.0)
+    assert "a" not in view.peers and change.joined == []
+    assert change.new_candidates == ["b"]
+
+
+def test_direct_merge_from_non_active_node_is_not_a_peer(view: PeerView) -> None:
+    for role in ("client", "standby"):
+        change = view.merge_direct("c", (ann("c", role=role),), now=1.0)
+        assert change.joined == []
+        assert "c" not in view.peers and "c" not in view.candidates
+
+
+def test_direct_merge_clears_the_candidate(view: PeerView) -> None:
+    view.merge_direct("a", (ann("a"), ann("b")), now=1.0)
+    assert "b" in view.candidates
+    change = view.merge_direct("b", (ann("b"),), now=2.0)
+    assert change.joined == [ann("b")]
+    assert "b" not in view.candidates
+
+
+# -- hearsay ---------------------------------------------------------------------------------------------
+
+
+def test_hearsay_about_unknown_node_is_a_candidate_not_a_peer(view: PeerView) -> None:
+    b = ann("b", addrs=("10.0.0.2:1",))
+    change = view.merge_direct("a", (ann("a"), b), now=1.0)
+    assert change.joined == [ann("a")]
+    assert change.new_candidates == ["b"]
+    assert "b" not in view.peers
+    assert view.candidates["b"].addrs == ("10.0.0.2:1",)
+    assert view.candidates["b"].seed is False
+    # Hearing of it again updates its addresses, without announcing a new candidate.
+    change = view.merge_direct("a", (ann("a"), ann("b", addrs=("10.0.0.3:1",))), now=2.0)
+    assert change.new_candidates == []
+    assert view.candidates["b"].addrs == ("10.0.0.3:1",)
+
+
+def test_hearsay_about_own_id_is_ignored(view: PeerView) -> None:
+    change = view.merge_direct("a", (ann("a"), ann(OWN, 99)), now=1.0)
+    assert OWN not in view.peers and OWN not in view.candidates
+    assert change.new_candidates == []
+
+
+def test_hearsay_with_non_active_roles_is_ignored(view: PeerView) -> None:
+    change = view.merge_direct("a", (ann("a"), ann("c", role="client"), ann("s", role="standby")), now=1.0)
+    assert change.new_candidates == []
+    assert set(view.peers) == {"a"}
+    assert view.candidates == {}
+
+
+def test_hearsay_updates_known_peer_in_same_incarnation(view: PeerView) -> None:
+    view.merge_direct("b", (ann("b", 1, 0),), now=1.0)
+    newer = ann("b", 1, 3, models=("m",))
+    change = view.merge_direct("a", (ann("a"), newer), now=2.0)
+    assert change.updated == [newer]
+    assert view.peers["b"] == newer
+    assert view.last_seen["b"] == 1.0  # hearsay is not contact
+    # Older hearsay changes nothing.
+    change = view.merge_direct("a", (ann("a"), ann("b", 1, 1)), now=3.0)
+    assert change.updated == [] and view.peers["b"] == newer
+
+
+def test_hearsay_of_a_restart_makes_a_candidate_and_keeps_the_old_peer(view: PeerView) -> None:
+    old = ann("b", 1, 5)
+    view.merge_direct("b", (old,), now=1.0)
+    change = view.merge_direct("a", (ann("a"), ann("b", 2, 0, addrs=("new:1",))), now=2.0)
+    assert change.updated == [] and change.new_candidates == ["b"]
+    assert view.peers["b"] == old
+    assert view.candidates["b"].addrs == ("new:1",)
+
+
+# -- the dead set ------------------------------------------------------------------------------------------
+
+
+def test_bury_removes_the_peer(view: PeerView) -> None:
+    b = ann("b", 3)
+    view.merge_direct("b", (b,), now=1.0)
+    assert view.bury("b", 3, now=5.0) == b
+    assert "b" not in view.peers and "b" not in view.last_seen
+    assert view.dead["b"].incarnation == 3
+    assert view.dead["b"].expires_at == 5.0 + TTL
+
+
+def test_bury_unknown_node_records_death_and_drops_candidate(view: PeerView) -> None:
+    view.merge_direct("a", (ann("a"), ann("b")), now=1.0)
+    assert "b" in view.candidates
+    assert view.bury("b", 1, now=2.0) is None
+    assert "b" in view.dead and "b" not in view.candidates
+
+
+def test_bury_keeps_the_highest_incarnation(view: PeerView) -> None:
+    view.bury("b", 4, now=1.0)
+    view.bury("b", 2, now=2.0)
+    assert view.dead["b"].incarnation == 4
+    assert view.dead["b"].expires_at == 2.0 + TTL
+    view.merge_direct("c", (ann("c", 7),), now=3.0)
+    view.bury("c", 7, now=3.0)
+    assert view.dead["c"].incarnation == 7
+
+
+@pytest.mark.parametrize("stale_inc", [0, 1, 2])
+def test_stale_hearsay_after_bury_neither_resurrects_nor_makes_candidate(view: PeerView, stale_inc: int) -> None:
+    view.merge_direct("b", (ann("b", 2),), now=1.0)
+    view.bury("b", 2, now=2.0)
+    for now in (3.0, 2.0 + TTL - 0.001):
+        change = view.merge_direct("a", (ann("a"), ann("b", stale_inc, 99)), now=now)
+        assert "b" not in view.peers
+        assert "b" not in view.candidates
+        assert change.new_candidates == [] and change.updated == []
+        assert all(p.node_id != "b" for p in change.joined)
+    assert view.is_buried(ann("b", stale_inc), now=3.0)
+
+
+def test_after_dead_ttl_expires_hearsay_makes_a_candidate_again(view: PeerView) -> None:
+    view.merge_direct("b", (ann("b", 2),), now=0.0)
+    view.bury("b", 2, now=0.0)
+    view.expire(TTL - 1)
+    assert "b" in view.dead
+    view.expire(TTL)
+    assert "b" not in view.dead
+    change = view.merge_direct("a", (ann("a"), ann("b", 2)), now=TTL)
+    assert change.new_candidates == ["b"]
+    assert "b" not in view.peers
+
+
+def test_dead_entry_stops_burying_at_its_expiry_even_before_expire(view: PeerView) -> None:
+    view.bury("b", 2, now=0.0)
+    assert view.is_buried(ann("b", 2), now=TTL - 0.5)
+    assert not view.is_buried(ann("b", 2), now=TTL)
+
+
+def test_newer_incarnation_in_hearsay_about_buried_node_is_a_candidate(view: PeerView) -> None:
+    view.merge_direct("b", (ann("b", 2),), now=1.0)
+    view.bury("b", 2, now=2.0)
+    change = view.merge_direct("a", (ann("a"), ann("b", 3)), now=3.0)
+    assert change.new_candidates == ["b"]
+    assert "b" not in view.peers
+
+
+def test_direct_merge_from_buried_node_readmits_it(view: PeerView) -> None:
+    view.merge_direct("b", (ann("b", 2),), now=1.0)
+    view.bury("b", 2, now=2.0)
+    back = ann("b", 2, 1)
+    change = view.merge_direct("b", (back,), now=3.0)
+    assert change.joined == [back]
+    assert view.peers["b"] == back
+    assert "b" not in view.dead
+    assert view.last_seen["b"] == 3.0
+
+
+def test_bury_with_older_incarnation_than_known_peer_is_ignored(view: PeerView) -> None:
+    b = ann("b", 5)
+    view.merge_direct("b", (b,), now=1.0)
+    assert view.bury("b", 4, now=2.0) is None
+    assert view.peers["b"] == b
+    assert "b" not in view.dead
+    assert view.last_seen["b"] == 1.0
+
+
+# -- candidates ----------------------------------------------------------------------------------------------
+
+
+def test_seeds(view: PeerView) -> None:
+    view.add_seed("s", ("s:1",))
+    assert view.candidates["s"].seed is True
+    view.add_seed(OWN, ("me:1",))
+    assert OWN not in view.candidates
+    view.merge_direct("a", (ann("a"),), now=1.0)
+    view.add_seed("a", ("a:1",))
+    assert "a" not in view.candidates
+
+
+def test_candidate_backoff_grows_and_non_seeds_are_dropped_after_five_failures(view: PeerView) -> None:
+    view.merge_direct("a", (ann("a"), ann("b")), now=0.0)
+    view.add_seed("s", ("s:1",))
+    delays_b: list[float] = []
+    delays_s: list[float] = []
+    now = 100.0
+    for i in range(1, 8):
+        kept_b = view.candidate_failed("b", now, base_backoff_s=1.0, max_backoff_s=10.0)
+        kept_s = view.candidate_failed("s", now, base_backoff_s=1.0, max_backoff_s=10.0)
+        assert kept_s is True
+        delays_s.append(view.candidates["s"].next_try - now)
+        if i < 5:
+            assert kept_b is True
+            delays_b.append(view.candidates["b"].next_try - now)
+        else:
+            assert kept_b is False
+            assert "b" not in view.candidates
+    assert delays_b == [1.0, 2.0, 4.0, 8.0]
+    assert delays_s == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert view.candidates["s"].failures == 7
+
+
+def test_candidate_failed_on_unknown_is_false(view: PeerView) -> None:
+    assert view.candidate_failed("nobody", 1.0, 1.0, 10.0) is False
+
+
+def test_due_candidates_respects_next_try(view: PeerView) -> None:
+    view.add_seed("s", ("s:1",))
+    view.merge_direct("a", (ann("a"), ann("b", addrs=("b:1",))), now=0.0)
+    assert sorted(view.due_candidates(0.0)) == [("b", ("b:1",)), ("s", ("s:1",))]
+    view.candidate_attempted("s", now=10.0, base_backoff_s=5.0)
+    assert view.due_candidates(10.0) == [("b", ("b:1",))]
+    assert view.due_candidates(14.9) == [("b", ("b:1",))]
+    assert sorted(view.due_candidates(15.0)) == [("b", ("b:1",)), ("s", ("s:1",))]
+    view.candidate_failed("b", now=20.0, base_backoff_s=2.0, max_backoff_s=60.0)
+    assert view.due_candidates(21.0) == [("s", ("s:1",))]
+    assert sorted(view.due_candidates(22.0)) == [("b", ("b:1",)), ("s", ("s:1",))]
+    view.candidate_attempted("nobody", now=1.0, base_backoff_s=1.0)  # no-op, no error
+
+
+# -- invariants under random operation sequences -------------------------------------------------------------
+
+NODES = st.sampled_from(["a", "b", "c", OWN])
+ANNS = st.builds(
+    ann,
+    NODES,
+    incarnation=st.integers(0, 3),
+    version=st.integers(0, 3),
+    role=st.sampled_from(["active", "active", "client", "standby"]),
+)
+OPS = st.one_of(
+    st.tuples(st.just("direct"), st.sampled_from(["a", "b", "c"]), st.lists(ANNS, max_size=4)),
+    st.tuples(st.just("bury"), NODES, st.integers(0, 3)),
+    st.tuples(st.just("seed"), NODES, st.just(0)),
+    st.tuples(st.just("fail"), NODES, st.just(0)),
+    st.tuples(st.just("expire"), NODES, st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(OPS, st.floats(0, 20)), max_size=25))
+def test_invariants_hold_for_any_sequence(ops: list[tuple[tuple[str, str, object], float]]) -> None:
+    view = PeerView(OWN, dead_ttl_s=TTL)
+    now = 0.0
+    for (kind, node, arg), step in ops:
+        now += step
+        if kind == "direct":
+            anns = tuple(arg)  # type: ignore[call-overload]
+            before = dict(view.peers)
+            change = view.merge_direct(node, anns, now)
+            # Only the peer we talked to can join; hearsay never makes a peer.
+            assert all(p.node_id == node for p in change.joined)
+            for p in change.updated:
+                assert p.node_id in before and p.newer_than(before[p.node_id])
+        elif kind == "bury":
+            view.bury(node, arg, now)  # type: ignore[arg-type]
+        elif kind == "seed":
+            view.add_seed(node, (f"{node}:1",))
+        elif kind == "fail":
+            view.candidate_failed(node, now, 1.0, 8.0)
+        else:
+            view.expire(now)
+        assert OWN not in view.peers and OWN not in view.candidates
+        assert set(view.last_seen) == set(view.peers)
+        assert not set(view.peers) & set(view.dead)
+        assert all(p.role == "active" for p in view.peers.values())
+        assert all(nid == p.node_id for nid, p in view.peers.items())
