@@ -9,9 +9,11 @@ dropped: the actor keeps running. Actors never hold each other's objects, only n
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import pykka
@@ -32,6 +34,10 @@ def handles(msg_type: type[Message]) -> Callable[[Callable[[Any, MsgT], Message 
         return fn
 
     return mark
+
+
+_ASK_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="actor-ask")
+"""Threads that wait for actor replies on behalf of asyncio code (HTTP handlers, tunnels)."""
 
 
 class Directory:
@@ -78,12 +84,10 @@ class Directory:
             raise CodecError(f"{name} replied with {type(reply).__name__}, not bytes")
         return decode(reply)
 
-    def ask_future(self, name: str, msg: Message) -> pykka.Future[Any]:
-        """Start an ask without waiting (for asyncio code, which awaits it in an executor)."""
-        ref = self.ref(name)
-        if ref is None:
-            raise LookupError(f"no actor named {name!r}")
-        return ref.ask(encode(msg), block=False)
+    async def ask_async(self, name: str, msg: Message, timeout: float = 5.0) -> Message:
+        """:meth:`ask` for asyncio code: the wait happens on a pool thread, not the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_ASK_POOL, self.ask, name, msg, timeout)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -135,10 +139,10 @@ class MsgpackActor(pykka.ThreadingActor):
             return encode(Refused(f"{self.name} does not handle {type(msg).__name__}"))
         try:
             reply = handler(self, msg)
+            return encode(reply) if reply is not None else None
         except Exception as exc:
             self.log.exception("actor.handler_failed", message=type(msg).__name__)
-            return encode(Refused(f"{type(exc).__name__}: {exc}"))
-        return encode(reply) if reply is not None else None
+            return encode(Refused(f"{type(exc).__name__}: {exc}"[:1000]))
 
     # -- helpers ------------------------------------------------------------------------------------
 

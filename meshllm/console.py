@@ -12,16 +12,27 @@ from aiohttp import web
 
 from actors.base import Directory
 from meshllm.aio import LoopThread
-from meshllm.codec import Message
-from meshllm.messages import GetStatus, GetTransportStats, StatusReply, TransportStats
+from meshllm.messages import (
+    GetPlan,
+    GetStatus,
+    GetTransportStats,
+    ModelStatus,
+    PlanReply,
+    StatusReply,
+    TransportStats,
+)
 
 ASK_TIMEOUT_S = 5.0
 
 
 def status_json(
-    status: StatusReply, transport: TransportStats | None, extra: dict[str, Any]
+    status: StatusReply,
+    transport: TransportStats | None,
+    models: tuple[ModelStatus, ...],
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     body = dataclasses.asdict(status)
+    body["models"] = [dataclasses.asdict(m) for m in models]
     body.update(extra)
     if transport is not None:
         body["connections"] = transport.connections
@@ -57,20 +68,18 @@ class ConsoleServer:
         self.port = server.sockets[0].getsockname()[1]
         return self.port
 
-    async def _ask(self, name: str, msg: Message) -> Message:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.directory.ask, name, msg, ASK_TIMEOUT_S)
-
     async def _status(self, request: web.Request) -> web.Response:
         try:
-            status = await self._ask("registry", GetStatus())
-            transport = await self._ask("transport", GetTransportStats())
+            status = await self.directory.ask_async("registry", GetStatus(), ASK_TIMEOUT_S)
+            transport = await self.directory.ask_async("transport", GetTransportStats(), ASK_TIMEOUT_S)
+            plan = await self.directory.ask_async("election", GetPlan(), ASK_TIMEOUT_S)
         except Exception as exc:  # an actor that is stopping or stuck must not crash the console
             return web.json_response({"error": f"status unavailable: {exc}"}, status=503)
         if not isinstance(status, StatusReply):
             return web.json_response({"error": "status unavailable"}, status=503)
         stats = transport if isinstance(transport, TransportStats) else None
-        return web.json_response(status_json(status, stats, self._extra()))
+        models = plan.models if isinstance(plan, PlanReply) else ()
+        return web.json_response(status_json(status, stats, models, self._extra()))
 
     def stop(self) -> None:
         if self._runner is not None:

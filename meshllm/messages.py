@@ -348,3 +348,203 @@ class TransportStats(Message):
 @dataclass(frozen=True)
 class GetTransportStats(Message):
     """Ask the transport bridge for :class:`TransportStats`."""
+
+
+# -- serving: supervisor ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One llama.cpp child the node should be running. ``key`` is its identity across plans: the same
+    key with the same spec is left alone; a changed spec under a key is a restart."""
+
+    key: str
+    kind: str  # "llama-server" | "rpc-server"
+    model_path: str  # GGUF for llama-server; "" for rpc-server
+    args: tuple[str, ...] = ()  # extra arguments (--rpc, --tensor-split, -ngl, ...)
+
+
+@message(200)
+@dataclass(frozen=True)
+class DesiredProcesses(Message):
+    """Election -> supervisor: exactly these children should run (anything else is stopped)."""
+
+    specs: tuple[ProcessSpec, ...]
+
+
+@message(201)
+@dataclass(frozen=True)
+class LlamaReady(Message):
+    """Supervisor -> subscriber: a child is up and healthy on a loopback port."""
+
+    key: str
+    kind: str
+    port: int
+    pid: int
+
+
+@message(202)
+@dataclass(frozen=True)
+class LlamaFailed(Message):
+    """Supervisor -> subscriber: a child failed to start or died; ``retry_in_s`` < 0 means given up."""
+
+    key: str
+    kind: str
+    reason: str
+    log_tail: str
+    retry_in_s: float
+
+
+@message(203)
+@dataclass(frozen=True)
+class LlamaStopped(Message):
+    """Supervisor -> subscriber: a child was stopped because it is no longer desired."""
+
+    key: str
+    kind: str
+
+
+# -- serving: election, router, tunnels -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """A node serving a model, as a gateway needs it to open a tunnel."""
+
+    node_id: str
+    addrs: tuple[str, ...]
+    vram_bytes: int
+
+
+@message(7)
+@dataclass(frozen=True)
+class TunnelRequest(Message):
+    """First frame of an HTTP tunnel stream; the request body follows as raw bytes until FIN."""
+
+    model: str
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@message(8)
+@dataclass(frozen=True)
+class TunnelResponse(Message):
+    """First frame the host sends back; the response body follows as raw bytes until FIN."""
+
+    status: int
+    headers: dict[str, str]
+
+
+@message(220)
+@dataclass(frozen=True)
+class LocalServing(Message):
+    """Election -> router: this node serves ``model`` on loopback ``port`` (0: no longer)."""
+
+    model: str
+    port: int
+
+
+@message(221)
+@dataclass(frozen=True)
+class Route(Message):
+    """Gateway -> router: where can ``model`` be served?"""
+
+    model: str
+
+
+@message(222)
+@dataclass(frozen=True)
+class RouteReply(Message):
+    """Router -> gateway. ``known``: some node wants or serves it; ``available``: every known model."""
+
+    model: str
+    known: bool
+    local_port: int
+    hosts: tuple[HostInfo, ...]
+    available: tuple[str, ...]
+
+
+@message(223)
+@dataclass(frozen=True)
+class ListModels(Message):
+    """Gateway -> router: every model the mesh serves or wants."""
+
+
+@message(224)
+@dataclass(frozen=True)
+class ModelList(Message):
+    served: tuple[str, ...]
+    wanted: tuple[str, ...]
+
+
+@message(225)
+@dataclass(frozen=True)
+class GetPlan(Message):
+    """Console -> election: the per-model plan for ``/api/status``."""
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model as ``/api/status`` shows it."""
+
+    name: str
+    state: str  # solo | split | starting | waiting | failed | serving (elsewhere)
+    hosts: tuple[str, ...]
+    workers: tuple[str, ...] = ()
+    fractions: tuple[float, ...] = ()
+    size_bytes: int = 0
+    needed_bytes: int = 0
+    available_bytes: int = 0
+    detail: str = ""
+
+
+@message(226)
+@dataclass(frozen=True)
+class PlanReply(Message):
+    models: tuple[ModelStatus, ...]
+
+
+# -- serving: supervisor internals (the supervisor's own helper threads -> the supervisor) -------------
+
+
+@message(210)
+@dataclass(frozen=True)
+class ChildExited(Message):
+    """A supervised child process ended; ``returncode`` < 0 is the signal that killed it.
+
+    ``generation`` names one start of ``key``, so news about an earlier start is recognised and dropped.
+    """
+
+    key: str
+    generation: int
+    returncode: int
+
+
+@message(211)
+@dataclass(frozen=True)
+class ChildHealthy(Message):
+    """A supervised child answered its health check for the first time, ``seconds`` after its start."""
+
+    key: str
+    generation: int
+    seconds: float
+
+
+@message(212)
+@dataclass(frozen=True)
+class ChildUnhealthy(Message):
+    """A supervised child did not become healthy in time (it is still running)."""
+
+    key: str
+    generation: int
+    reason: str
+
+
+@message(213)
+@dataclass(frozen=True)
+class RestartChild(Message):
+    """The backoff after a failure of ``key`` (at ``generation``) is over: start it again if still wanted."""
+
+    key: str
+    generation: int

@@ -18,13 +18,21 @@ from typing import IO, Any
 import psutil
 
 from actors.base import Directory
+from actors.election import Election
 from actors.heartbeat import Heartbeat
 from actors.peer_registry import PeerRegistry
+from actors.router import Router
+from actors.supervisor import Supervisor
 from actors.transport_bridge import TransportBridge
+from meshllm.catalog import ModelNotFound, ModelRef, resolve_model
 from meshllm.config import ConfigError, NodeConfig
 from meshllm.console import ConsoleServer
+from meshllm.framing import StreamKind
+from meshllm.gateway import Gateway
+from meshllm.http_tunnel import HttpTunnelServer
 from meshllm.identity import NodeIdentity
 from meshllm.invite import InviteError, InviteToken, MeshMembership
+from meshllm.llama import LlamaNotFound, find_binaries
 from meshllm.logsetup import Logger, close_logger, make_logger
 from meshllm.messages import (
     GetStatus,
@@ -60,6 +68,17 @@ def local_addresses(host: str, port: int) -> tuple[str, ...]:
     return tuple(outside + loopback) or (f"127.0.0.1:{port}",)
 
 
+def resolve_models(config: NodeConfig) -> tuple[ModelRef, ...]:
+    base = config.source.parent if config.source is not None else None
+    refs = []
+    for i, entry in enumerate(config.models.serve):
+        try:
+            refs.append(resolve_model(entry, base))
+        except ModelNotFound as exc:
+            raise ConfigError(f"models.serve[{i}]: {exc}", key="models.serve") from None
+    return tuple(refs)
+
+
 def parse_join_tokens(tokens: tuple[str, ...]) -> list[InviteToken]:
     parsed = []
     for i, text in enumerate(tokens):
@@ -82,6 +101,8 @@ class Node:
         self.membership: MeshMembership | None = None
         self.endpoint: MeshEndpoint | None = None
         self.console: ConsoleServer | None = None
+        self.gateway: Gateway | None = None
+        self.tunnel_server: HttpTunnelServer | None = None
         self.addrs: tuple[str, ...] = ()
         self.incarnation = 0
         self._started = False
@@ -99,6 +120,13 @@ class Node:
             close_logger(self.log)
             self.log = make_logger(cfg.node.name, cfg.log.format, data_dir / "node.log", self._log_stream)
         tokens = parse_join_tokens(cfg.node.join)
+        models = resolve_models(cfg)
+        binaries = None
+        if models:
+            try:
+                binaries = find_binaries(cfg.llama.bin_dir)
+            except LlamaNotFound as exc:
+                raise NodeStartError(str(exc)) from None
         self.identity = NodeIdentity.load_or_create(data_dir)
         self.membership = MeshMembership.resolve(data_dir, tokens)
         self.log = self.log.bind(node_id=self.identity.node_id)
@@ -125,7 +153,7 @@ class Node:
             role=cfg.node.role,
             addrs=self.addrs,
             vram_bytes=vram.bytes,
-            models=cfg.models.serve,
+            models=tuple(m.name for m in models),
             serving=(),
             incarnation=self.incarnation,
             version=0,
@@ -134,15 +162,37 @@ class Node:
         self._spawn(TransportBridge, endpoint=self.endpoint)
         self._spawn(PeerRegistry, own=own, timing=cfg.timing)
         self._spawn(Heartbeat, timing=cfg.timing)
+        self._spawn(Router, own_models=own.models)
+        if binaries is not None:
+            self._spawn(
+                Supervisor, binaries=binaries, subscriber=Election.name, log_dir=data_dir / "llama-logs"
+            )
+        self._spawn(
+            Election,
+            own_id=self.identity.node_id,
+            vram_bytes=vram.bytes,
+            models=models,
+            force_split=cfg.models.force_split,
+        )
+        self.tunnel_server = HttpTunnelServer(self.directory, self.log)
+        self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)
 
         self.console = ConsoleServer(
             self.directory, cfg.console.listen.host, cfg.console.listen.port, self._extra
+        )
+        self.gateway = Gateway(
+            self.directory, self.endpoint, cfg.api.listen.host, cfg.api.listen.port, self.log
         )
         try:
             console_port = self.console.start()
         except OSError as exc:
             self.stop(leave=False)
             raise NodeStartError(f"console.listen {cfg.console.listen}: {exc}") from None
+        try:
+            api_port = self.gateway.start()
+        except OSError as exc:
+            self.stop(leave=False)
+            raise NodeStartError(f"api.listen {cfg.api.listen}: {exc}") from None
 
         self.log.info(
             "node.started",
@@ -151,6 +201,7 @@ class Node:
             quic_port=port,
             addrs=list(self.addrs),
             console=f"http://{cfg.console.listen.host}:{console_port}",
+            api=f"http://{cfg.api.listen.host}:{api_port}/v1",
             vram_bytes=vram.bytes,
             vram_source=vram.source,
             mesh_id=self.membership.mesh_id,
@@ -178,9 +229,16 @@ class Node:
                 )
             except Exception as exc:
                 self.log.warning("mesh.leave_failed", reason=str(exc))
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.console is not None:
             self.console.stop()
-        self.directory.stop_all()
+        if self.tunnel_server is not None and self.endpoint is not None:
+            try:
+                self.endpoint.loop_thread.run(self.tunnel_server.close(), timeout=5)
+            except Exception:
+                pass
+        self.directory.stop_all(timeout=15.0)
         self.log.info("node.stopped")
         close_logger(self.log)
 
@@ -206,6 +264,11 @@ class Node:
     def console_url(self) -> str:
         assert self.console is not None
         return f"http://{self.config.console.listen.host}:{self.console.port}"
+
+    @property
+    def api_url(self) -> str:
+        assert self.gateway is not None
+        return f"http://{self.config.api.listen.host}:{self.gateway.port}/v1"
 
     @property
     def quic_port(self) -> int:

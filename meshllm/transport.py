@@ -119,6 +119,17 @@ class MeshConnection(QuicConnectionProtocol):
             self.endpoint.on_terminated(self, event.reason_phrase or f"error {event.error_code}")
         super().quic_event_received(event)
 
+    async def ping(self) -> None:
+        """aioquic's ping, but a waiter that fails after its caller gave up is not reported as an
+        unretrieved exception."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        uid = id(waiter)
+        self._ping_waiters[uid] = waiter
+        self._quic.send_ping(uid)
+        self.transmit()
+        await asyncio.shield(waiter)
+
     def peer_certificate_id(self) -> str | None:
         cert = self._quic.tls._peer_certificate
         if cert is None:
@@ -368,6 +379,17 @@ class MeshEndpoint:
             reply = await read_frame_as(reader, Gossip)
         self._adopt(conn)
         self.directory.tell("registry", GossipReceived(peer_id=node_id, announcements=reply.announcements))
+
+    async def open_tunnel(
+        self, node_id: str, addrs: tuple[str, ...], kind: StreamKind, header: Message, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a tunnel stream to a node (connecting and authenticating first if needed) and send its
+        header frame; the caller then moves raw bytes."""
+        conn = self.peers.get(node_id)
+        if conn is None or conn.terminated:
+            await asyncio.wait_for(self._exchange_gossip(node_id, addrs, self.gossip_snapshot), timeout)
+            conn = self.peers[node_id]
+        return await self._open(conn, kind, header)
 
     async def probe(self, node_id: str, addrs: tuple[str, ...], timeout: float) -> None:
         """Ping a peer at the QUIC level (re-dialling with a gossip exchange if we hold no connection)."""

@@ -26,3 +26,25 @@ def procs(tmp_path: Path) -> Iterator[ProcessFactory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight llama GGUF (loads in milliseconds), named ``tiny``."""
+    from tests.tinymodel import tiny_model
+
+    folder = tmp_path_factory.mktemp("models")
+    return tiny_model(folder).rename(folder / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def two_tiny_models(tiny_gguf: Path) -> tuple[Path, Path]:
+    """Two distinct model files (``tiny-a``, ``tiny-b``) for multi-model tests."""
+    import shutil
+
+    a = tiny_gguf.parent / "tiny-a.gguf"
+    b = tiny_gguf.parent / "tiny-b.gguf"
+    for path in (a, b):
+        if not path.exists():
+            shutil.copyfile(tiny_gguf, path)
+    return a, b

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meshllm.config import ConsoleSection, HostPort, NodeConfig, NodeSection, TimingSection
+from meshllm.config import (
+    ApiSection,
+    ConsoleSection,
+    HostPort,
+    ModelsSection,
+    NodeConfig,
+    NodeSection,
+    TimingSection,
+)
 from meshllm.node import Node
 
 T = TypeVar("T")
@@ -88,11 +96,14 @@ class LogCapture(io.TextIOBase):
 def node_config(tmp: Path, name: str, join: tuple[str, ...] = (), **node: Any) -> NodeConfig:
     """A loopback node config on free ports with its own data dir under ``tmp``."""
     timing = node.pop("timing", TimingSection())
+    models = ModelsSection(serve=tuple(node.pop("serve", ())), force_split=node.pop("force_split", False))
     return NodeConfig(
         node=NodeSection(
             name=name, data_dir=tmp / name, quic_listen=HostPort("127.0.0.1", 0), join=tuple(join), **node
         ),
         console=ConsoleSection(listen=HostPort("127.0.0.1", 0)),
+        api=ApiSection(listen=HostPort("127.0.0.1", 0)),
+        models=models,
         timing=timing,
     )
 

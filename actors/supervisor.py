@@ -1,0 +1,464 @@
+"""Supervisor actor: owns the llama.cpp child processes of this node and reconciles them to a plan.
+
+It is told the whole desired state (:class:`DesiredProcesses`), never "start X": every key that is
+desired and not running is started, every running key that is no longer desired (or whose spec
+changed) is stopped. Telling it the same plan twice changes nothing.
+
+Each start of a key is a *generation*. Two helper threads follow it - a watcher blocked in
+``wait()`` and a health poller (``GET /health`` for llama-server, a TCP connect for the RPC server) -
+and report back as messages to this actor, tagged with the generation, so that news about a child
+that was already replaced or stopped is dropped. A child that exits or is not healthy in time is
+restarted after an exponential backoff; after ``max_failures`` failures in a row without ever
+becoming ready the supervisor gives up on that spec until a new plan changes it.
+
+Children run in their own session (process group = their pid), their output goes to
+``log_dir/<key>.log``, and they get ``PR_SET_PDEATHSIG = SIGKILL`` so that a ``kill -9`` of the node
+leaves no orphan. The kernel sends that signal when the *thread* that forked the child exits, not the
+process: every ``Popen`` here runs on the actor's own thread (restarts go through a message to the
+actor, never a timer thread), and that thread lives exactly as long as the actor, whose ``on_stop``
+stops the children first anyway. Only process groups this actor created are ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pykka
+
+from actors.base import Directory, MsgpackActor, handles
+from meshllm.codec import Message, encode
+from meshllm.llama import LOOPBACK, LlamaBinaries, free_port, rpc_server_command, server_command
+from meshllm.logsetup import Logger
+from meshllm.messages import (
+    ChildExited,
+    ChildHealthy,
+    ChildUnhealthy,
+    DesiredProcesses,
+    LlamaFailed,
+    LlamaReady,
+    LlamaStopped,
+    ProcessSpec,
+    RestartChild,
+)
+
+KIND_SERVER = "llama-server"
+KIND_RPC = "rpc-server"
+
+LOG_TAIL_LINES = 20
+LOG_TAIL_CHARS = 8000
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+    return prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the forking thread of ``parent_pid`` exits.
+
+    Runs in the forked child before exec, so it only calls the already-resolved ``prctl``; if the parent
+    died between fork and prctl (the child was reparented already) the child kills itself.
+    """
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with code {returncode}"
+
+
+def _log_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key) or "_"
+
+
+def read_log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``path`` written after byte ``offset`` (capped, decoded leniently)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, size - 64 * 1024))
+            data = f.read()
+    except OSError as exc:
+        return f"(no log: {exc})"
+    text = data.decode("utf-8", errors="replace")
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail[-LOG_TAIL_CHARS:]
+
+
+def _owns_listening_port(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds the listening socket (not some other program on the port)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def _probe(kind: str, port: int, timeout: float = 1.0) -> bool:
+    """One health check: llama-server answers ``/health`` with 200; the RPC server accepts a connection."""
+    if kind == KIND_SERVER:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200  # 503 while the model loads
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class _Child:
+    """Everything the supervisor knows about one desired key (running, backing off, or given up)."""
+
+    spec: ProcessSpec
+    log_path: Path
+    generation: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    started_at: float = 0.0
+    log_offset: int = 0
+    ready: bool = False
+    failures: int = 0
+    gave_up: bool = False
+    health_stop: threading.Event = field(default_factory=threading.Event)
+    retry_timer: threading.Timer | None = None
+
+
+class Supervisor(MsgpackActor):
+    """Starts, health-checks, restarts and stops this node's llama.cpp children."""
+
+    name = "supervisor"
+
+    def __init__(
+        self,
+        directory: Directory,
+        logger: Logger,
+        binaries: LlamaBinaries,
+        subscriber: str,
+        log_dir: Path,
+        health_timeout_s: float = 120.0,
+        *,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 30.0,
+        max_failures: int = 5,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(directory, logger)
+        self.binaries = binaries
+        self.subscriber = subscriber
+        self.log_dir = Path(log_dir)
+        self.health_timeout_s = health_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.max_failures = max_failures
+        self.stop_timeout_s = stop_timeout_s
+        self.children: dict[str, _Child] = {}
+        self._generations = 0
+
+    def on_start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        self._stop_children(list(self.children), reason="supervisor stopping")
+
+    def on_failure(self, exception_type: object, exception_value: object, traceback: object) -> None:
+        super().on_failure(exception_type, exception_value, traceback)
+        self._stop_children(list(self.children), reason="supervisor failed")
+
+    # -- plan ---------------------------------------------------------------------------------------
+
+    @handles(DesiredProcesses)
+    def on_desired(self, msg: DesiredProcesses) -> None:
+        desired: dict[str, ProcessSpec] = {}
+        for spec in msg.specs:
+            if spec.key in desired and desired[spec.key] != spec:
+                self.log.warning("llama.duplicate_key", key=spec.key, detail="the last spec wins")
+            desired[spec.key] = spec
+        stale = [
+            key for key, child in self.children.items() if key not in desired or child.spec != desired[key]
+        ]
+        if stale:
+            self._stop_children(stale, reason="no longer desired")
+        for key, spec in desired.items():
+            if key not in self.children:
+                child = _Child(spec=spec, log_path=self.log_dir / f"{_log_name(key)}.log")
+                self.children[key] = child
+                self._start(child)
+
+    # -- news from helper threads ---------------------------------------------------------------------
+
+    def _current(self, key: str, generation: int) -> _Child | None:
+        """The child a helper's news is about, or None if that start was replaced, stopped or failed."""
+        child = self.children.get(key)
+        if child is None or child.generation != generation or child.proc is None:
+            return None
+        return child
+
+    @handles(ChildHealthy)
+    def on_healthy(self, msg: ChildHealthy) -> None:
+        child = self._current(msg.key, msg.generation)
+        if child is None or child.ready or child.proc is None:
+            return
+        child.ready = True
+        child.failures = 0
+        self.log.info(
+            "llama.ready",
+            key=msg.key,
+            kind=child.spec.kind,
+            port=child.port,
+            pid=child.proc.pid,
+            seconds=round(msg.seconds, 3),
+        )
+        self.tell(self.subscriber, LlamaReady(msg.key, child.spec.kind, child.port, child.proc.pid))
+
+    @handles(ChildUnhealthy)
+    def on_unhealthy(self, msg: ChildUnhealthy) -> None:
+        child = self._current(msg.key, msg.generation)
+        if child is not None:
+            self._failed(child, msg.reason)
+
+    @handles(ChildExited)
+    def on_exited(self, msg: ChildExited) -> None:
+        child = self._current(msg.key, msg.generation)
+        if child is not None:
+            self._failed(child, _describe_exit(msg.returncode))
+
+    @handles(RestartChild)
+    def on_restart(self, msg: RestartChild) -> None:
+        child = self.children.get(msg.key)
+        # Only the start that failed may be restarted, and only while its key is still desired.
+        if child is None or child.generation != msg.generation or child.proc is not None or child.gave_up:
+            return
+        child.retry_timer = None
+        self._start(child)
+
+    # -- starting -----------------------------------------------------------------------------------
+
+    def _tell_self(self, msg: Message) -> None:
+        """Tell this actor a message from any thread (a no-op once the actor is gone)."""
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(encode(msg))
+
+    def _command(self, spec: ProcessSpec, port: int) -> list[str]:
+        if spec.kind == KIND_SERVER:
+            return server_command(self.binaries, spec.model_path, port, spec.args)
+        if spec.kind == KIND_RPC:
+            return rpc_server_command(self.binaries, port, spec.args)
+        raise ValueError(f"unknown process kind {spec.kind!r} (want {KIND_SERVER!r} or {KIND_RPC!r})")
+
+    def _start(self, child: _Child) -> None:
+        spec = child.spec
+        self._generations += 1
+        child.generation = self._generations
+        child.ready = False
+        child.health_stop = threading.Event()
+        try:
+            port = free_port()
+            cmd = self._command(spec, port)
+        except ValueError as exc:  # a spec no restart can fix
+            self._failed(child, f"bad spec: {exc}", give_up=True)
+            return
+        except OSError as exc:
+            self._failed(child, f"no free loopback port: {exc}")
+            return
+        child.port = port
+        try:
+            with child.log_path.open("ab") as out:
+                child.log_offset = out.tell()
+                out.write(f"=== meshllm: starting {shlex.join(cmd)}\n".encode())
+                out.flush()
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                    close_fds=True,
+                )
+        except OSError as exc:
+            self._failed(child, f"could not start: {exc}")
+            return
+        child.proc = proc
+        child.started_at = time.monotonic()
+        self.log.info(
+            "llama.starting",
+            key=spec.key,
+            kind=spec.kind,
+            port=port,
+            pid=proc.pid,
+            cmd=shlex.join(cmd),
+            log_file=str(child.log_path),
+            generation=child.generation,
+        )
+        key, generation = spec.key, child.generation
+        threading.Thread(
+            target=self._watch, args=(key, generation, proc), name=f"supervisor-wait-{key}", daemon=True
+        ).start()
+        threading.Thread(
+            target=self._health,
+            args=(key, generation, spec.kind, port, proc, child.started_at, child.health_stop),
+            name=f"supervisor-health-{key}",
+            daemon=True,
+        ).start()
+
+    def _watch(self, key: str, generation: int, proc: subprocess.Popen[bytes]) -> None:
+        """Helper thread: wait for the child to exit (reaping it) and say so."""
+        returncode = proc.wait()
+        self._tell_self(ChildExited(key, generation, returncode))
+
+    def _health(
+        self,
+        key: str,
+        generation: int,
+        kind: str,
+        port: int,
+        proc: subprocess.Popen[bytes],
+        started_at: float,
+        stop: threading.Event,
+    ) -> None:
+        """Helper thread: poll the child until it is healthy, exits, is stopped, or runs out of time."""
+        deadline = started_at + self.health_timeout_s
+        interval = 0.05
+        while not stop.is_set() and proc.returncode is None:
+            if _probe(kind, port) and _owns_listening_port(proc.pid, port):
+                self._tell_self(ChildHealthy(key, generation, time.monotonic() - started_at))
+                return
+            if time.monotonic() >= deadline:
+                reason = f"not healthy within {self.health_timeout_s:g}s"
+                self._tell_self(ChildUnhealthy(key, generation, reason))
+                return
+            stop.wait(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.5, 0.5)
+        # Exited: the watcher reports it. Stopped: the actor already knows.
+
+    # -- failing ------------------------------------------------------------------------------------
+
+    def _failed(self, child: _Child, reason: str, give_up: bool = False) -> None:
+        spec = child.spec
+        pid = child.proc.pid if child.proc is not None else 0
+        if child.proc is not None:
+            self._terminate([child])  # a child that never became healthy may still be running
+        child.proc = None
+        child.ready = False
+        child.failures += 1
+        tail = read_log_tail(child.log_path, child.log_offset) if pid else ""
+        if give_up or child.failures >= self.max_failures:
+            child.gave_up = True
+            retry_in_s = -1.0
+        else:
+            retry_in_s = min(self.backoff_base_s * 2 ** (child.failures - 1), self.backoff_cap_s)
+            timer = threading.Timer(
+                retry_in_s, self._tell_self, args=(RestartChild(spec.key, child.generation),)
+            )
+            timer.daemon = True
+            child.retry_timer = timer
+            timer.start()
+        self.log.warning(
+            "llama.failed",
+            key=spec.key,
+            kind=spec.kind,
+            reason=reason,
+            port=child.port,
+            pid=pid,
+            failures=child.failures,
+            retry_in_s=retry_in_s,
+            log_tail=tail,
+        )
+        self.tell(self.subscriber, LlamaFailed(spec.key, spec.kind, reason, tail, retry_in_s))
+
+    # -- stopping -----------------------------------------------------------------------------------
+
+    def _stop_children(self, keys: list[str], reason: str) -> None:
+        children = [self.children.pop(key) for key in keys if key in self.children]
+        for child in children:
+            if child.retry_timer is not None:
+                child.retry_timer.cancel()
+        pids = {child.spec.key: child.proc.pid for child in children if child.proc is not None}
+        self._terminate(children)
+        for child in children:
+            returncode = child.proc.returncode if child.proc is not None else None
+            child.proc = None
+            self.log.info(
+                "llama.stopped",
+                key=child.spec.key,
+                kind=child.spec.kind,
+                pid=pids.get(child.spec.key, 0),
+                returncode=returncode,
+                reason=reason,
+            )
+            self.tell(self.subscriber, LlamaStopped(child.spec.key, child.spec.kind))
+
+    def _terminate(self, children: list[_Child]) -> None:
+        """SIGTERM each child's process group, wait (together) up to ``stop_timeout_s``, then SIGKILL.
+
+        Only groups this supervisor created are signalled, and only while their leader is unreaped
+        (``returncode is None``), so a recycled pid is never hit.
+        """
+        procs = []
+        for child in children:
+            child.health_stop.set()
+            if child.proc is not None:
+                procs.append(child.proc)
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning(
+                    "llama.kill", pid=proc.pid, detail=f"no exit {self.stop_timeout_s:g}s after SIGTERM"
+                )
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)

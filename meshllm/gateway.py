@@ -1,0 +1,234 @@
+"""The OpenAI-compatible API every node serves on ``[api] listen``.
+
+``GET /v1/models`` lists what the mesh serves; ``POST /v1/chat/completions`` and ``/v1/completions``
+are routed by their ``model`` field to this node's llama-server or through an HTTP tunnel to a host,
+streaming passed through as it comes. Errors use OpenAI's JSON error shape. A host that fails before
+the first response byte is skipped and the request tried on the next host of that model.
+
+It runs on the transport's event loop, so tunnels are opened without crossing threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from actors.base import Directory
+from meshllm.codec import CodecError
+from meshllm.framing import PeerRefused, StreamKind, read_frame_as
+from meshllm.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
+from meshllm.logsetup import Logger
+from meshllm.messages import HostInfo, ListModels, ModelList, Route, RouteReply, TunnelRequest, TunnelResponse
+from meshllm.transport import MeshEndpoint
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+ASK_TIMEOUT_S = 5.0
+TUNNEL_OPEN_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 5
+PROXIED = ("/v1/chat/completions", "/v1/completions")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def openai_error(
+    status: int, message: str, kind: str, code: str | None = None, **headers: str
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+@web.middleware
+async def errors_as_openai(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413) in OpenAI's shape instead of plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = f"request body over {MAX_BODY_BYTES} bytes"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        elif exc.status == 404:
+            message = f"no route {request.path}"
+        return openai_error(exc.status, message, kind)
+
+
+class Target:
+    """Where one attempt goes: this node's llama-server or a remote host."""
+
+    def __init__(self, local_port: int = 0, host: HostInfo | None = None) -> None:
+        self.local_port = local_port
+        self.host = host
+
+    def __str__(self) -> str:
+        return f"local:{self.local_port}" if self.host is None else f"node:{self.host.node_id[:12]}"
+
+
+class Gateway:
+    """aiohttp server on the endpoint's loop."""
+
+    def __init__(
+        self, directory: Directory, endpoint: MeshEndpoint, host: str, port: int, logger: Logger
+    ) -> None:
+        self.directory = directory
+        self.endpoint = endpoint
+        self.host = host
+        self.port = port
+        self.log = logger.bind(actor="gateway")
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._turns: dict[str, itertools.count[int]] = {}
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        return self.endpoint.loop_thread.run(self._start(), timeout=10)
+
+    async def _start(self) -> int:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_openai])
+        app.router.add_get("/v1/models", self.models)
+        for path in PROXIED:
+            app.router.add_post(path, self.proxy)
+        app.router.add_get("/health", self.health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        self._session = new_session()
+        return self.port
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+            if self._session is not None:
+                await self._session.close()
+
+        try:
+            self.endpoint.loop_thread.run(stop(), timeout=5)
+        except Exception as exc:
+            self.log.warning("gateway.stop_failed", reason=str(exc))
+
+    # -- handlers -----------------------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        reply = await self.directory.ask_async("router", ListModels(), ASK_TIMEOUT_S)
+        assert isinstance(reply, ModelList)
+        now = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": now, "owned_by": "meshllm"} for name in reply.served
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:
+            return openai_error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(parsed, dict):
+            return openai_error(400, "request body must be a JSON object", "invalid_request_error")
+        model = parsed.get("model")
+        if not isinstance(model, str) or not model:
+            return openai_error(
+                400, "missing 'model' (a string)", "invalid_request_error", code="missing_model"
+            )
+        route = await self.directory.ask_async("router", Route(model=model), ASK_TIMEOUT_S)
+        assert isinstance(route, RouteReply)
+        if not route.known:
+            available = ", ".join(route.available) or "none"
+            return openai_error(
+                404,
+                f"model {model!r} does not exist in this mesh; available: {available}",
+                "invalid_request_error",
+                code="model_not_found",
+            )
+        targets = self._targets(route)
+        if not targets:
+            return openai_error(
+                503,
+                f"model {model!r} has no host ready yet",
+                "server_error",
+                code="model_not_ready",
+                **{"Retry-After": str(RETRY_AFTER_S)},
+            )
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        for target in targets:
+            try:
+                return await self._forward(request, target, model, headers, body)
+            except UpstreamUnavailable as exc:
+                self.log.warning("gateway.retry", model=model, target=str(target), reason=str(exc))
+        return openai_error(
+            503,
+            f"every host of {model!r} failed",
+            "server_error",
+            code="hosts_failed",
+            **{"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    def _targets(self, route: RouteReply) -> list[Target]:
+        """Every host of the model, rotated per request so load spreads across them."""
+        targets = [Target(local_port=route.local_port)] if route.local_port else []
+        targets += [Target(host=h) for h in route.hosts if h.node_id != self.endpoint.node_id]
+        if len(targets) > 1:
+            turn = next(self._turns.setdefault(route.model, itertools.count())) % len(targets)
+            targets = targets[turn:] + targets[:turn]
+        return targets
+
+    async def _forward(
+        self, request: web.Request, target: Target, model: str, headers: dict[str, str], body: bytes
+    ) -> web.StreamResponse:
+        if target.host is None:
+            assert self._session is not None
+            upstream = await open_local(
+                self._session, target.local_port, request.method, request.path, headers, body
+            )
+            async with upstream:
+                response = web.StreamResponse(status=upstream.status, headers=pass_headers(upstream.headers))
+                await response.prepare(request)
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                except aiohttp.ClientPayloadError as exc:
+                    self.log.warning(
+                        "gateway.upstream_broke", model=model, target=str(target), reason=str(exc)
+                    )
+                await response.write_eof()
+                return response
+        return await self._forward_tunnel(request, target.host, model, headers, body)
+
+    async def _forward_tunnel(
+        self, request: web.Request, host: HostInfo, model: str, headers: dict[str, str], body: bytes
+    ) -> web.StreamResponse:
+        header = TunnelRequest(model=model, method=request.method, path=request.path, headers=headers)
+        try:
+            reader, writer = await self.endpoint.open_tunnel(
+                host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
+            )
+            writer.write(body)
+            writer.write_eof()
+            first = await read_frame_as(reader, TunnelResponse)
+        except PeerRefused as exc:
+            raise UpstreamUnavailable(f"host refused: {exc.reason}") from exc
+        except (OSError, ConnectionError, TimeoutError, KeyError, CodecError) as exc:
+            raise UpstreamUnavailable(f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}") from exc
+        response = web.StreamResponse(status=first.status, headers=first.headers)
+        await response.prepare(request)
+        while chunk := await reader.read(CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
