@@ -14,6 +14,7 @@ from meshllm.config import TimingSection
 from meshllm.logsetup import Logger
 from meshllm.messages import (
     ConnectionLost,
+    DeathReported,
     DeclareDead,
     PeerDied,
     PeerJoined,
@@ -24,6 +25,9 @@ from meshllm.messages import (
     Subscribe,
     Tick,
 )
+
+REPORT_TRUST_INTERVALS = 1.5
+"""A death notice is accepted when we have not heard from the peer for this many probe intervals."""
 
 
 class Heartbeat(MsgpackActor):
@@ -77,6 +81,23 @@ class Heartbeat(MsgpackActor):
             self.tell(
                 "transport", ProbePeer(msg.node_id, self.addrs[msg.node_id], self.timing.probe_interval_s)
             )
+
+    @handles(DeathReported)
+    def on_death_reported(self, msg: DeathReported) -> None:
+        node_id = msg.notice.node_id
+        if node_id not in self.addrs or node_id in self.declared:
+            return
+        silent = time.monotonic() - self.last_ok.get(node_id, 0.0)
+        if silent >= self.timing.probe_interval_s * REPORT_TRUST_INTERVALS:
+            self.declared.add(node_id)
+            reason = f"reported by {msg.notice.reporter}, silent for {silent:.1f}s"
+            self.tell("registry", DeclareDead(node_id=node_id, reason=reason, broadcast=False))
+        else:
+            # We heard from it moments ago: one slow peer's verdict does not bury it for everyone.
+            self.log.info(
+                "peer.death_disputed", peer=node_id, reporter=msg.notice.reporter, silent_s=round(silent, 2)
+            )
+            self.tell("transport", ProbePeer(node_id, self.addrs[node_id], self.timing.probe_interval_s))
 
     @handles(ProbeResult)
     def on_result(self, msg: ProbeResult) -> None:

@@ -18,6 +18,7 @@ from meshllm.logsetup import Logger
 from meshllm.messages import (
     BroadcastPeerDown,
     ConnectionLost,
+    DeathReported,
     DeclareDead,
     ExchangeGossip,
     ForgetPeer,
@@ -46,6 +47,7 @@ from meshllm.peerview import Change, PeerView
 GOSSIP_FANOUT = 3
 DIAL_BACKOFF_S = 1.0
 DIAL_BACKOFF_MAX_S = 30.0
+GRAVE_REDIAL_S = 5.0
 
 
 class PeerRegistry(MsgpackActor):
@@ -127,6 +129,8 @@ class PeerRegistry(MsgpackActor):
         for node_id, ann in random.sample(peers, min(GOSSIP_FANOUT, len(peers))):
             self._exchange(node_id, ann.addrs)
         self._dial_due(now)
+        for node_id, addrs in self.view.due_graves(now, GRAVE_REDIAL_S):
+            self._exchange(node_id, addrs)
 
     @handles(GossipReceived)
     def on_gossip(self, msg: GossipReceived) -> None:
@@ -152,8 +156,11 @@ class PeerRegistry(MsgpackActor):
         self.log.warning("peer.died", peer=msg.node_id, peer_name=ann.name, reason=msg.reason)
         self._publish(PeerDied(node_id=msg.node_id, incarnation=ann.incarnation, reason=msg.reason))
         self._push_snapshot()
-        notice = PeerDown(node_id=msg.node_id, incarnation=ann.incarnation, reporter=self.own.node_id)
-        self.tell("transport", BroadcastPeerDown(notice=notice))
+        if msg.broadcast:
+            notice = PeerDown(node_id=msg.node_id, incarnation=ann.incarnation, reporter=self.own.node_id)
+            self.tell("transport", BroadcastPeerDown(notice=notice))
+        else:
+            self.tell("transport", ForgetPeer(node_id=msg.node_id))
 
     @handles(PeerDownReceived)
     def on_peer_down(self, msg: PeerDownReceived) -> None:
@@ -161,14 +168,13 @@ class PeerRegistry(MsgpackActor):
         if notice.node_id == self.own.node_id:
             self.log.warning("mesh.reported_dead", reporter=notice.reporter)
             return
-        removed = self.view.bury(notice.node_id, notice.incarnation, time.monotonic())
-        if removed is None:
+        known = self.view.peers.get(notice.node_id)
+        if known is not None:
+            if known.incarnation <= notice.incarnation:
+                self.tell("heartbeat", DeathReported(notice=notice))  # it decides, from its own probes
             return
-        reason = f"reported by {notice.reporter}"
-        self.log.warning("peer.died", peer=notice.node_id, peer_name=removed.name, reason=reason)
-        self._publish(PeerDied(node_id=notice.node_id, incarnation=removed.incarnation, reason=reason))
-        self._push_snapshot()
-        self.tell("transport", ForgetPeer(node_id=notice.node_id))
+        # Not an active peer of ours: remember the death so stale gossip cannot bring it back.
+        self.view.bury(notice.node_id, notice.incarnation, time.monotonic())
 
     @handles(PeerLeavingReceived)
     def on_leaving(self, msg: PeerLeavingReceived) -> None:

@@ -230,10 +230,12 @@ class PeerLeavingReceived(Message):
 @message(113)
 @dataclass(frozen=True)
 class DeclareDead(Message):
-    """Heartbeat -> registry: probes to a peer have failed for too long."""
+    """Heartbeat -> registry: a peer is dead. ``broadcast``: we found out ourselves, so tell everyone
+    (a death we accepted from someone else's notice is not re-broadcast)."""
 
     node_id: str
     reason: str
+    broadcast: bool = True
 
 
 @message(114)
@@ -285,6 +287,15 @@ class Seed:
 
     node_id: str
     addrs: tuple[str, ...]
+
+
+@message(121)
+@dataclass(frozen=True)
+class DeathReported(Message):
+    """Registry -> heartbeat: another node says an active peer is dead; the heartbeat checks that
+    against its own evidence before anyone acts on it."""
+
+    notice: PeerDown
 
 
 @message(119)

@@ -15,6 +15,8 @@ from meshllm.messages import PeerAnnouncement
 class DeadEntry:
     incarnation: int
     expires_at: float
+    addrs: tuple[str, ...] = ()
+    next_try: float = 0.0
 
 
 @dataclass
@@ -125,11 +127,25 @@ class PeerView:
             return None  # the notice is about an older life of this node
         entry = self.dead.get(node_id)
         inc = max(incarnation, entry.incarnation if entry else 0, removed.incarnation if removed else 0)
-        self.dead[node_id] = DeadEntry(incarnation=inc, expires_at=now + self.dead_ttl_s)
+        addrs = removed.addrs if removed is not None else (entry.addrs if entry else ())
+        self.dead[node_id] = DeadEntry(
+            incarnation=inc, expires_at=now + self.dead_ttl_s, addrs=addrs, next_try=now
+        )
         self.peers.pop(node_id, None)
         self.last_seen.pop(node_id, None)
         self.candidates.pop(node_id, None)
         return removed
+
+    def due_graves(self, now: float, interval_s: float) -> list[tuple[str, tuple[str, ...]]]:
+        """Buried nodes to dial once more (at most every ``interval_s``). A node declared dead by
+        mistake - two overloaded nodes can bury each other - is met again this way; only a direct
+        answer brings it back, never hearsay."""
+        due = []
+        for node_id, entry in self.dead.items():
+            if entry.addrs and entry.next_try + interval_s <= now and entry.expires_at > now:
+                entry.next_try = now
+                due.append((node_id, entry.addrs))
+        return due
 
     def expire(self, now: float) -> None:
         for nid in [n for n, e in self.dead.items() if e.expires_at <= now]:

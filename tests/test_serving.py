@@ -147,3 +147,22 @@ def test_model_with_no_ready_host_is_503_with_retry_after(nodes: NodeFactory, ti
     status, payload, headers = _post(a.api_url + "/chat/completions", json.dumps({"model": "tiny"}).encode())
     assert status == 503 and headers.get("Retry-After")
     assert payload["error"]["code"] == "model_not_ready"
+
+
+def test_smollm2_answers_with_real_text_through_a_tunnel(nodes: NodeFactory) -> None:
+    host = nodes.start("host", serve=("smollm2-135m",))
+    front = nodes.start("front", join=(host.invite_token,))
+    wait_until(lambda: serving(front, "smollm2-135m"), timeout=120, what="SmolLM2 to be served")
+    c = client(front)
+    messages: Any = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    reply = c.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=16, temperature=0)
+    text = reply.choices[0].message.content or ""
+    assert sum(ch.isalpha() for ch in text) >= 3, text
+    assert text == chat_text(host, messages)
+
+
+def chat_text(node: Node, messages: Any) -> str:
+    reply = client(node).chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=16, temperature=0
+    )
+    return reply.choices[0].message.content or ""

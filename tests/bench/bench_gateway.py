@@ -1,0 +1,434 @@
+"""Gateway and HTTP-tunnel overhead benchmark (prints figures, asserts nothing).
+
+On one machine, same model (SmolLM2-135M) and prompt, streaming chat completions at temperature 0,
+runs interleaved in a random order per round:
+
+  (a) straight to node A's llama-server,
+  (b) through node A's gateway (A serves the model: gateway -> local llama-server),
+  (c) through node B's gateway (B serves nothing: gateway -> QUIC tunnel -> A -> llama-server).
+
+A and B are separate ``meshllm run`` processes (one GIL each). The client is the same for every
+target: a fresh ``http.client`` connection per request, each SSE ``data:`` line timestamped as it
+arrives. TTFT = request start (connect included) to the first event with content; tokens/s =
+(content events - 1) / (last - first content event). llama-server's own ``timings`` (last event)
+are printed alongside. Target for (c): tokens/s ratio >= 0.95 and added TTFT <= 20 ms.
+
+Per request it also records the CPU time (user + system) each process spent: the bench client,
+node A, node B, llama-server (and the relay), since on a small machine the relaying processes
+compete with llama-server's own threads.
+
+``--relay`` adds (d): a plain asyncio TCP byte relay in its own process in front of llama-server,
+a yardstick for what any extra process hop costs on this machine. ``--llama-threads N`` runs A's
+llama-server with ``-t N`` (through a wrapper in a ``[llama] bin_dir``), to see how much of a gap
+is CPU contention rather than latency.
+
+Run: .venv/bin/python -m tests.bench.bench_gateway [--rounds 20] [--warmup 2] [--max-tokens 64]
+     [--relay] [--llama-threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from meshllm.llama import find_binaries
+from tests.support import ProcessFactory, wait_until
+
+MODEL = "smollm2-135m"
+PROMPT = "Write a short story about a robot who learns to paint. Use simple words."
+LABELS = {
+    "a": "llama-server direct",
+    "b": "local gateway (A)",
+    "c": "remote gateway (B, QUIC)",
+    "d": "plain TCP relay process",
+}
+
+RELAY_SCRIPT = r"""
+import asyncio, sys
+UP = int(sys.argv[1])
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.close()
+async def handle(cr, cw):
+    ur, uw = await asyncio.open_connection("127.0.0.1", UP)
+    await asyncio.gather(pipe(cr, uw), pipe(ur, cw), return_exceptions=True)
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Sample:
+    ttft_s: float  # request start -> first content event
+    first_byte_s: float  # request start -> first body line
+    tokens_per_s: float  # client side, between first and last content event
+    content_events: int
+    events: int
+    body_bytes: int
+    total_s: float
+    server_tps: float | None  # llama-server timings.predicted_per_second
+    server_prompt_ms: float | None  # timings.prompt_ms
+    text: str
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per process, during this request
+
+
+@dataclass
+class Target:
+    key: str
+    host: str
+    port: int
+    path: str  # the chat completions path on that server
+    samples: list[Sample] = field(default_factory=list)
+
+
+def stream_chat(target: Target, max_tokens: int) -> Sample:
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=120)
+    try:
+        conn.request(
+            "POST",
+            target.path,
+            body=body,
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"{target.key}: HTTP {resp.status}: {resp.read()[:300]!r}")
+        first_byte = None
+        content_times: list[float] = []
+        events = 0
+        nbytes = 0
+        parts: list[str] = []
+        timings: dict[str, Any] = {}
+        while line := resp.readline():
+            now = time.perf_counter()
+            if first_byte is None:
+                first_byte = now
+            nbytes += len(line)
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            events += 1
+            if payload == b"[DONE]":
+                continue
+            chunk = json.loads(payload)
+            if "timings" in chunk:
+                timings = chunk["timings"]
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    content_times.append(now)
+                    parts.append(content)
+        end = time.perf_counter()
+    finally:
+        conn.close()
+    if len(content_times) < 2:
+        raise RuntimeError(f"{target.key}: only {len(content_times)} content events")
+    span = content_times[-1] - content_times[0]
+    return Sample(
+        ttft_s=content_times[0] - t0,
+        first_byte_s=(first_byte or end) - t0,
+        tokens_per_s=(len(content_times) - 1) / span,
+        content_events=len(content_times),
+        events=events,
+        body_bytes=nbytes,
+        total_s=end - t0,
+        server_tps=timings.get("predicted_per_second"),
+        server_prompt_ms=timings.get("prompt_ms"),
+        text="".join(parts),
+    )
+
+
+class CpuMeter:
+    """CPU seconds of a few named processes: the sum over their live threads of
+    ``/proc/PID/task/TID/schedstat`` (nanoseconds), else psutil's user + system (10 ms ticks)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {"client": os.getpid()}
+
+    def add(self, name: str, pid: int) -> None:
+        self.pids[name] = pid
+
+    @staticmethod
+    def cpu_s(pid: int) -> float:
+        total = 0
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    continue  # the thread ended
+        except OSError:
+            t = psutil.Process(pid).cpu_times()
+            return float(t.user + t.system)
+        return total / 1e9
+
+    def snapshot(self) -> dict[str, float]:
+        out = {name: self.cpu_s(pid) for name, pid in self.pids.items()}
+        t = psutil.cpu_times()  # the whole machine (10 ms ticks): "other" = busy - ours
+        out["machine"] = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+        return out
+
+
+def other_benchmarks() -> list[str]:
+    """Command lines of other benchmark or test runs on this machine (they skew every figure)."""
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or ()).replace("\n", " ")
+        if proc.info["pid"] not in mine and ("tests.bench" in cmd or "pytest" in cmd):
+            found.append(f"{proc.info['pid']}: {cmd[:100]}")
+    return found
+
+
+def measured(meter: CpuMeter, target: Target, max_tokens: int) -> Sample:
+    before = meter.snapshot()
+    sample = stream_chat(target, max_tokens)
+    after = meter.snapshot()
+    sample.cpu_ms = {k: (after[k] - before[k]) * 1e3 for k in before if k != "machine"}
+    busy = (after["machine"] - before["machine"]) * 1e3
+    sample.cpu_ms["other"] = max(0.0, busy - sum(sample.cpu_ms.values()))
+    return sample
+
+
+def llama_wrapper(tmp: Path, threads: int) -> Path:
+    """A ``[llama] bin_dir`` whose llama-server is the real one with ``-t threads`` appended."""
+    real = find_binaries()
+    folder = tmp / "llama-bin"
+    folder.mkdir()
+    server = folder / "llama-server"
+    server.write_text(f'#!/bin/sh\nexec "{real.server}" "$@" -t {threads}\n')
+    server.chmod(0o755)
+    (folder / real.rpc_server.name).symlink_to(real.rpc_server)
+    return folder
+
+
+def served_models(api_url: str) -> set[str]:
+    with urllib.request.urlopen(api_url + "/models", timeout=5) as resp:
+        return {m["id"] for m in json.loads(resp.read())["data"]}
+
+
+def target_from_url(key: str, url: str, path: str) -> Target:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return Target(key=key, host=parts.hostname, port=parts.port, path=path)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def report(targets: list[Target], rounds: int) -> None:
+    base = targets[0]
+    print()
+    print(f"== per target, {rounds} measured rounds (median / p90) ==")
+    header = (
+        f"{'target':<28} {'TTFT ms':>16} {'1st byte ms':>16} {'tok/s client':>18} "
+        f"{'tok/s server':>13} {'prompt ms':>10} {'total ms':>9} {'events':>7} {'bytes':>7}"
+    )
+    print(header)
+    for t in targets:
+        s = t.samples
+        ttft = [x.ttft_s * 1e3 for x in s]
+        fb = [x.first_byte_s * 1e3 for x in s]
+        tps = [x.tokens_per_s for x in s]
+        stps = [x.server_tps for x in s if x.server_tps is not None]
+        pms = [x.server_prompt_ms for x in s if x.server_prompt_ms is not None]
+        total = [x.total_s * 1e3 for x in s]
+        print(
+            f"{'(' + t.key + ') ' + LABELS[t.key]:<28} "
+            f"{statistics.median(ttft):>7.1f} / {pct(ttft, 0.9):>6.1f} "
+            f"{statistics.median(fb):>7.1f} / {pct(fb, 0.9):>6.1f} "
+            f"{statistics.median(tps):>8.1f} / {pct(tps, 0.1):>7.1f}* "
+            f"{statistics.median(stps) if stps else float('nan'):>12.1f} "
+            f"{statistics.median(pms) if pms else float('nan'):>10.1f} "
+            f"{statistics.median(total):>9.1f} "
+            f"{statistics.mean(x.events for x in s):>7.1f} "
+            f"{statistics.mean(x.body_bytes for x in s):>7.0f}"
+        )
+    print("  * for tokens/s the second figure is p10 (the slow tail); events and bytes are means")
+    print(
+        f"  content events per response (mean): {statistics.mean(x.content_events for x in base.samples):.1f}"
+    )
+    texts = {x.text for t in targets for x in t.samples}
+    print(f"  distinct response texts over all targets and rounds: {len(texts)} (1 = same text everywhere)")
+
+    names = list(base.samples[0].cpu_ms)
+    print()
+    print("== CPU ms per request by process (mean; 'wall' = request duration) ==")
+    print(f"{'target':<28} {'wall':>7} " + " ".join(f"{n:>8}" for n in names) + f" {'sum':>8}")
+    for t in targets:
+        cpu = {n: statistics.mean(x.cpu_ms[n] for x in t.samples) for n in names}
+        wall = statistics.mean(x.total_s * 1e3 for x in t.samples)
+        print(
+            f"{'(' + t.key + ') ' + LABELS[t.key]:<28} {wall:>7.1f} "
+            + " ".join(f"{cpu[n]:>8.1f}" for n in names)
+            + f" {sum(cpu.values()):>8.1f}"
+        )
+    print(
+        f"  machine: {os.cpu_count()} CPUs, so at most {os.cpu_count()} CPU-ms per wall-ms; 'other' = the "
+        "machine's busy time (10 ms ticks) minus the processes named, i.e. anything else running"
+    )
+
+    print()
+    print("== relative to (a) ==")
+    print(
+        f"{'target':<28} {'tok/s ratio':>11} {'paired ratio':>12} {'+TTFT ms':>9} {'paired +TTFT ms':>15} "
+        f"{'paired p90':>10} {'verdict':>8}"
+    )
+    a_tps = statistics.median(x.tokens_per_s for x in base.samples)
+    a_ttft = statistics.median(x.ttft_s for x in base.samples)
+    for t in targets[1:]:
+        tps_ratio = statistics.median(x.tokens_per_s for x in t.samples) / a_tps
+        add_ttft = (statistics.median(x.ttft_s for x in t.samples) - a_ttft) * 1e3
+        # Paired per round: the same round's (a) is the nearest comparison under CPU noise.
+        paired_ratio = [x.tokens_per_s / y.tokens_per_s for x, y in zip(t.samples, base.samples, strict=True)]
+        paired_add = [(x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(t.samples, base.samples, strict=True)]
+        ok = tps_ratio >= 0.95 and add_ttft <= 20.0
+        print(
+            f"{'(' + t.key + ')/(a) ' + LABELS[t.key]:<28} {tps_ratio:>11.3f} "
+            f"{statistics.median(paired_ratio):>12.3f} {add_ttft:>9.1f} {statistics.median(paired_add):>15.1f} "
+            f"{pct(paired_add, 0.9):>10.1f} {'meets' if ok else 'MISSES':>8}"
+        )
+    print("  target for (c): tokens/s ratio >= 0.95 and added TTFT <= 20 ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--relay", action="store_true", help="add (d): a plain TCP relay process")
+    parser.add_argument(
+        "--llama-threads", type=int, default=0, help="run llama-server with -t N (0: default)"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        factory = ProcessFactory(tmp)
+        relay: subprocess.Popen[bytes] | None = None
+        try:
+            t_start = time.monotonic()
+            extra = f'\n[models]\nserve = ["{MODEL}"]\n'
+            if args.llama_threads:
+                extra += f'\n[llama]\nbin_dir = "{llama_wrapper(tmp, args.llama_threads)}"\n'
+            a = factory.start("a", extra=extra)
+            b = factory.start("b", join=(a.token,))
+            ready = a.wait_event("llama.ready", timeout=180, kind="llama-server")
+            llama_port = int(ready["port"])
+            a_api = str(a.started["api"])
+            b_api = str(b.started["api"])
+            wait_until(lambda: MODEL in served_models(b_api), timeout=60, what=f"B to list {MODEL}")
+            print(
+                f"nodes up in {time.monotonic() - t_start:.1f}s: llama-server 127.0.0.1:{llama_port}, "
+                f"A {a_api}, B {b_api}"
+            )
+            targets = [
+                Target("a", "127.0.0.1", llama_port, "/v1/chat/completions"),
+                target_from_url("b", a_api, "/v1/chat/completions"),
+                target_from_url("c", b_api, "/v1/chat/completions"),
+            ]
+            if args.relay:
+                relay = subprocess.Popen(
+                    [sys.executable, "-c", RELAY_SCRIPT, str(llama_port)],
+                    stdout=subprocess.PIPE,
+                    start_new_session=True,
+                )
+                assert relay.stdout is not None
+                relay_port = int(relay.stdout.readline())
+                targets.append(Target("d", "127.0.0.1", relay_port, "/v1/chat/completions"))
+            meter = CpuMeter()
+            assert a.proc is not None and b.proc is not None
+            meter.add("node A", a.proc.pid)
+            meter.add("node B", b.proc.pid)
+            meter.add("llama", int(ready["pid"]))
+            if relay is not None:
+                meter.add("relay", relay.pid)
+
+            rng = random.Random(args.seed)
+            print(
+                f"prompt {PROMPT!r}, max_tokens {args.max_tokens}, temperature 0, "
+                f"{args.warmup} warm-up + {args.rounds} measured rounds, random order per round, "
+                f"llama-server threads: {args.llama_threads or 'default'}"
+            )
+            disturbed: set[int] = set()
+            for r in range(args.warmup + args.rounds):
+                others = other_benchmarks()
+                if others:
+                    disturbed.add(r)
+                    print(f"WARNING: other runs on this machine: {others}", flush=True)
+                order = list(targets)
+                rng.shuffle(order)
+                for t in order:
+                    sample = measured(meter, t, args.max_tokens)
+                    if r >= args.warmup:
+                        t.samples.append(sample)
+                if r >= args.warmup:
+                    line = "  ".join(
+                        f"{t.key}: {t.samples[-1].ttft_s * 1e3:6.1f}ms {t.samples[-1].tokens_per_s:6.1f}t/s"
+                        for t in targets
+                    )
+                    other = sum(t.samples[-1].cpu_ms["other"] for t in targets)
+                    wall = sum(t.samples[-1].total_s * 1e3 for t in targets)
+                    print(
+                        f"round {r - args.warmup + 1:>3}: {line}  other CPU {other / wall:4.0%}", flush=True
+                    )
+            if other_benchmarks():
+                disturbed.add(args.warmup + args.rounds)
+            report(targets, args.rounds)
+            if disturbed:
+                print("WARNING: other benchmark/test runs overlapped this one: the figures are not clean")
+        finally:
+            for p in factory.procs:
+                notable = [r for r in p.records() if r.get("level") in ("warning", "error", "critical")]
+                for rec in notable[-10:]:
+                    print(f"log {p.config.stem}: {json.dumps(rec)[:300]}")
+            if relay is not None:
+                relay.kill()
+                relay.wait(10)
+            factory.close()
+
+
+if __name__ == "__main__":
+    main()
