@@ -1,21 +1,25 @@
 """Election actor: owns the node's serving plan - for each model it is configured to serve, whether
-it runs here solo, waits (not enough VRAM), and which llama.cpp children that needs.
+it runs here solo, hosts a tensor split, lends its memory as a split worker, stands by, or waits
+for more VRAM - and the llama.cpp children that needs.
 
-It re-plans on topology events (debounced), tells the Supervisor the desired children only when the
-plan changed, and turns the Supervisor's reports into the node's announcement (what it serves) and
-the router's local ports. Decisions come from :mod:`meshllm.placement`.
+It re-plans on topology events (debounced) and tells the Supervisor the desired children only when
+the plan changed, so an unchanged set of workers and fractions never restarts anything. It turns
+the Supervisor's reports into the node's announcement (what it serves, which rpc-servers are up)
+and the router's local ports. Every node computes the same plan from the same view: decisions come
+from the pure functions in :mod:`meshllm.placement`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.catalog import ModelRef
 from meshllm.logsetup import Logger
 from meshllm.messages import (
     DesiredProcesses,
+    EnsureRpcListeners,
     GetPlan,
     LlamaFailed,
     LlamaReady,
@@ -29,30 +33,47 @@ from meshllm.messages import (
     PeerUpdated,
     PlanReply,
     ProcessSpec,
+    RpcListeners,
+    RpcTunnelFailed,
+    Seed,
     SetLocalAnnouncement,
     Subscribe,
     Tick,
 )
-from meshllm.placement import fits_solo, needed_bytes
+from meshllm.placement import Candidate, Shortfall, SplitPlan, fits_solo, needed_bytes, plan_split
 
 REPLAN_DEBOUNCE_S = 0.25
+SUSPECT_S = 10.0
+"""A worker whose RPC tunnel failed is left out of plans this long (no crash loop against it)."""
+SPLIT_SERVER_ARGS = ("-ngl", "999", "-ot", r"token_embd\.weight=CPU")
+"""All layers on the RPC devices; the (often tied) embedding/output matrix stays with llama-server,
+so logits are computed on the host instead of crossing the tunnel every token."""
 
 
 @dataclass
 class LocalModel:
     ref: ModelRef
-    mode: str = "waiting"  # solo | waiting
-    state: str = "waiting"  # starting | ready | failed | waiting
+    mode: str = "waiting"  # solo | split | worker | standby | waiting
+    server: str = "down"  # llama-server: down | starting | ready | failed
+    rpc: str = "down"  # rpc-server: down | starting | ready | failed
     port: int = 0
+    rpc_port: int = 0
+    plan: SplitPlan | None = None
+    shortfall: Shortfall | None = None
     detail: str = ""
+    listening: dict[str, int] = field(default_factory=dict)
 
 
 def server_key(model: str) -> str:
     return f"server:{model}"
 
 
+def rpc_key(model: str) -> str:
+    return f"rpc:{model}"
+
+
 class Election(MsgpackActor):
-    """Plans which models this node serves and keeps the Supervisor in line with the plan."""
+    """Plans which models this node serves, and how, and keeps the Supervisor in line with the plan."""
 
     name = "election"
 
@@ -71,7 +92,9 @@ class Election(MsgpackActor):
         self.force_split = force_split
         self.models = {m.name: LocalModel(ref=m) for m in models}
         self.peers: dict[str, PeerAnnouncement] = {}
+        self.suspects: dict[str, float] = {}
         self.desired: tuple[ProcessSpec, ...] | None = None
+        self.logged_plan: dict[str, tuple[object, ...]] = {}
         self.dirty = True
         self.last_change = 0.0
 
@@ -94,7 +117,8 @@ class Election(MsgpackActor):
     def on_updated(self, msg: PeerUpdated) -> None:
         old = self.peers.get(msg.peer.node_id)
         self.peers[msg.peer.node_id] = msg.peer
-        if old is None or (old.models, old.vram_bytes) != (msg.peer.models, msg.peer.vram_bytes):
+        relevant = ("models", "vram_bytes", "rpc_ready", "force_split")
+        if old is None or any(getattr(old, f) != getattr(msg.peer, f) for f in relevant):
             self._touch()
 
     @handles(PeerDied)
@@ -107,91 +131,187 @@ class Election(MsgpackActor):
         if self.peers.pop(msg.node_id, None) is not None:
             self._touch()
 
+    @handles(RpcTunnelFailed)
+    def on_tunnel_failed(self, msg: RpcTunnelFailed) -> None:
+        if msg.worker not in self.suspects:
+            self.log.warning(
+                "election.worker_unreachable", model=msg.model, worker=msg.worker, reason=msg.reason
+            )
+        self.suspects[msg.worker] = time.monotonic() + SUSPECT_S
+        self._touch()
+
     # -- planning -------------------------------------------------------------------------------------
 
     @handles(Tick)
     def on_tick(self, msg: Tick) -> None:
-        if self.dirty and time.monotonic() - self.last_change >= REPLAN_DEBOUNCE_S:
+        now = time.monotonic()
+        expired = [n for n, until in self.suspects.items() if until <= now]
+        for node_id in expired:
+            del self.suspects[node_id]
+        if expired:
+            self._touch()
+        if self.dirty and now - self.last_change >= REPLAN_DEBOUNCE_S:
             self.dirty = False
             self._replan()
+
+    def _candidates(self, model: str) -> tuple[list[Candidate], bool]:
+        wanting = [p for p in self.peers.values() if model in p.models and p.role == "active"]
+        force = self.force_split or any(p.force_split for p in wanting)
+        cands = [Candidate(self.own_id, self.vram_bytes)]
+        cands += [Candidate(p.node_id, p.vram_bytes) for p in wanting if p.node_id not in self.suspects]
+        return cands, force
+
+    def _plan_model(self, local: LocalModel) -> list[ProcessSpec]:
+        name, size = local.ref.name, local.ref.size_bytes
+        cands, force = self._candidates(name)
+        local.plan, local.shortfall, local.detail = None, None, ""
+        if not force and fits_solo(self.vram_bytes, size):
+            local.mode = "solo"
+            return [ProcessSpec(key=server_key(name), kind="llama-server", model_path=str(local.ref.path))]
+        plan = plan_split(cands, size, force)
+        if isinstance(plan, Shortfall):
+            local.mode, local.shortfall = "waiting", plan
+            local.detail = f"needs {plan.needed_bytes} bytes of VRAM, the group has {plan.available_bytes}"
+            return []
+        local.plan = plan
+        if plan.host != self.own_id:
+            local.mode = "worker" if self.own_id in plan.workers else "standby"
+            return (
+                [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="")]
+                if local.mode == "worker"
+                else []
+            )
+        if not plan.workers:  # forced, but nobody to split with
+            local.mode = "solo"
+            local.detail = "split forced but no other node serves this model"
+            return [ProcessSpec(key=server_key(name), kind="llama-server", model_path=str(local.ref.path))]
+        local.mode = "split"
+        specs = [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="")]
+        not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
+        if local.rpc != "ready" or not_ready:
+            local.detail = "waiting for rpc-servers: " + ", ".join(
+                (["this node"] if local.rpc != "ready" else []) + [w[:12] for w in not_ready]
+            )
+            return specs
+        seeds = tuple(Seed(node_id=w, addrs=self.peers[w].addrs) for w in plan.workers)
+        reply = self.directory.ask("transport", EnsureRpcListeners(model=name, workers=seeds))
+        if not isinstance(reply, RpcListeners) or set(reply.ports) != set(plan.workers):
+            local.detail = "could not open RPC tunnel listeners"
+            return specs
+        local.listening = dict(reply.ports)
+        rpc = [f"127.0.0.1:{local.rpc_port}"] + [f"127.0.0.1:{reply.ports[w]}" for w in plan.workers]
+        args = ("--rpc", ",".join(rpc), "--tensor-split", ",".join(f"{f:g}" for f in plan.fractions))
+        specs.append(
+            ProcessSpec(
+                key=server_key(name),
+                kind="llama-server",
+                model_path=str(local.ref.path),
+                args=args + SPLIT_SERVER_ARGS,
+            )
+        )
+        return specs
 
     def _replan(self) -> None:
         specs: list[ProcessSpec] = []
         for name, local in self.models.items():
-            if fits_solo(self.vram_bytes, local.ref.size_bytes) and not self.force_split:
-                local.mode = "solo"
-                local.detail = ""
-                specs.append(
-                    ProcessSpec(key=server_key(name), kind="llama-server", model_path=str(local.ref.path))
-                )
-            else:
-                local.mode = "waiting"
-                local.state = "waiting"
-                need = needed_bytes(local.ref.size_bytes)
-                local.detail = (
-                    "forced split is not available yet"
-                    if self.force_split
-                    else f"needs {need} bytes of VRAM, this node has {self.vram_bytes}"
-                )
+            specs += self._plan_model(local)
+            if local.mode != "split" and local.listening:
+                self.directory.ask("transport", EnsureRpcListeners(model=name, workers=()))
+                local.listening = {}
+            self._log_plan(name, local)
         desired = tuple(specs)
         if desired == self.desired:
             return
         self.desired = desired
+        keys = {s.key for s in desired}
+        for name, local in self.models.items():
+            if server_key(name) in keys and local.server == "down":
+                local.server = "starting"
+            if rpc_key(name) in keys and local.rpc == "down":
+                local.rpc = "starting"
+        self.tell("supervisor", DesiredProcesses(specs=desired))
+
+    def _log_plan(self, name: str, local: LocalModel) -> None:
+        plan = local.plan
+        summary = (
+            local.mode,
+            plan.host if plan else self.own_id,
+            plan.workers if plan else (),
+            plan.fractions if plan else (),
+            local.detail,
+        )
+        if self.logged_plan.get(name) == summary:
+            return
+        self.logged_plan[name] = summary
         self.log.info(
             "election.plan",
-            models={n: {"mode": m.mode, "detail": m.detail} for n, m in self.models.items()},
+            model=name,
+            mode=local.mode,
+            host=summary[1],
+            workers=list(summary[2]),
+            fractions=list(summary[3]),
+            detail=local.detail,
         )
-        for name, local in self.models.items():
-            if local.mode == "waiting":
-                self.log.warning("election.waiting", model=name, reason=local.detail)
-            elif local.state == "waiting":
-                local.state = "starting"
-        self.tell("supervisor", DesiredProcesses(specs=desired))
+        if local.shortfall is not None:
+            self.log.warning(
+                "election.waiting",
+                model=name,
+                needed_bytes=local.shortfall.needed_bytes,
+                available_bytes=local.shortfall.available_bytes,
+                reason=local.detail,
+            )
 
     # -- supervisor reports ---------------------------------------------------------------------------
 
-    def _model_of(self, key: str) -> LocalModel | None:
-        _, _, name = key.partition(":")
-        return self.models.get(name)
+    def _model_of(self, key: str) -> tuple[LocalModel | None, str]:
+        kind, _, name = key.partition(":")
+        return self.models.get(name), kind
 
     def _announce(self) -> None:
-        serving = tuple(sorted(n for n, m in self.models.items() if m.state == "ready"))
-        self.tell(
-            "registry",
-            SetLocalAnnouncement(models=tuple(self.models), serving=serving, vram_bytes=self.vram_bytes),
+        serving = tuple(sorted(n for n, m in self.models.items() if m.server == "ready"))
+        rpc_ready = tuple(sorted(n for n, m in self.models.items() if m.rpc == "ready"))
+        msg = SetLocalAnnouncement(
+            models=tuple(self.models), serving=serving, vram_bytes=self.vram_bytes, rpc_ready=rpc_ready
         )
+        self.tell("registry", msg)
+
+    def _set(self, key: str, state: str, port: int) -> None:
+        local, kind = self._model_of(key)
+        if local is None:
+            return
+        name = local.ref.name
+        if kind == "rpc":
+            local.rpc, local.rpc_port = state, port
+            self.tell("router", LocalServing(model=name, port=port, kind="rpc-server"))
+            self._touch()  # a split host starts llama-server once its own rpc-server is up
+        else:
+            local.server, local.port = state, port
+            self.tell("router", LocalServing(model=name, port=port))
+        self._announce()
 
     @handles(LlamaReady)
     def on_ready(self, msg: LlamaReady) -> None:
-        local = self._model_of(msg.key)
-        if local is None:
-            return
-        local.state, local.port, local.detail = "ready", msg.port, ""
-        self.tell("router", LocalServing(model=local.ref.name, port=msg.port))
-        self._announce()
+        self._set(msg.key, "ready", msg.port)
 
     @handles(LlamaFailed)
     def on_failed(self, msg: LlamaFailed) -> None:
-        local = self._model_of(msg.key)
-        if local is None:
-            return
-        local.state, local.port = "failed" if msg.retry_in_s < 0 else "starting", 0
-        local.detail = msg.reason
-        self.tell("router", LocalServing(model=local.ref.name, port=0))
-        self._announce()
+        self._set(msg.key, "failed" if msg.retry_in_s < 0 else "starting", 0)
+        local, _ = self._model_of(msg.key)
+        if local is not None:
+            local.detail = msg.reason
 
     @handles(LlamaStopped)
     def on_stopped(self, msg: LlamaStopped) -> None:
-        local = self._model_of(msg.key)
-        if local is None:
-            return
-        local.port = 0
-        if local.state == "ready":
-            local.state = "waiting"
-        self.tell("router", LocalServing(model=local.ref.name, port=0))
-        self._announce()
+        self._set(msg.key, "down", 0)
 
     # -- status -----------------------------------------------------------------------------------------
+
+    def _state(self, local: LocalModel) -> str:
+        if local.mode in ("solo", "split"):
+            return {"ready": local.mode, "failed": "failed"}.get(local.server, "starting")
+        if local.mode == "worker":
+            return {"ready": "worker", "failed": "failed"}.get(local.rpc, "starting")
+        return local.mode
 
     @handles(GetPlan)
     def on_plan(self, msg: GetPlan) -> PlanReply:
@@ -200,26 +320,28 @@ class Election(MsgpackActor):
             names.update(ann.models)
         out = []
         for name in sorted(names):
-            hosts = [a.node_id for a in self.peers.values() if name in a.serving]
+            hosts = sorted(a.node_id for a in self.peers.values() if name in a.serving)
             local = self.models.get(name)
-            if local is not None and local.state == "ready":
-                hosts.insert(0, self.own_id)
-            if local is not None:
-                state = local.mode if local.state == "ready" else local.state
-                size = local.ref.size_bytes
-                out.append(
-                    ModelStatus(
-                        name=name,
-                        state=state,
-                        hosts=tuple(hosts),
-                        size_bytes=size,
-                        needed_bytes=needed_bytes(size),
-                        available_bytes=self.vram_bytes,
-                        detail=local.detail,
-                    )
-                )
-            else:
+            if local is None:
                 out.append(
                     ModelStatus(name=name, state="serving" if hosts else "waiting", hosts=tuple(hosts))
                 )
+                continue
+            if local.server == "ready":
+                hosts.insert(0, self.own_id)
+            plan = local.plan
+            out.append(
+                ModelStatus(
+                    name=name,
+                    state=self._state(local),
+                    hosts=tuple(hosts),
+                    host=plan.host if plan else (self.own_id if local.mode == "solo" else ""),
+                    workers=plan.workers if plan else (),
+                    fractions=plan.fractions if plan else (),
+                    size_bytes=local.ref.size_bytes,
+                    needed_bytes=needed_bytes(local.ref.size_bytes),
+                    available_bytes=local.shortfall.available_bytes if local.shortfall else self.vram_bytes,
+                    detail=local.detail,
+                )
+            )
         return PlanReply(models=tuple(out))

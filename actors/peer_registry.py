@@ -196,13 +196,10 @@ class PeerRegistry(MsgpackActor):
             models=msg.models,
             serving=msg.serving,
             vram_bytes=msg.vram_bytes,
+            rpc_ready=msg.rpc_ready,
             version=self.own.version + 1,
         )
-        if (updated.models, updated.serving, updated.vram_bytes) == (
-            self.own.models,
-            self.own.serving,
-            self.own.vram_bytes,
-        ):
+        if replace(updated, version=self.own.version) == self.own:
             return
         self.own = updated
         self._push_snapshot()

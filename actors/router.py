@@ -35,6 +35,7 @@ class Router(MsgpackActor):
         self.own_models = own_models
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
+        self.local_rpc_ports: dict[str, int] = {}
 
     def on_start(self) -> None:
         self.tell("registry", Subscribe(subscriber=self.name))
@@ -57,10 +58,11 @@ class Router(MsgpackActor):
 
     @handles(LocalServing)
     def on_local(self, msg: LocalServing) -> None:
+        ports = self.local_rpc_ports if msg.kind == "rpc-server" else self.local_ports
         if msg.port:
-            self.local_ports[msg.model] = msg.port
+            ports[msg.model] = msg.port
         else:
-            self.local_ports.pop(msg.model, None)
+            ports.pop(msg.model, None)
 
     def _served(self) -> set[str]:
         served = set(self.local_ports)
@@ -88,6 +90,7 @@ class Router(MsgpackActor):
             local_port=self.local_ports.get(msg.model, 0),
             hosts=hosts,
             available=tuple(sorted(available)),
+            local_rpc_port=self.local_rpc_ports.get(msg.model, 0),
         )
 
     @handles(ListModels)

@@ -318,6 +318,7 @@ class Supervisor(MsgpackActor):
                     start_new_session=True,
                     preexec_fn=_die_with_parent(os.getpid()),
                     close_fds=True,
+                    env={**os.environ, **spec.env} if spec.env else None,
                 )
         except OSError as exc:
             self._failed(child, f"could not start: {exc}")

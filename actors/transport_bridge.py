@@ -7,19 +7,24 @@ actors as messages, straight from the endpoint. Stopping this actor closes the e
 
 from __future__ import annotations
 
+import contextlib
+
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.messages import (
     Ack,
     BroadcastPeerDown,
+    EnsureRpcListeners,
     ExchangeGossip,
     ForgetPeer,
     GetTransportStats,
     GossipSnapshot,
     Leave,
     ProbePeer,
+    RpcListeners,
     TransportStats,
 )
+from meshllm.rpc_tunnel import RpcTunnels
 from meshllm.transport import CONTROL_TIMEOUT_S, MeshEndpoint
 
 
@@ -32,6 +37,12 @@ class TransportBridge(MsgpackActor):
         super().__init__(directory, logger)
         self.endpoint = endpoint
         self._thread = endpoint.loop_thread
+        self.rpc_tunnels = RpcTunnels(endpoint, directory, logger)
+
+    @handles(EnsureRpcListeners)
+    def on_rpc_listeners(self, msg: EnsureRpcListeners) -> RpcListeners:
+        ports = self._thread.run(self.rpc_tunnels.ensure(msg.model, msg.workers), timeout=10)
+        return RpcListeners(model=msg.model, ports=ports)
 
     @handles(GossipSnapshot)
     def on_snapshot(self, msg: GossipSnapshot) -> None:
@@ -75,4 +86,6 @@ class TransportBridge(MsgpackActor):
 
     def on_stop(self) -> None:
         super().on_stop()
+        with contextlib.suppress(Exception):
+            self._thread.run(self.rpc_tunnels.close_all(), timeout=5)
         self.endpoint.stop()

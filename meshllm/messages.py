@@ -29,6 +29,8 @@ class PeerAnnouncement:
     serving: tuple[str, ...] = ()
     incarnation: int = 0
     version: int = 0
+    rpc_ready: tuple[str, ...] = ()  # models whose rpc-server (split worker share) is up here
+    force_split: bool = False  # this node asks for its models to be split even when they fit
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
@@ -271,6 +273,7 @@ class SetLocalAnnouncement(Message):
     models: tuple[str, ...]
     serving: tuple[str, ...]
     vram_bytes: int
+    rpc_ready: tuple[str, ...] = ()
 
 
 @message(118)
@@ -373,6 +376,7 @@ class ProcessSpec:
     kind: str  # "llama-server" | "rpc-server"
     model_path: str  # GGUF for llama-server; "" for rpc-server
     args: tuple[str, ...] = ()  # extra arguments (--rpc, --tensor-split, -ngl, ...)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (LLAMA_CACHE for rpc-server)
 
 
 @message(200)
@@ -450,10 +454,12 @@ class TunnelResponse(Message):
 @message(220)
 @dataclass(frozen=True)
 class LocalServing(Message):
-    """Election -> router: this node serves ``model`` on loopback ``port`` (0: no longer)."""
+    """Election -> router: this node serves ``model`` on loopback ``port`` (0: no longer); ``kind``
+    "rpc-server" is this node's share of a split model, reached by RPC tunnels."""
 
     model: str
     port: int
+    kind: str = "llama-server"
 
 
 @message(221)
@@ -474,6 +480,7 @@ class RouteReply(Message):
     local_port: int
     hosts: tuple[HostInfo, ...]
     available: tuple[str, ...]
+    local_rpc_port: int = 0
 
 
 @message(223)
@@ -500,8 +507,9 @@ class ModelStatus:
     """One model as ``/api/status`` shows it."""
 
     name: str
-    state: str  # solo | split | starting | waiting | failed | serving (elsewhere)
+    state: str  # solo | split | worker | starting | waiting | failed | standby | serving (elsewhere)
     hosts: tuple[str, ...]
+    host: str = ""
     workers: tuple[str, ...] = ()
     fractions: tuple[float, ...] = ()
     size_bytes: int = 0
@@ -559,3 +567,44 @@ class RestartChild(Message):
 
     key: str
     generation: int
+
+
+# -- tensor split ---------------------------------------------------------------------------------------
+
+
+@message(9)
+@dataclass(frozen=True)
+class RpcTunnelRequest(Message):
+    """First frame of an RPC tunnel stream: connect me to your rpc-server for ``model``; raw
+    ggml-rpc bytes follow both ways."""
+
+    model: str
+
+
+@message(230)
+@dataclass(frozen=True)
+class EnsureRpcListeners(Message):
+    """Election -> transport: loopback TCP listeners that tunnel to each worker's rpc-server for a
+    model (listeners for other workers of that model are closed). Empty ``workers``: close all."""
+
+    model: str
+    workers: tuple[Seed, ...]
+
+
+@message(231)
+@dataclass(frozen=True)
+class RpcListeners(Message):
+    """Transport -> election: the loopback port per worker node id."""
+
+    model: str
+    ports: dict[str, int]
+
+
+@message(232)
+@dataclass(frozen=True)
+class RpcTunnelFailed(Message):
+    """Transport -> election: an RPC tunnel to a worker could not be opened or broke."""
+
+    model: str
+    worker: str
+    reason: str

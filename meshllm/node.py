@@ -157,6 +157,7 @@ class Node:
             serving=(),
             incarnation=self.incarnation,
             version=0,
+            force_split=cfg.models.force_split,
         )
         self._started = True
         self._spawn(TransportBridge, endpoint=self.endpoint)

@@ -1,0 +1,157 @@
+"""ggml-rpc over the mesh.
+
+A split host's ``llama-server --rpc`` dials loopback TCP ports; each is a listener here that carries
+every accepted connection over a QUIC RPC_TUNNEL stream to one worker, whose node connects it to its
+own loopback ``ggml-rpc-server``. No rpc-server ever listens beyond loopback: the mesh's QUIC
+connection (authenticated, encrypted) is the only way in. Bytes pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from dataclasses import dataclass, field
+
+from actors.base import Directory
+from meshllm.codec import CodecError
+from meshllm.framing import PeerRefused, StreamKind, pack_frame, read_frame_as
+from meshllm.logsetup import Logger
+from meshllm.messages import Ack, Refused, Route, RouteReply, RpcTunnelFailed, RpcTunnelRequest, Seed
+from meshllm.transport import CONTROL_TIMEOUT_S, MeshEndpoint
+
+CHUNK = 256 * 1024
+ROUTE_TIMEOUT_S = 5.0
+
+
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list[int]) -> None:
+    """Copy until EOF, then half-close the other side."""
+    try:
+        while data := await reader.read(CHUNK):
+            counter[0] += len(data)
+            writer.write(data)
+            await writer.drain()
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+async def splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    a_to_b: list[int],
+    b_to_a: list[int],
+) -> None:
+    """Both directions at once; when one side fails, both are closed."""
+    try:
+        await asyncio.gather(pump(a[0], b[1], a_to_b), pump(b[0], a[1], b_to_a))
+    finally:
+        for w in (a[1], b[1]):
+            with contextlib.suppress(Exception):
+                w.close()
+
+
+@dataclass
+class _Listener:
+    worker: Seed
+    server: asyncio.base_events.Server
+    port: int
+    connections: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class RpcTunnels:
+    """Both ends: listeners on the host, the stream handler on the worker. Lives on the endpoint loop."""
+
+    def __init__(self, endpoint: MeshEndpoint, directory: Directory, logger: Logger) -> None:
+        self.endpoint = endpoint
+        self.directory = directory
+        self.log = logger.bind(actor="rpc-tunnel")
+        self._listeners: dict[tuple[str, str], _Listener] = {}
+        self.bytes_to_workers = [0]
+        self.bytes_from_workers = [0]
+        endpoint.register_tunnel(StreamKind.RPC_TUNNEL, self.serve_worker_side)
+
+    # -- host side ----------------------------------------------------------------------------------------
+
+    async def ensure(self, model: str, workers: tuple[Seed, ...]) -> dict[str, int]:
+        """Listeners for exactly these workers of ``model`` (existing ones keep their port)."""
+        wanted = {w.node_id for w in workers}
+        for (m, node_id), listener in list(self._listeners.items()):
+            if m == model and node_id not in wanted:
+                await self._close(m, node_id, listener)
+        for worker in workers:
+            key = (model, worker.node_id)
+            if key not in self._listeners:
+                server = await asyncio.start_server(
+                    functools.partial(self._accepted, model, worker.node_id), "127.0.0.1", 0
+                )
+                port = server.sockets[0].getsockname()[1]
+                self._listeners[key] = _Listener(worker=worker, server=server, port=port)
+                self.log.info("rpc.listening", model=model, worker=worker.node_id, port=port)
+            else:
+                self._listeners[key].worker = worker
+        return {node_id: lst.port for (m, node_id), lst in self._listeners.items() if m == model}
+
+    async def _close(self, model: str, node_id: str, listener: _Listener) -> None:
+        del self._listeners[(model, node_id)]
+        listener.server.close()
+        for task in list(listener.connections):
+            task.cancel()
+        self.log.info("rpc.closed", model=model, worker=node_id)
+
+    async def close_all(self) -> None:
+        for (model, node_id), listener in list(self._listeners.items()):
+            await self._close(model, node_id, listener)
+
+    def _accepted(
+        self, model: str, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        listener = self._listeners.get((model, node_id))
+        if listener is None:
+            writer.close()
+            return
+        task = asyncio.ensure_future(self._carry(model, listener.worker, reader, writer))
+        listener.connections.add(task)
+        task.add_done_callback(listener.connections.discard)
+
+    async def _carry(
+        self, model: str, worker: Seed, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            quic = await self.endpoint.open_tunnel(
+                worker.node_id,
+                worker.addrs,
+                StreamKind.RPC_TUNNEL,
+                RpcTunnelRequest(model=model),
+                CONTROL_TIMEOUT_S,
+            )
+            await asyncio.wait_for(read_frame_as(quic[0], Ack), CONTROL_TIMEOUT_S)
+        except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, PeerRefused) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.log.warning("rpc.tunnel_failed", model=model, worker=worker.node_id, reason=reason)
+            self.directory.tell(
+                "election", RpcTunnelFailed(model=model, worker=worker.node_id, reason=reason)
+            )
+            writer.close()
+            return
+        await splice((reader, writer), quic, self.bytes_to_workers, self.bytes_from_workers)
+
+    # -- worker side --------------------------------------------------------------------------------------
+
+    async def serve_worker_side(
+        self, conn: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        request = await read_frame_as(reader, RpcTunnelRequest)
+        route = await self.directory.ask_async("router", Route(model=request.model), ROUTE_TIMEOUT_S)
+        port = route.local_rpc_port if isinstance(route, RouteReply) else 0
+        if not port:
+            writer.write(pack_frame(Refused(reason=f"no rpc-server for {request.model!r} on this node")))
+            return
+        try:
+            local = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as exc:
+            writer.write(pack_frame(Refused(reason=f"rpc-server unreachable: {exc}")))
+            return
+        writer.write(pack_frame(Ack()))
+        await splice((reader, writer), local, [0], [0])
