@@ -222,13 +222,12 @@ class Election(MsgpackActor):
         desired = tuple(specs)
         if desired == self.desired:
             return
+        before = {s.key: s for s in self.desired or ()}
         self.desired = desired
-        keys = {s.key for s in desired}
-        for name, local in self.models.items():
-            if server_key(name) in keys and local.server == "down":
-                local.server = "starting"
-            if rpc_key(name) in keys and local.rpc == "down":
-                local.rpc = "starting"
+        for spec in desired:
+            if before.get(spec.key) != spec:
+                # New or changed: whatever ran under this key is about to go; stop routing to it now.
+                self._set(spec.key, "starting", 0)
         self.tell("supervisor", DesiredProcesses(specs=desired))
 
     def _log_plan(self, name: str, local: LocalModel) -> None:

@@ -131,7 +131,9 @@ class NodeFactory:
                 pass
 
 
-def write_config(tmp: Path, name: str, join: tuple[str, ...] = (), extra: str = "") -> Path:
+def write_config(
+    tmp: Path, name: str, join: tuple[str, ...] = (), extra: str = "", node_extra: str = ""
+) -> Path:
     """A node.toml for a CLI process on loopback with free ports."""
     path = tmp / f"{name}.toml"
     join_list = ", ".join(json.dumps(t) for t in join)
@@ -142,6 +144,7 @@ name = "{name}"
 data_dir = "{tmp / name}"
 quic_listen = "127.0.0.1:0"
 join = [{join_list}]
+{node_extra}
 
 [api]
 listen = "127.0.0.1:0"
@@ -258,10 +261,13 @@ class ProcessFactory:
         self.tmp = tmp
         self.procs: list[NodeProcess] = []
 
-    def start(self, name: str, join: tuple[str, ...] = (), extra: str = "") -> NodeProcess:
+    def start(
+        self, name: str, join: tuple[str, ...] = (), extra: str = "", node_extra: str = ""
+    ) -> NodeProcess:
+        """Start a node process; a name started before reuses its config (same data dir, same id)."""
         config = self.tmp / f"{name}.toml"
         if not config.exists():
-            write_config(self.tmp, name, join, extra)
+            write_config(self.tmp, name, join, extra, node_extra)
         runs = sum(1 for q in self.procs if q.config == config)
         p = NodeProcess(config, self.tmp / f"{name}.{runs}.log").start()
         self.procs.append(p)

@@ -290,8 +290,14 @@ def test_malformed_names_the_problem() -> None:
         (pack(ProbeResult.TAG, "n", True, False, ""), "rtt_ms"),  # bool where float
         (pack(Gossip.TAG, "not a list"), "announcements"),
         (pack(Gossip.TAG, [["n", "a", "active"]]), "announcements"),  # nested struct too short
-        (pack(Gossip.TAG, [["n", "a", "active", [], "big", [], [], 0, 0, [], False]]), "vram_bytes"),  # nested wrong
-        (pack(Gossip.TAG, [["n", "a", "active", "addr", 1, [], [], 0, 0, [], False]]), "addrs"),  # str where tuple
+        (
+            pack(Gossip.TAG, [["n", "a", "active", [], "big", [], [], 0, 0, [], False]]),
+            "vram_bytes",
+        ),  # nested wrong
+        (
+            pack(Gossip.TAG, [["n", "a", "active", "addr", 1, [], [], 0, 0, [], False]]),
+            "addrs",
+        ),  # str where tuple
         (pack(Gossip.TAG, ["flat"]), "announcements"),  # nested struct not an array
         (pack(PeerJoined.TAG, {"node_id": "n"}), "peer"),  # map where struct
         (pack(JoinMesh.TAG, [["s", [1]]]), "addrs"),  # int inside tuple[str, ...]
