@@ -10,10 +10,12 @@ from __future__ import annotations
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.messages import (
+    HostFailed,
     HostInfo,
     ListModels,
     LocalServing,
     ModelList,
+    ModelRoute,
     PeerAnnouncement,
     PeerDied,
     PeerJoined,
@@ -21,6 +23,9 @@ from meshllm.messages import (
     PeerUpdated,
     Route,
     RouteReply,
+    RouteSnapshot,
+    RouteTable,
+    Seed,
     Subscribe,
 )
 
@@ -30,8 +35,11 @@ class Router(MsgpackActor):
 
     name = "router"
 
-    def __init__(self, directory: Directory, logger: Logger, own_models: tuple[str, ...]) -> None:
+    def __init__(
+        self, directory: Directory, logger: Logger, own: HostInfo, own_models: tuple[str, ...]
+    ) -> None:
         super().__init__(directory, logger)
+        self.own = own
         self.own_models = own_models
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
@@ -39,22 +47,51 @@ class Router(MsgpackActor):
 
     def on_start(self) -> None:
         self.tell("registry", Subscribe(subscriber=self.name))
+        self._push_table()
+
+    def _push_table(self) -> None:
+        """Keep the transport's answer to passive nodes' route requests current."""
+        models = []
+        for name in sorted(self._served()):
+            hosts = [self.own] if name in self.local_ports else []
+            hosts += [
+                HostInfo(node_id=a.node_id, addrs=a.addrs, vram_bytes=a.vram_bytes)
+                for a in sorted(self.peers.values(), key=lambda a: a.node_id)
+                if name in a.serving
+            ]
+            models.append(ModelRoute(name=name, hosts=tuple(hosts)))
+        actives = (
+            Seed(self.own.node_id, self.own.addrs),
+            *(Seed(a.node_id, a.addrs) for a in self.peers.values()),
+        )
+        table = RouteTable(
+            models=tuple(models), unserved=tuple(sorted(self._wanted() - self._served())), actives=actives
+        )
+        self.tell("transport", RouteSnapshot(table=table))
 
     @handles(PeerJoined)
     def on_joined(self, msg: PeerJoined) -> None:
         self.peers[msg.peer.node_id] = msg.peer
+        self._push_table()
 
     @handles(PeerUpdated)
     def on_updated(self, msg: PeerUpdated) -> None:
         self.peers[msg.peer.node_id] = msg.peer
+        self._push_table()
 
     @handles(PeerDied)
     def on_died(self, msg: PeerDied) -> None:
         self.peers.pop(msg.node_id, None)
+        self._push_table()
 
     @handles(PeerLeft)
     def on_left(self, msg: PeerLeft) -> None:
         self.peers.pop(msg.node_id, None)
+        self._push_table()
+
+    @handles(HostFailed)
+    def on_host_failed(self, msg: HostFailed) -> None:
+        pass  # on an active node the heartbeat decides whether a host is gone
 
     @handles(LocalServing)
     def on_local(self, msg: LocalServing) -> None:
@@ -63,6 +100,7 @@ class Router(MsgpackActor):
             ports[msg.model] = msg.port
         else:
             ports.pop(msg.model, None)
+        self._push_table()
 
     def _served(self) -> set[str]:
         served = set(self.local_ports)

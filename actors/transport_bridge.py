@@ -8,6 +8,7 @@ actors as messages, straight from the endpoint. Stopping this actor closes the e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
@@ -21,6 +22,8 @@ from meshllm.messages import (
     GossipSnapshot,
     Leave,
     ProbePeer,
+    RefreshRoutes,
+    RouteSnapshot,
     RpcListeners,
     TransportStats,
 )
@@ -51,6 +54,17 @@ class TransportBridge(MsgpackActor):
 
         self._thread.loop.call_soon_threadsafe(apply)
 
+    @handles(RouteSnapshot)
+    def on_route_snapshot(self, msg: RouteSnapshot) -> None:
+        def apply() -> None:
+            self.endpoint.route_snapshot = msg.table
+
+        self._thread.loop.call_soon_threadsafe(apply)
+
+    @handles(RefreshRoutes)
+    def on_refresh(self, msg: RefreshRoutes) -> None:
+        self._thread.submit(self.endpoint.refresh_routes(msg.actives, CONTROL_TIMEOUT_S))
+
     @handles(ExchangeGossip)
     def on_exchange(self, msg: ExchangeGossip) -> None:
         self._thread.submit(
@@ -80,7 +94,14 @@ class TransportBridge(MsgpackActor):
     @handles(GetTransportStats)
     def on_stats(self, msg: GetTransportStats) -> TransportStats:
         async def read() -> TransportStats:
-            return self.endpoint.stats()
+            t = self.rpc_tunnels
+            return dataclasses.replace(
+                self.endpoint.stats(),
+                rpc_bytes_to_workers=t.bytes_to_workers[0],
+                rpc_bytes_from_workers=t.bytes_from_workers[0],
+                rpc_bytes_served_in=t.bytes_served_in[0],
+                rpc_bytes_served_out=t.bytes_served_out[0],
+            )
 
         return self._thread.run(read(), timeout=5)
 

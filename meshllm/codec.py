@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 _BY_TAG: dict[int, type[Message]] = {}
 _Decoder = Callable[[Any, str], Any]
-_DECODERS: dict[type, list[tuple[str, _Decoder]]] = {}
+_DECODERS: dict[type, tuple[list[tuple[str, _Decoder]], int]] = {}
 
 
 def message(tag: int) -> Callable[[type[M]], type[M]]:
@@ -154,22 +154,31 @@ def _decoder_for(hint: Any) -> _Decoder:
     raise TypeError(f"unsupported field type {hint!r}")
 
 
-def _field_decoders(cls: type) -> list[tuple[str, _Decoder]]:
-    decoders = _DECODERS.get(cls)
-    if decoders is None:
+def _field_decoders(cls: type) -> tuple[list[tuple[str, _Decoder]], int]:
+    """The field decoders, and how many leading fields are required (the rest have defaults)."""
+    cached = _DECODERS.get(cls)
+    if cached is None:
         hints = typing.get_type_hints(cls)
-        decoders = [(f.name, _decoder_for(hints[f.name])) for f in dataclasses.fields(cls)]
-        _DECODERS[cls] = decoders
-    return decoders
+        fields = dataclasses.fields(cls)
+        decoders = [(f.name, _decoder_for(hints[f.name])) for f in fields]
+        optional = (dataclasses.MISSING,)
+        required = max(
+            (i + 1 for i, f in enumerate(fields) if f.default in optional and f.default_factory in optional),
+            default=0,
+        )
+        cached = (decoders, required)
+        _DECODERS[cls] = cached
+    return cached
 
 
 def _decode_struct(cls: type[T], value: Any, where: str) -> T:
     if not isinstance(value, list):
         raise FieldTypeError(f"{where}: expected array for {cls.__name__}, got {_type_name(value)}")
-    decoders = _field_decoders(cls)
-    if len(value) != len(decoders):
+    decoders, required = _field_decoders(cls)
+    # Trailing fields with defaults may be left out, so a field added later still reads older frames.
+    if not required <= len(value) <= len(decoders):
         raise FieldTypeError(f"{where}: {cls.__name__} has {len(decoders)} fields, got {len(value)}")
-    kwargs = {name: dec(v, f"{where}.{name}") for (name, dec), v in zip(decoders, value, strict=True)}
+    kwargs = {name: dec(v, f"{where}.{name}") for (name, dec), v in zip(decoders, value, strict=False)}
     return cls(**kwargs)
 
 

@@ -37,6 +37,12 @@ def status_json(
     if transport is not None:
         body["connections"] = transport.connections
         body["passive_connections"] = transport.passive_connections
+        body["rpc_bytes"] = {
+            "to_workers": transport.rpc_bytes_to_workers,
+            "from_workers": transport.rpc_bytes_from_workers,
+            "served_in": transport.rpc_bytes_served_in,
+            "served_out": transport.rpc_bytes_served_out,
+        }
     return body
 
 
@@ -44,9 +50,17 @@ class ConsoleServer:
     """aiohttp app on a loop thread; ``port`` is known after :meth:`start`."""
 
     def __init__(
-        self, directory: Directory, host: str, port: int, extra: Callable[[], dict[str, Any]]
+        self,
+        directory: Directory,
+        host: str,
+        port: int,
+        extra: Callable[[], dict[str, Any]],
+        status_from: str = "registry",
+        plan_from: str = "election",
     ) -> None:
         self.directory = directory
+        self.status_from = status_from  # the actor that answers GetStatus (a passive node's router)
+        self.plan_from = plan_from
         self.host = host
         self.port = port
         self._extra = extra
@@ -70,9 +84,9 @@ class ConsoleServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         try:
-            status = await self.directory.ask_async("registry", GetStatus(), ASK_TIMEOUT_S)
+            status = await self.directory.ask_async(self.status_from, GetStatus(), ASK_TIMEOUT_S)
             transport = await self.directory.ask_async("transport", GetTransportStats(), ASK_TIMEOUT_S)
-            plan = await self.directory.ask_async("election", GetPlan(), ASK_TIMEOUT_S)
+            plan = await self.directory.ask_async(self.plan_from, GetPlan(), ASK_TIMEOUT_S)
         except Exception as exc:  # an actor that is stopping or stuck must not crash the console
             return web.json_response({"error": f"status unavailable: {exc}"}, status=503)
         if not isinstance(status, StatusReply):

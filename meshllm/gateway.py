@@ -15,6 +15,7 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -24,14 +25,25 @@ from meshllm.codec import CodecError
 from meshllm.framing import PeerRefused, StreamKind, read_frame_as
 from meshllm.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
 from meshllm.logsetup import Logger
-from meshllm.messages import HostInfo, ListModels, ModelList, Route, RouteReply, TunnelRequest, TunnelResponse
+from meshllm.messages import (
+    HostFailed,
+    HostInfo,
+    ListModels,
+    ModelList,
+    Route,
+    RouteReply,
+    TunnelRequest,
+    TunnelResponse,
+)
 from meshllm.transport import MeshEndpoint
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 ASK_TIMEOUT_S = 5.0
 TUNNEL_OPEN_TIMEOUT_S = 10.0
+LIVENESS_S = 2.0
 RETRY_AFTER_S = 5
 PROXIED = ("/v1/chat/completions", "/v1/completions")
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -172,6 +184,8 @@ class Gateway:
                 return await self._forward(request, target, model, headers, body)
             except UpstreamUnavailable as exc:
                 self.log.warning("gateway.retry", model=model, target=str(target), reason=str(exc))
+                if target.host is not None:
+                    self.directory.tell("router", HostFailed(model=model, node_id=target.host.node_id))
         return openai_error(
             503,
             f"every host of {model!r} failed",
@@ -184,7 +198,7 @@ class Gateway:
         """Every host of the model, rotated per request so load spreads across them."""
         targets = [Target(local_port=route.local_port)] if route.local_port else []
         targets += [Target(host=h) for h in route.hosts if h.node_id != self.endpoint.node_id]
-        if len(targets) > 1:
+        if len(targets) > 1 and route.spread:
             turn = next(self._turns.setdefault(route.model, itertools.count())) % len(targets)
             targets = targets[turn:] + targets[:turn]
         return targets
@@ -221,14 +235,37 @@ class Gateway:
             )
             writer.write(body)
             writer.write_eof()
-            first = await read_frame_as(reader, TunnelResponse)
+            first = await self._while_alive(host, read_frame_as(reader, TunnelResponse))
         except PeerRefused as exc:
             raise UpstreamUnavailable(f"host refused: {exc.reason}") from exc
         except (OSError, ConnectionError, TimeoutError, KeyError, CodecError) as exc:
             raise UpstreamUnavailable(f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}") from exc
         response = web.StreamResponse(status=first.status, headers=first.headers)
         await response.prepare(request)
-        while chunk := await reader.read(CHUNK):
-            await response.write(chunk)
+        try:
+            while chunk := await self._while_alive(host, reader.read(CHUNK)):
+                await response.write(chunk)
+        except (ConnectionError, TimeoutError) as exc:
+            # Too late to retry elsewhere: the client has part of the answer. End it and say why.
+            self.log.warning(
+                "gateway.host_lost_mid_response", model=model, host=host.node_id, reason=str(exc)
+            )
+            return response
         await response.write_eof()
         return response
+
+    async def _while_alive(self, host: HostInfo, waiting: Awaitable[T]) -> T:
+        """Wait for a tunnel read while checking, every few seconds of silence, that the host still
+        answers QUIC pings: a generation may take minutes, a dead host must not take that long."""
+        task = asyncio.ensure_future(waiting)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=LIVENESS_S)
+                if done:
+                    return task.result()
+                try:
+                    await self.endpoint.ping_peer(host.node_id, LIVENESS_S)
+                except (ConnectionError, TimeoutError) as exc:
+                    raise ConnectionError(f"host {host.node_id[:12]} stopped answering: {exc}") from exc
+        finally:
+            task.cancel()

@@ -356,6 +356,10 @@ class TransportStats(Message):
     frames_sent: dict[str, int]
     frames_received: dict[str, int]
     probes_sent: int
+    rpc_bytes_to_workers: int = 0  # host side of RPC tunnels: llama-server -> remote rpc-servers
+    rpc_bytes_from_workers: int = 0
+    rpc_bytes_served_in: int = 0  # worker side: bytes a remote host sent to our rpc-server
+    rpc_bytes_served_out: int = 0
 
 
 @message(303)
@@ -481,6 +485,7 @@ class RouteReply(Message):
     hosts: tuple[HostInfo, ...]
     available: tuple[str, ...]
     local_rpc_port: int = 0
+    spread: bool = True  # rotate requests over hosts; False: hosts are already in preference order
 
 
 @message(223)
@@ -608,3 +613,73 @@ class RpcTunnelFailed(Message):
     model: str
     worker: str
     reason: str
+
+
+# -- passive nodes ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """One model in a routing table: the nodes serving it now."""
+
+    name: str
+    hosts: tuple[HostInfo, ...]
+
+
+@message(10)
+@dataclass(frozen=True)
+class RouteRequest(Message):
+    """A passive node asks an active node for the routing table (instead of gossiping)."""
+
+
+@message(11)
+@dataclass(frozen=True)
+class RouteTable(Message):
+    """The answer to a RouteRequest: served models with their hosts, models wanted but not served,
+    and active nodes a passive node may ask next time."""
+
+    models: tuple[ModelRoute, ...]
+    unserved: tuple[str, ...]
+    actives: tuple[Seed, ...]
+
+
+@message(240)
+@dataclass(frozen=True)
+class RouteSnapshot(Message):
+    """Router -> transport: the table to answer route requests with, until the next snapshot."""
+
+    table: RouteTable
+
+
+@message(241)
+@dataclass(frozen=True)
+class RefreshRoutes(Message):
+    """Passive router -> transport: fetch the routing table from one of these active nodes."""
+
+    actives: tuple[Seed, ...]
+
+
+@message(242)
+@dataclass(frozen=True)
+class RoutesReceived(Message):
+    """Transport -> passive router: a fresh table from ``source``."""
+
+    source: str
+    table: RouteTable
+
+
+@message(243)
+@dataclass(frozen=True)
+class RoutesFailed(Message):
+    """Transport -> passive router: no active node answered a route request."""
+
+    reason: str
+
+
+@message(244)
+@dataclass(frozen=True)
+class HostFailed(Message):
+    """Gateway -> router: a tunnel to this host failed before any response byte."""
+
+    model: str
+    node_id: str

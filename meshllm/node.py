@@ -20,6 +20,7 @@ import psutil
 from actors.base import Directory
 from actors.election import Election
 from actors.heartbeat import Heartbeat
+from actors.passive_router import PassiveRouter
 from actors.peer_registry import PeerRegistry
 from actors.router import Router
 from actors.supervisor import Supervisor
@@ -36,6 +37,7 @@ from meshllm.llama import LlamaNotFound, find_binaries
 from meshllm.logsetup import Logger, close_logger, make_logger
 from meshllm.messages import (
     GetStatus,
+    HostInfo,
     JoinMesh,
     Leave,
     PeerAnnouncement,
@@ -161,25 +163,45 @@ class Node:
         )
         self._started = True
         self._spawn(TransportBridge, endpoint=self.endpoint)
-        self._spawn(PeerRegistry, own=own, timing=cfg.timing)
-        self._spawn(Heartbeat, timing=cfg.timing)
-        self._spawn(Router, own_models=own.models)
-        if binaries is not None:
-            self._spawn(
-                Supervisor, binaries=binaries, subscriber=Election.name, log_dir=data_dir / "llama-logs"
-            )
-        self._spawn(
-            Election,
-            own_id=self.identity.node_id,
-            vram_bytes=vram.bytes,
-            models=models,
-            force_split=cfg.models.force_split,
+        seeds = tuple(
+            Seed(node_id=t.node_id, addrs=t.addrs) for t in tokens if t.node_id != self.identity.node_id
         )
+        if self.passive:
+            self._spawn(
+                PassiveRouter,
+                own_id=self.identity.node_id,
+                own_name=cfg.node.name,
+                role=cfg.node.role,
+                seeds=seeds,
+                refresh_s=cfg.timing.route_refresh_s,
+            )
+        else:
+            self._spawn(PeerRegistry, own=own, timing=cfg.timing)
+            self._spawn(Heartbeat, timing=cfg.timing)
+            own_host = HostInfo(node_id=own.node_id, addrs=own.addrs, vram_bytes=own.vram_bytes)
+            self._spawn(Router, own=own_host, own_models=own.models)
+            if binaries is not None:
+                self._spawn(
+                    Supervisor, binaries=binaries, subscriber=Election.name, log_dir=data_dir / "llama-logs"
+                )
+            self._spawn(
+                Election,
+                own_id=self.identity.node_id,
+                vram_bytes=vram.bytes,
+                models=models,
+                force_split=cfg.models.force_split,
+            )
         self.tunnel_server = HttpTunnelServer(self.directory, self.log)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)
 
+        status_from, plan_from = ("router", "router") if self.passive else ("registry", "election")
         self.console = ConsoleServer(
-            self.directory, cfg.console.listen.host, cfg.console.listen.port, self._extra
+            self.directory,
+            cfg.console.listen.host,
+            cfg.console.listen.port,
+            self._extra,
+            status_from,
+            plan_from,
         )
         self.gateway = Gateway(
             self.directory, self.endpoint, cfg.api.listen.host, cfg.api.listen.port, self.log
@@ -207,10 +229,15 @@ class Node:
             vram_source=vram.source,
             mesh_id=self.membership.mesh_id,
         )
-        self.log.info("mesh.invite", token=self.invite_token)
-        if tokens:
-            seeds = tuple(Seed(node_id=t.node_id, addrs=t.addrs) for t in tokens if t.node_id != self.node_id)
-            self.directory.tell("registry", JoinMesh(seeds=seeds))
+        if self.passive:
+            if not seeds:
+                self.log.warning(
+                    "mesh.no_join", reason="a passive node needs [node] join tokens to find the mesh"
+                )
+        else:
+            self.log.info("mesh.invite", token=self.invite_token)
+            if seeds:
+                self.directory.tell("registry", JoinMesh(seeds=seeds))
         return self
 
     def _spawn(self, actor_cls: Any, **kwargs: Any) -> None:
@@ -250,6 +277,11 @@ class Node:
         self.stop()
 
     # -- views ------------------------------------------------------------------------------------------
+
+    @property
+    def passive(self) -> bool:
+        """Clients and standby nodes use the mesh without joining its gossip."""
+        return self.config.node.role != "active"
 
     @property
     def node_id(self) -> str:

@@ -70,6 +70,8 @@ class RpcTunnels:
         self._listeners: dict[tuple[str, str], _Listener] = {}
         self.bytes_to_workers = [0]
         self.bytes_from_workers = [0]
+        self.bytes_served_in = [0]
+        self.bytes_served_out = [0]
         endpoint.register_tunnel(StreamKind.RPC_TUNNEL, self.serve_worker_side)
 
     # -- host side ----------------------------------------------------------------------------------------
@@ -154,4 +156,4 @@ class RpcTunnels:
             writer.write(pack_frame(Refused(reason=f"rpc-server unreachable: {exc}")))
             return
         writer.write(pack_frame(Ack()))
-        await splice((reader, writer), local, [0], [0])
+        await splice((reader, writer), local, self.bytes_served_in, self.bytes_served_out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
 import socket
 import ssl
 import time
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from actors.base import Directory
 from meshllm.aio import LoopThread
 from meshllm.auth import AuthError, make_hello, verify_hello
-from meshllm.codec import CodecError, Message
+from meshllm.codec import CodecError, M, Message
 from meshllm.framing import (
     FrameError,
     PeerRefused,
@@ -57,13 +58,18 @@ from meshllm.messages import (
     PeerLeavingReceived,
     ProbeResult,
     Refused,
+    RouteRequest,
+    RoutesFailed,
+    RoutesReceived,
+    RouteTable,
+    Seed,
     TransportStats,
 )
 
 ALPN = "meshllm/1"
 CONTROL_TIMEOUT_S = 10.0
 HELLO_DEADLINE_S = 10.0
-IDLE_TIMEOUT_S = 20.0
+IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
 
 TunnelHandler = Callable[["MeshConnection", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -177,6 +183,9 @@ class MeshEndpoint:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tunnel_handlers: dict[StreamKind, TunnelHandler] = {}
         self.gossip_snapshot = Gossip(announcements=())
+        self.route_snapshot = RouteTable(models=(), unserved=(), actives=())
+        self.control_timeout_s = CONTROL_TIMEOUT_S  # a control stream that stalls longer is closed
+        self.notice_target = "registry" if role == "active" else "router"
         self.counters = _Counters(Counter(), Counter(), Counter())
         cert = identity.certificate()
         self._cert = cert
@@ -258,6 +267,8 @@ class MeshEndpoint:
     def _close(self, conn: MeshConnection) -> None:
         if not conn.terminated:
             conn.close()
+        for reader in conn._stream_readers.values():
+            reader.feed_eof()  # whoever waits on this connection learns now, not after QUIC's draining
         if conn.datagram_transport is not None:
             conn.datagram_transport.close()
 
@@ -362,23 +373,61 @@ class MeshEndpoint:
             reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self.directory.tell("registry", GossipFailed(node_id=node_id, addrs=addrs, reason=reason))
 
-    async def _exchange_gossip(self, node_id: str, addrs: tuple[str, ...], gossip: Gossip) -> None:
+    async def _control_exchange(
+        self, node_id: str, addrs: tuple[str, ...], kind: StreamKind, body: Message, reply_type: type[M]
+    ) -> M:
+        """One request/response on a new control stream; the first on a connection carries Hellos."""
         conn = await self.connect(node_id, addrs, timeout=CONTROL_TIMEOUT_S)
-        async with conn.auth_lock:
-            first = not conn.authenticated.is_set()
-            msgs: list[Message] = [gossip]
-            if first:
-                msgs.insert(0, make_hello(self.identity, self.membership, self.role, node_id))
-            reader, writer = await self._open(conn, StreamKind.GOSSIP, *msgs)
-            writer.write_eof()
-            if first:
-                hello = await read_frame_as(reader, Hello)
-                verify_hello(hello, self.membership, self.node_id, expected_node=node_id)
-                conn.peer_role = hello.role
-                conn.authenticated.set()
-            reply = await read_frame_as(reader, Gossip)
+        if not conn.authenticated.is_set():
+            async with conn.auth_lock:
+                if not conn.authenticated.is_set():
+                    hello = make_hello(self.identity, self.membership, self.role, node_id)
+                    reader, writer = await self._open(conn, kind, hello, body)
+                    writer.write_eof()
+                    answer = await read_frame_as(reader, Hello)
+                    verify_hello(answer, self.membership, self.node_id, expected_node=node_id)
+                    conn.peer_role = answer.role
+                    conn.authenticated.set()
+                    reply = await read_frame_as(reader, reply_type)
+                    self._adopt(conn)
+                    return reply
+        reader, writer = await self._open(conn, kind, body)
+        writer.write_eof()
+        reply = await read_frame_as(reader, reply_type)
         self._adopt(conn)
+        return reply
+
+    async def _exchange_gossip(self, node_id: str, addrs: tuple[str, ...], gossip: Gossip) -> None:
+        reply = await self._control_exchange(node_id, addrs, StreamKind.GOSSIP, gossip, Gossip)
         self.directory.tell("registry", GossipReceived(peer_id=node_id, announcements=reply.announcements))
+
+    async def _exchange_routes(self, node_id: str, addrs: tuple[str, ...]) -> None:
+        reply = await self._control_exchange(
+            node_id, addrs, StreamKind.ROUTE_REQUEST, RouteRequest(), RouteTable
+        )
+        self.directory.tell("router", RoutesReceived(source=node_id, table=reply))
+
+    async def _authenticate(self, node_id: str, addrs: tuple[str, ...]) -> None:
+        """Meet a node: active nodes gossip, passive ones ask for routes (and are never registered)."""
+        if self.role == "active":
+            await self._exchange_gossip(node_id, addrs, self.gossip_snapshot)
+        else:
+            await self._exchange_routes(node_id, addrs)
+
+    async def refresh_routes(self, actives: tuple[Seed, ...], timeout: float) -> None:
+        """Passive side: ask the first active node that answers for the routing table."""
+        errors = []
+        for seed in random.sample(list(actives), len(actives)):
+            try:
+                await asyncio.wait_for(self._exchange_routes(seed.node_id, seed.addrs), timeout)
+                return
+            except (PeerRefused, AuthError) as exc:
+                reason = exc.reason if isinstance(exc, PeerRefused) else str(exc)
+                self.log.warning("auth.refused", peer=seed.node_id, reason=reason, side="dialler")
+                errors.append(f"{seed.node_id[:12]}: refused: {reason}")
+            except (OSError, ConnectionError, TimeoutError, CodecError) as exc:
+                errors.append(f"{seed.node_id[:12]}: {type(exc).__name__}: {exc}".rstrip(": "))
+        self.directory.tell("router", RoutesFailed(reason="; ".join(errors) or "no active node known"))
 
     async def open_tunnel(
         self, node_id: str, addrs: tuple[str, ...], kind: StreamKind, header: Message, timeout: float
@@ -387,9 +436,16 @@ class MeshEndpoint:
         header frame; the caller then moves raw bytes."""
         conn = self.peers.get(node_id)
         if conn is None or conn.terminated:
-            await asyncio.wait_for(self._exchange_gossip(node_id, addrs, self.gossip_snapshot), timeout)
+            await asyncio.wait_for(self._authenticate(node_id, addrs), timeout)
             conn = self.peers[node_id]
         return await self._open(conn, kind, header)
+
+    async def ping_peer(self, node_id: str, timeout: float) -> None:
+        """A QUIC-level ping on our connection to a node; raises if there is none or no answer."""
+        conn = self.peers.get(node_id)
+        if conn is None or conn.terminated:
+            raise ConnectionError(f"no connection to {node_id[:12]}")
+        await asyncio.wait_for(conn.ping(), timeout)
 
     async def probe(self, node_id: str, addrs: tuple[str, ...], timeout: float) -> None:
         """Ping a peer at the QUIC level (re-dialling with a gossip exchange if we hold no connection)."""
@@ -461,7 +517,7 @@ class MeshEndpoint:
                 await self._await_auth(conn)
                 await handler(conn, reader, writer)
                 return
-            await asyncio.wait_for(self._serve_control(conn, kind, reader, writer), CONTROL_TIMEOUT_S)
+            await asyncio.wait_for(self._serve_control(conn, kind, reader, writer), self.control_timeout_s)
         except AuthError as exc:
             self.log.warning("auth.refused", peer=conn.peer_id, reason=str(exc), side="listener")
             writer.write(pack_frame(Refused(reason=str(exc))))
@@ -518,7 +574,7 @@ class MeshEndpoint:
         if kind == StreamKind.GOSSIP:
             if not isinstance(body, Gossip):
                 raise FrameError(f"expected Gossip, got {type(body).__name__}")
-            if conn.passive:
+            if conn.passive or self.role != "active":
                 raise AuthError("passive nodes do not gossip")
             self._adopt(conn)
             self.directory.tell("registry", GossipReceived(peer_id=peer, announcements=body.announcements))
@@ -526,10 +582,21 @@ class MeshEndpoint:
             data = b"".join(pack_frame(m) for m in out)
             self._count_out(kind, data, len(out))
             writer.write(data)
+        elif kind == StreamKind.ROUTE_REQUEST:
+            if not isinstance(body, RouteRequest):
+                raise FrameError(f"expected RouteRequest, got {type(body).__name__}")
+            if self.role != "active":
+                raise AuthError("this node is passive: ask an active node for routes")
+            answer: list[Message] = [m for m in (reply_hello, self.route_snapshot) if m is not None]
+            data = b"".join(pack_frame(m) for m in answer)
+            self._count_out(kind, data, len(answer))
+            writer.write(data)
         elif kind == StreamKind.PEER_DOWN:
             if not isinstance(body, PeerDown):
                 raise FrameError(f"expected PeerDown, got {type(body).__name__}")
-            self.directory.tell("registry", PeerDownReceived(notice=body, from_peer=peer))
+            self.directory.tell(self.notice_target, PeerDownReceived(notice=body, from_peer=peer))
+            if self.role != "active":
+                self.forget(body.node_id)  # a passive node has no heartbeat: the notice is its signal
             writer.write(pack_frame(Ack()))
         elif kind == StreamKind.PEER_LEAVING:
             if not isinstance(body, PeerLeaving):

@@ -1,0 +1,185 @@
+"""PassiveRouter actor: a passive node's (client or standby) routing table, fetched from active nodes
+instead of learned by gossip.
+
+It asks an active node for the table at start, refreshes it every 30-60 s (jittered, so a thousand
+clients do not ask in step) and at once when a tunnel to a host fails. Host choice is rendezvous
+hashing of (this node, model) over the model's hosts: clients spread out and each keeps its host.
+Death notices pushed down its connections are applied to the cached table.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+
+from actors.base import Directory, MsgpackActor, handles
+from meshllm.logsetup import Logger
+from meshllm.messages import (
+    GetPlan,
+    GetStatus,
+    HostFailed,
+    ListModels,
+    ModelList,
+    ModelRoute,
+    ModelStatus,
+    PeerDownReceived,
+    PlanReply,
+    RefreshRoutes,
+    Route,
+    RouteReply,
+    RoutesFailed,
+    RoutesReceived,
+    RouteTable,
+    Seed,
+    StatusReply,
+    Tick,
+)
+from meshllm.placement import rank_hosts
+
+RETRY_S = (1.0, 2.0, 5.0, 10.0)
+EAGER_REFRESH_S = 2.0
+"""A request for a model with no known host refreshes the table, at most this often."""
+
+
+class PassiveRouter(MsgpackActor):
+    """Keeps a cached routing table fresh and answers the gateway from it."""
+
+    name = "router"
+
+    def __init__(
+        self,
+        directory: Directory,
+        logger: Logger,
+        own_id: str,
+        own_name: str,
+        role: str,
+        seeds: tuple[Seed, ...],
+        refresh_s: float,
+    ) -> None:
+        super().__init__(directory, logger)
+        self.own_id = own_id
+        self.own_name = own_name
+        self.role = role
+        self.seeds = seeds
+        self.refresh_s = refresh_s
+        self.table = RouteTable(models=(), unserved=(), actives=())
+        self.next_refresh = 0.0
+        self.in_flight_since: float | None = None
+        self.failures = 0
+        self.refreshed = False
+        self.last_refresh = 0.0
+
+    def on_start(self) -> None:
+        self.every(1.0, "refresh", first_after=0.0)
+
+    def _actives(self) -> tuple[Seed, ...]:
+        known = {s.node_id: s for s in self.seeds}
+        known.update({s.node_id: s for s in self.table.actives})
+        return tuple(known.values())
+
+    @handles(Tick)
+    def on_tick(self, msg: Tick) -> None:
+        now = time.monotonic()
+        if self.in_flight_since is not None and now - self.in_flight_since < 30:
+            return
+        if now >= self.next_refresh:
+            self.in_flight_since = now
+            self.tell("transport", RefreshRoutes(actives=self._actives()))
+
+    def _refresh_soon(self) -> None:
+        self.next_refresh = time.monotonic()
+
+    @handles(RoutesReceived)
+    def on_routes(self, msg: RoutesReceived) -> None:
+        self.in_flight_since = None
+        self.last_refresh = time.monotonic()
+        self.failures = 0
+        self.next_refresh = time.monotonic() + self.refresh_s * random.uniform(2 / 3, 4 / 3)
+        changed = (msg.table.models, msg.table.unserved) != (self.table.models, self.table.unserved)
+        self.table = msg.table
+        if changed or not self.refreshed:
+            self.log.info(
+                "routes.refreshed",
+                source=msg.source,
+                models={m.name: len(m.hosts) for m in msg.table.models},
+                unserved=list(msg.table.unserved),
+            )
+        self.refreshed = True
+
+    @handles(RoutesFailed)
+    def on_failed(self, msg: RoutesFailed) -> None:
+        self.in_flight_since = None
+        delay = RETRY_S[min(self.failures, len(RETRY_S) - 1)]
+        self.failures += 1
+        self.next_refresh = time.monotonic() + delay
+        self.log.warning("routes.refresh_failed", reason=msg.reason, retry_in_s=delay)
+
+    def _drop_host(self, node_id: str, model: str | None = None) -> None:
+        models = tuple(
+            replace(m, hosts=tuple(h for h in m.hosts if h.node_id != node_id))
+            if model is None or m.name == model
+            else m
+            for m in self.table.models
+        )
+        actives = (
+            self.table.actives
+            if model is not None
+            else tuple(s for s in self.table.actives if s.node_id != node_id)
+        )
+        self.table = replace(self.table, models=models, actives=actives)
+
+    @handles(HostFailed)
+    def on_host_failed(self, msg: HostFailed) -> None:
+        self.log.warning("routes.host_failed", model=msg.model, host=msg.node_id)
+        self._drop_host(msg.node_id, msg.model)
+        self._refresh_soon()
+
+    @handles(PeerDownReceived)
+    def on_peer_down(self, msg: PeerDownReceived) -> None:
+        self.log.info("routes.host_died", host=msg.notice.node_id, reporter=msg.notice.reporter)
+        self._drop_host(msg.notice.node_id)
+        self._refresh_soon()
+
+    def _model(self, name: str) -> ModelRoute | None:
+        return next((m for m in self.table.models if m.name == name), None)
+
+    @handles(Route)
+    def on_route(self, msg: Route) -> RouteReply:
+        route = self._model(msg.model)
+        hosts = route.hosts if route is not None else ()
+        if not hosts and time.monotonic() - self.last_refresh >= EAGER_REFRESH_S:
+            self._refresh_soon()  # the table may simply be older than the host
+        by_id = {h.node_id: h for h in hosts}
+        ranked = tuple(by_id[n] for n in rank_hosts(self.own_id, msg.model, list(by_id)))
+        available = sorted({m.name for m in self.table.models} | set(self.table.unserved))
+        return RouteReply(
+            model=msg.model,
+            known=msg.model in available,
+            local_port=0,
+            hosts=ranked,
+            available=tuple(available),
+            spread=False,
+        )
+
+    @handles(ListModels)
+    def on_list(self, msg: ListModels) -> ModelList:
+        served = tuple(sorted(m.name for m in self.table.models if m.hosts))
+        return ModelList(served=served, wanted=tuple(sorted(self.table.unserved)))
+
+    @handles(GetStatus)
+    def on_status(self, msg: GetStatus) -> StatusReply:
+        return StatusReply(node_id=self.own_id, name=self.own_name, role=self.role, vram_bytes=0, peers=())
+
+    @handles(GetPlan)
+    def on_plan(self, msg: GetPlan) -> PlanReply:
+        models = [
+            ModelStatus(
+                name=m.name,
+                state="serving" if m.hosts else "waiting",
+                hosts=tuple(h.node_id for h in m.hosts),
+            )
+            for m in self.table.models
+        ]
+        models += [ModelStatus(name=n, state="waiting", hosts=()) for n in self.table.unserved]
+        return PlanReply(models=tuple(sorted(models, key=lambda m: m.name)))
