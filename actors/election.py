@@ -11,11 +11,17 @@ from the pure functions in :mod:`meshllm.placement`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pykka
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.catalog import ModelRef
+from meshllm.codec import encode
 from meshllm.logsetup import Logger
 from meshllm.messages import (
     DesiredProcesses,
@@ -33,6 +39,7 @@ from meshllm.messages import (
     PeerUpdated,
     PlanReply,
     ProcessSpec,
+    RpcCacheFilled,
     RpcListeners,
     RpcTunnelFailed,
     Seed,
@@ -41,6 +48,7 @@ from meshllm.messages import (
     Tick,
 )
 from meshllm.placement import Candidate, Shortfall, SplitPlan, fits_solo, needed_bytes, plan_split
+from meshllm.rpc_cache import cache_dir_env, fill_rpc_cache
 
 REPLAN_DEBOUNCE_S = 0.25
 SUSPECT_S = 10.0
@@ -62,6 +70,7 @@ class LocalModel:
     shortfall: Shortfall | None = None
     detail: str = ""
     listening: dict[str, int] = field(default_factory=dict)
+    cache: str = "empty"  # rpc tensor cache: empty | filling | filled
 
 
 def server_key(model: str) -> str:
@@ -85,8 +94,10 @@ class Election(MsgpackActor):
         vram_bytes: int,
         models: tuple[ModelRef, ...],
         force_split: bool,
+        cache_dir: Path | None = None,
     ) -> None:
         super().__init__(directory, logger)
+        self.cache_dir = cache_dir
         self.own_id = own_id
         self.vram_bytes = vram_bytes
         self.force_split = force_split
@@ -161,6 +172,54 @@ class Election(MsgpackActor):
         cands += [Candidate(p.node_id, p.vram_bytes) for p in wanting if p.node_id not in self.suspects]
         return cands, force
 
+    def _rpc_spec(self, local: LocalModel) -> list[ProcessSpec]:
+        """This node's rpc-server for a model, once its tensor cache is filled from the local GGUF
+        (so the host sends only what the cache lacks). The fill runs off the actor thread."""
+        name = local.ref.name
+        if self.cache_dir is None:
+            return [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="")]
+        if local.cache == "empty":
+            local.cache = "filling"
+            ref, cache_dir, ref_actor = local.ref, self.cache_dir, self.actor_ref
+
+            def fill() -> None:
+                try:
+                    done = fill_rpc_cache(ref.path, cache_dir)
+                    msg = RpcCacheFilled(
+                        model=ref.name, files=done.files_written, bytes_written=done.bytes_written
+                    )
+                except Exception as exc:  # whatever went wrong, the rpc-server still starts (cold cache)
+                    msg = RpcCacheFilled(model=ref.name, files=0, bytes_written=0, error=str(exc))
+                with contextlib.suppress(pykka.ActorDeadError):
+                    ref_actor.tell(encode(msg))
+
+            threading.Thread(target=fill, name=f"rpc-cache-{name}", daemon=True).start()
+        if local.cache != "filled":
+            return []
+        return [
+            ProcessSpec(
+                key=rpc_key(name),
+                kind="rpc-server",
+                model_path="",
+                args=("-c",),
+                env=cache_dir_env(self.cache_dir),
+            )
+        ]
+
+    @handles(RpcCacheFilled)
+    def on_cache_filled(self, msg: RpcCacheFilled) -> None:
+        local = self.models.get(msg.model)
+        if local is None:
+            return
+        local.cache = "filled"
+        if msg.error:
+            self.log.warning("rpc.cache_fill_failed", model=msg.model, reason=msg.error)
+        else:
+            self.log.info(
+                "rpc.cache_filled", model=msg.model, files=msg.files, bytes_written=msg.bytes_written
+            )
+        self._touch()
+
     def _plan_model(self, local: LocalModel) -> list[ProcessSpec]:
         name, size = local.ref.name, local.ref.size_bytes
         cands, force = self._candidates(name)
@@ -186,7 +245,7 @@ class Election(MsgpackActor):
             local.detail = "split forced but no other node serves this model"
             return [ProcessSpec(key=server_key(name), kind="llama-server", model_path=str(local.ref.path))]
         local.mode = "split"
-        specs = [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="")]
+        specs = self._rpc_spec(local)
         not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
         if local.rpc != "ready" or not_ready:
             local.detail = "waiting for rpc-servers: " + ", ".join(

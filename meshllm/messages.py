@@ -605,6 +605,18 @@ class RpcListeners(Message):
     ports: dict[str, int]
 
 
+@message(233)
+@dataclass(frozen=True)
+class RpcCacheFilled(Message):
+    """Election's fill thread -> election: the rpc-server tensor cache holds this model's large
+    tensors (or could not be filled: ``error``), so its rpc-server may start."""
+
+    model: str
+    files: int
+    bytes_written: int
+    error: str = ""
+
+
 @message(232)
 @dataclass(frozen=True)
 class RpcTunnelFailed(Message):

@@ -190,6 +190,7 @@ class Node:
                 vram_bytes=vram.bytes,
                 models=models,
                 force_split=cfg.models.force_split,
+                cache_dir=data_dir / "llama-cache",
             )
         self.tunnel_server = HttpTunnelServer(self.directory, self.log)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)

@@ -1,0 +1,207 @@
+"""Load generator for ``bench_passive``: one process holding many passive QUIC connections to one
+active node, each behaving like a passive node's route refresher.
+
+Run as ``python -m tests.bench.passive_load HOST PORT NODE_ID MESH_ID SECRET_HEX``. It reads one JSON
+command per line on stdin and answers one JSON line on stdout per command:
+
+- ``{"cmd": "connect", "n": N, "concurrency": C}``: open N more connections (C handshakes at a time);
+  on each, one ROUTE_REQUEST stream carrying Hello + RouteRequest, answered by Hello + RouteTable.
+- ``{"cmd": "refresh", "spread_s": S}``: every open connection sends another ROUTE_REQUEST stream
+  (RouteRequest only: the connection is already authenticated) at a uniformly random moment within
+  S seconds (0: all at once); answers every latency in ms, send to RouteTable decoded.
+- ``{"cmd": "status"}``, ``{"cmd": "close"}`` (closes every connection and exits).
+
+Every connection is pinged every ``PING_INTERVAL_S`` (staggered) so the node's 60 s idle timeout
+never closes it between phases. Each connection has its own UDP socket, as aioquic's ``connect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import sys
+import time
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from meshllm.auth import make_hello
+from meshllm.framing import StreamKind, pack_stream_start, read_frame_as
+from meshllm.identity import NodeIdentity
+from meshllm.invite import MeshMembership
+from meshllm.messages import Hello, RouteRequest, RouteTable
+from meshllm.transport import ALPN
+
+PING_INTERVAL_S = 20.0
+REQUEST_TIMEOUT_S = 30.0
+
+
+class Client(QuicConnectionProtocol):
+    """One passive connection; remembers whether QUIC closed it."""
+
+    def __init__(self, quic: QuicConnection, **kw: Any) -> None:
+        super().__init__(quic, **kw)
+        self.terminated: str | None = None
+        self.transport_: asyncio.DatagramTransport | None = None
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ConnectionTerminated):
+            self.terminated = event.reason_phrase or f"error {event.error_code}"
+        super().quic_event_received(event)
+
+
+class Load:
+    def __init__(self, host: str, port: int, node_id: str, membership: MeshMembership) -> None:
+        self.addr = (host, port)
+        self.node_id = node_id
+        self.membership = membership
+        self.clients: list[Client] = []
+        self._pinger: asyncio.Task[None] | None = None
+
+    @property
+    def open(self) -> list[Client]:
+        return [c for c in self.clients if c.terminated is None]
+
+    async def _route_request(self, client: Client, hello: Hello | None) -> float:
+        started = time.perf_counter()
+        reader, writer = await client.create_stream()
+        msgs = (hello, RouteRequest()) if hello is not None else (RouteRequest(),)
+        writer.write(pack_stream_start(StreamKind.ROUTE_REQUEST, *msgs))
+        writer.write_eof()
+        if hello is not None:
+            await read_frame_as(reader, Hello)
+        await read_frame_as(reader, RouteTable)
+        return (time.perf_counter() - started) * 1000.0
+
+    async def _connect_one(self) -> float:
+        loop = asyncio.get_running_loop()
+        config = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=[ALPN],
+            verify_mode=ssl.CERT_NONE,
+            idle_timeout=120.0,
+            server_name=self.node_id,
+        )
+        client = Client(QuicConnection(configuration=config))
+        transport, _ = await loop.create_datagram_endpoint(lambda: client, local_addr=("127.0.0.1", 0))
+        client.transport_ = transport  # type: ignore[assignment]
+        try:
+            client.connect(self.addr)
+            await asyncio.wait_for(client.wait_connected(), REQUEST_TIMEOUT_S)
+            identity = NodeIdentity.generate()
+            hello = make_hello(identity, self.membership, "client", self.node_id)
+            ms = await asyncio.wait_for(self._route_request(client, hello), REQUEST_TIMEOUT_S)
+        except BaseException:
+            client.close()
+            transport.close()
+            raise
+        self.clients.append(client)
+        return ms
+
+    async def connect(self, n: int, concurrency: int) -> dict[str, Any]:
+        sem = asyncio.Semaphore(concurrency)
+        errors: list[str] = []
+        first_ms: list[float] = []
+
+        async def one() -> None:
+            async with sem:
+                try:
+                    first_ms.append(await self._connect_one())
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+        started = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(n)))
+        if self._pinger is None:
+            self._pinger = asyncio.ensure_future(self._keepalive())
+        return {
+            "open": len(self.open),
+            "failed": len(errors),
+            "errors": errors[:5],
+            "seconds": time.monotonic() - started,
+            "first_request_ms": first_ms,
+        }
+
+    async def refresh(self, spread_s: float) -> dict[str, Any]:
+        errors: list[str] = []
+        latencies: list[float] = []
+
+        async def one(client: Client) -> None:
+            if spread_s > 0:
+                await asyncio.sleep(random.uniform(0, spread_s))
+            try:
+                latencies.append(
+                    await asyncio.wait_for(self._route_request(client, None), REQUEST_TIMEOUT_S)
+                )
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        cpu = time.process_time()
+        started = time.monotonic()
+        await asyncio.gather(*(one(c) for c in self.open))
+        return {
+            "latencies_ms": latencies,
+            "failed": len(errors),
+            "errors": errors[:5],
+            "seconds": time.monotonic() - started,
+            "load_cpu_s": time.process_time() - cpu,
+            "open": len(self.open),
+        }
+
+    async def _keepalive(self) -> None:
+        while True:
+            clients = self.open
+            if not clients:
+                await asyncio.sleep(1.0)
+                continue
+            gap = PING_INTERVAL_S / len(clients)
+            for client in clients:
+                if client.terminated is None:
+                    client._quic.send_ping(0)  # no waiter: the ack is enough to keep it alive
+                    client.transmit()
+                await asyncio.sleep(gap)
+
+    def close(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for client in self.clients:
+            client.close()
+        for client in self.clients:
+            if client.transport_ is not None:
+                client.transport_.close()
+
+
+async def main(argv: list[str]) -> None:
+    host, port, node_id, mesh_id, secret_hex = argv
+    load = Load(host, int(port), node_id, MeshMembership(mesh_id, bytes.fromhex(secret_hex)))
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        cmd = json.loads(line)
+        if cmd["cmd"] == "connect":
+            reply = await load.connect(int(cmd["n"]), int(cmd.get("concurrency", 16)))
+        elif cmd["cmd"] == "refresh":
+            reply = await load.refresh(float(cmd.get("spread_s", 0.0)))
+        elif cmd["cmd"] == "status":
+            reply = {"open": len(load.open), "cpu_s": time.process_time()}
+        elif cmd["cmd"] == "close":
+            load.close()
+            await asyncio.sleep(0.2)  # let the CONNECTION_CLOSE frames go out
+            sys.stdout.write(json.dumps({"closed": True}) + "\n")
+            sys.stdout.flush()
+            break
+        else:
+            reply = {"error": f"unknown command {cmd['cmd']!r}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
