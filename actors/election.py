@@ -172,6 +172,16 @@ class Election(MsgpackActor):
         cands += [Candidate(p.node_id, p.vram_bytes) for p in wanting if p.node_id not in self.suspects]
         return cands, force
 
+    @staticmethod
+    def _server_spec(local: LocalModel, args: tuple[str, ...] = ()) -> ProcessSpec:
+        # --alias: answers name the model as clients asked for it, not by its file path.
+        return ProcessSpec(
+            key=server_key(local.ref.name),
+            kind="llama-server",
+            model_path=str(local.ref.path),
+            args=("--alias", local.ref.name, *args),
+        )
+
     def _rpc_spec(self, local: LocalModel) -> list[ProcessSpec]:
         """This node's rpc-server for a model, once its tensor cache is filled from the local GGUF
         (so the host sends only what the cache lacks). The fill runs off the actor thread."""
@@ -226,7 +236,7 @@ class Election(MsgpackActor):
         local.plan, local.shortfall, local.detail = None, None, ""
         if not force and fits_solo(self.vram_bytes, size):
             local.mode = "solo"
-            return [ProcessSpec(key=server_key(name), kind="llama-server", model_path=str(local.ref.path))]
+            return [self._server_spec(local)]
         plan = plan_split(cands, size, force)
         if isinstance(plan, Shortfall):
             local.mode, local.shortfall = "waiting", plan
@@ -243,7 +253,7 @@ class Election(MsgpackActor):
         if not plan.workers:  # forced, but nobody to split with
             local.mode = "solo"
             local.detail = "split forced but no other node serves this model"
-            return [ProcessSpec(key=server_key(name), kind="llama-server", model_path=str(local.ref.path))]
+            return [self._server_spec(local)]
         local.mode = "split"
         specs = self._rpc_spec(local)
         not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
@@ -260,14 +270,7 @@ class Election(MsgpackActor):
         local.listening = dict(reply.ports)
         rpc = [f"127.0.0.1:{local.rpc_port}"] + [f"127.0.0.1:{reply.ports[w]}" for w in plan.workers]
         args = ("--rpc", ",".join(rpc), "--tensor-split", ",".join(f"{f:g}" for f in plan.fractions))
-        specs.append(
-            ProcessSpec(
-                key=server_key(name),
-                kind="llama-server",
-                model_path=str(local.ref.path),
-                args=args + SPLIT_SERVER_ARGS,
-            )
-        )
+        specs.append(self._server_spec(local, args + SPLIT_SERVER_ARGS))
         return specs
 
     def _replan(self) -> None:

