@@ -95,9 +95,11 @@ class Election(MsgpackActor):
         models: tuple[ModelRef, ...],
         force_split: bool,
         cache_dir: Path | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__(directory, logger)
         self.cache_dir = cache_dir
+        self.thread_args = ("-t", str(threads)) if threads else ()
         self.own_id = own_id
         self.vram_bytes = vram_bytes
         self.force_split = force_split
@@ -172,14 +174,13 @@ class Election(MsgpackActor):
         cands += [Candidate(p.node_id, p.vram_bytes) for p in wanting if p.node_id not in self.suspects]
         return cands, force
 
-    @staticmethod
-    def _server_spec(local: LocalModel, args: tuple[str, ...] = ()) -> ProcessSpec:
+    def _server_spec(self, local: LocalModel, args: tuple[str, ...] = ()) -> ProcessSpec:
         # --alias: answers name the model as clients asked for it, not by its file path.
         return ProcessSpec(
             key=server_key(local.ref.name),
             kind="llama-server",
             model_path=str(local.ref.path),
-            args=("--alias", local.ref.name, *args),
+            args=("--alias", local.ref.name, *self.thread_args, *args),
         )
 
     def _rpc_spec(self, local: LocalModel) -> list[ProcessSpec]:
@@ -187,7 +188,7 @@ class Election(MsgpackActor):
         (so the host sends only what the cache lacks). The fill runs off the actor thread."""
         name = local.ref.name
         if self.cache_dir is None:
-            return [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="")]
+            return [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="", args=self.thread_args)]
         if local.cache == "empty":
             local.cache = "filling"
             ref, cache_dir, ref_actor = local.ref, self.cache_dir, self.actor_ref

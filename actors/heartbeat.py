@@ -45,6 +45,9 @@ class Heartbeat(MsgpackActor):
     def on_start(self) -> None:
         self.tell("registry", Subscribe(subscriber=self.name))
         self.every(self.timing.probe_interval_s, "probe")
+        # Deadlines are checked more often than probes are sent, so a death is declared within
+        # a quarter interval of dead_after_s rather than up to a whole interval late.
+        self.every(self.timing.probe_interval_s / 4, "check")
 
     def _follow(self, node_id: str, addrs: tuple[str, ...]) -> None:
         self.addrs[node_id] = addrs
@@ -115,5 +118,5 @@ class Heartbeat(MsgpackActor):
                 self.declared.add(node_id)
                 reason = f"no answer for {silent:.1f}s"
                 self.tell("registry", DeclareDead(node_id=node_id, reason=reason))
-                continue
-            self.tell("transport", ProbePeer(node_id, addrs, self.timing.probe_interval_s))
+            elif msg.name == "probe":
+                self.tell("transport", ProbePeer(node_id, addrs, self.timing.probe_interval_s))

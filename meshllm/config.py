@@ -287,6 +287,12 @@ class LlamaSection:
 
     bin_dir: Path | None = None
     """Folder holding ``llama-server`` / ``rpc-server``; ``None`` = the built-in search."""
+    threads: int | None = None
+    """CPU threads for llama-server and rpc-server (``-t``); ``None`` = llama.cpp's default."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise _fail("llama.threads", f"must be at least 1 (got {self.threads})")
 
 
 @dataclass(frozen=True)
@@ -417,6 +423,12 @@ def _as_float(key: str, value: object) -> float:
     return float(value)
 
 
+def _as_int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, f"expected a whole number (got {_describe(value)})")
+    return value
+
+
 def _as_positive_float(key: str, value: object) -> float:
     number = _as_float(key, value)
     _positive(key, number)
@@ -528,7 +540,10 @@ def parse_config(
             "a client node serves no models; remove models.serve or set node.role to active or standby",
         )
 
-    llama = LlamaSection(bin_dir=tables["llama"].get("bin_dir", None, to_path))
+    llama = LlamaSection(
+        bin_dir=tables["llama"].get("bin_dir", None, to_path),
+        threads=tables["llama"].get("threads", None, _as_int),
+    )
 
     lg = tables["log"]
     log = LogSection(format=lg.get("format", "json", _as_str), file=lg.get("file", False, _as_bool))

@@ -3,7 +3,6 @@ peers it knows, as JSON. It runs on its own loop thread and asks the registry fo
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from actors.base import Directory
-from meshllm.aio import LoopThread
+from meshllm.aio import LoopThread, start_http
 from meshllm.messages import (
     GetPlan,
     GetStatus,
@@ -73,13 +72,7 @@ class ConsoleServer:
     async def _start(self) -> int:
         app = web.Application()
         app.router.add_get("/api/status", self._status)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._runner, self.port = await start_http(app, self.host, self.port)
         return self.port
 
     async def _status(self, request: web.Request) -> web.Response:

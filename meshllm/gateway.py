@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from actors.base import Directory
+from meshllm.aio import start_http
 from meshllm.codec import CodecError
 from meshllm.framing import PeerRefused, StreamKind, read_frame_as
 from meshllm.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
@@ -110,13 +111,7 @@ class Gateway:
         for path in PROXIED:
             app.router.add_post(path, self.proxy)
         app.router.add_get("/health", self.health)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._runner, self.port = await start_http(app, self.host, self.port)
         self._session = new_session()
         return self.port
 

@@ -191,6 +191,7 @@ class Node:
                 models=models,
                 force_split=cfg.models.force_split,
                 cache_dir=data_dir / "llama-cache",
+                threads=cfg.llama.threads,
             )
         self.tunnel_server = HttpTunnelServer(self.directory, self.log)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)

@@ -171,7 +171,7 @@ class MeshEndpoint:
         self.role = role
         self.directory = directory
         self.log = logger.bind(actor="transport")
-        self._host = host
+        self.host = host
         self._requested_port = port
         self.port = 0
         self.loop_thread = LoopThread(f"quic-{identity.node_id[:8]}")
@@ -202,7 +202,7 @@ class MeshEndpoint:
     async def _start(self) -> int:
         config = self._configuration(is_client=False)
         self._server = await serve(
-            self._host,
+            self.host,
             self._requested_port,
             configuration=config,
             create_protocol=lambda quic, **kw: MeshConnection(quic, endpoint=self, outbound=False),

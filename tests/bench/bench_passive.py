@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +71,30 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
 
     cli.Node = RecordingNode  # type: ignore[attr-defined]
     snap_requested = threading.Event()
+    profile_toggled = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: snap_requested.set())
+    signal.signal(signal.SIGUSR2, lambda *_: profile_toggled.set())
 
     def publish() -> None:
         snaps: list[Any] = []
+        profiles: list[cProfile.Profile] = []
+        profiling: cProfile.Profile | None = None
         while True:
             time.sleep(0.5)
             node = holder.get("node")
             if node is None or not node._started:
                 continue
+            if profile_toggled.is_set():
+                profile_toggled.clear()
+                # cProfile follows one thread: switch it on and off on the QUIC loop thread itself.
+                if profiling is None:
+                    profiling = cProfile.Profile()
+                    node.endpoint.loop_thread.run(_call(profiling.enable), timeout=30)
+                else:
+                    node.endpoint.loop_thread.run(_call(profiling.disable), timeout=30)
+                    _profile_report(profiling, f"{stats_path}.prof{len(profiles)}.txt")
+                    profiles.append(profiling)
+                    profiling = None
             try:
                 s = node.directory.ask("transport", GetTransportStats(), 5)
             except Exception:
@@ -101,13 +121,30 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
     cli.main()
 
 
+async def _call(fn: Any) -> None:
+    fn()
+
+
+def _profile_report(profile: cProfile.Profile, path: str) -> None:
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+    Path(path).write_text(out.getvalue())
+
+
 def _snapshot_report(previous: list[Any], path: str) -> Any:
     import gc
+    import linecache
     import tracemalloc
 
     gc.collect()
     snap = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen *>")]
+        [
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, linecache.__file__),  # our own report reads source lines
+            tracemalloc.Filter(False, "<frozen *>"),
+        ]
     )
     lines = [f"traced now: {sum(s.size for s in snap.statistics('filename')) / 2**20:.1f} MiB"]
     if previous:
@@ -162,7 +199,9 @@ class StatsNodeProcess(NodeProcess):
     def fresh_stats(self) -> dict[str, Any]:
         """A stats sample taken after this call (they come every 0.5 s)."""
         now = time.time()
-        return wait_until(lambda: (s := self.stats())["t"] > now and s, timeout=15, interval=0.05, what="stats")
+        return wait_until(
+            lambda: (s := self.stats())["t"] > now and s, timeout=15, interval=0.05, what="stats"
+        )
 
 
 # -- load processes ------------------------------------------------------------------------------------------
@@ -245,6 +284,19 @@ def settle_memory(proc: psutil.Process, max_s: float = 20.0) -> tuple[int, int]:
     return full.rss, full.uss
 
 
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped at the UDP socket bound to ``port`` (receive buffer full), from
+    the ``drops`` column of /proc/net/udp{,6}."""
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    drops += int(cols[-1])
+    return drops
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -267,6 +319,7 @@ class Bench:
         self.factory = ProcessFactory(tmp)
         self.loads: list[LoadProcess] = []
         self.a: StatsNodeProcess | None = None
+        self.port = 0
         self._closed = threading.Lock()
 
     def close(self) -> None:
@@ -283,9 +336,9 @@ class Bench:
     def window(self, seconds: float, label: str, proc: psutil.Process) -> None:
         """Probes and frames A sends per minute, from its TransportStats over ``seconds``."""
         assert self.a is not None
-        before, cpu0 = self.a.fresh_stats(), proc.cpu_times()
+        before, cpu0, drops0 = self.a.fresh_stats(), proc.cpu_times(), udp_drops(self.port)
         time.sleep(seconds)
-        after, cpu1 = self.a.fresh_stats(), proc.cpu_times()
+        after, cpu1, drops1 = self.a.fresh_stats(), proc.cpu_times(), udp_drops(self.port)
         span = after["t"] - before["t"]
         per_min = 60.0 / span
         kinds = sorted(set(after["frames_sent"]) | set(before["frames_sent"]))
@@ -297,14 +350,35 @@ class Bench:
         print(
             f"  [{label}] over {span:.1f} s: probes/min {probes * per_min:.0f}, gossip frames/min "
             f"{frames.get('GOSSIP', 0) * per_min:.0f} ({gossip_bytes * per_min / 1024:.1f} KiB/min); "
-            f"other frames/min: {other}; A CPU {100 * cpu / span:.1f}% of one core"
+            f"other frames/min: {other}; A CPU {100 * cpu / span:.1f}% of one core; "
+            f"UDP drops at A's socket {drops1 - drops0}"
         )
 
+    def toggle_profile(self) -> str:
+        """Start or stop cProfile on A's QUIC loop thread; stopping returns the report."""
+        assert self.a is not None and self.a.proc is not None
+        self._profile_toggles = getattr(self, "_profile_toggles", 0) + 1
+        os.kill(self.a.proc.pid, signal.SIGUSR2)
+        if self._profile_toggles % 2:
+            time.sleep(1.5)  # the stats thread switches it on within 0.5 s
+            return ""
+        path = Path(f"{self.a.stats_path}.prof{self._profile_toggles // 2 - 1}.txt")
+        wait_until(path.exists, timeout=30, interval=0.2, what="profile report")
+        time.sleep(0.3)
+        return path.read_text()
+
     def show_status(self, label: str) -> dict[str, Any]:
+        assert self.a is not None
         s = self.status()
+        events = Counter(
+            r.get("event")
+            for r in self.a.records()
+            if r.get("level") in ("warning", "error") or str(r.get("event", "")).startswith("peer.")
+        )
         print(
             f"  [{label}] /api/status: peers={len(s['peers'])} connections={s.get('connections')} "
-            f"passive_connections={s.get('passive_connections')}"
+            f"passive_connections={s.get('passive_connections')}; A's log so far: "
+            + (", ".join(f"{k} x{v}" for k, v in sorted(events.items())) or "-")
         )
         return s
 
@@ -319,7 +393,7 @@ class Bench:
         token_text = a.token
         token = InviteToken.decode(token_text)
         started = a.started
-        port = int(started["quic_port"])
+        port = self.port = int(started["quic_port"])
         assert a.proc is not None
         proc = psutil.Process(a.proc.pid)
         b = self.factory.start("b", join=(token_text,))
@@ -351,14 +425,14 @@ class Bench:
         held = 0
         for target in dict.fromkeys(steps):
             print(f"== ramp to {target} passive connections ==")
-            cpu0 = proc.cpu_times()
+            cpu0, drops0 = proc.cpu_times(), udp_drops(port)
             add = split(target - held, len(self.loads))
             replies = ask_all(
                 self.loads,
                 [{"cmd": "connect", "n": n, "concurrency": args.concurrency} for n in add],
                 timeout=240,
             )
-            cpu1 = proc.cpu_times()
+            cpu1, drops1 = proc.cpu_times(), udp_drops(port)
             for r in replies:
                 first_ms += r["first_request_ms"]
             opened = sum(r["open"] for r in replies)
@@ -368,7 +442,7 @@ class Bench:
             print(
                 f"  load reports {opened} open, {failed} failed, in {secs:.1f} s "
                 f"({(target - held) / secs:.0f} handshakes/s); A CPU {1000 * cpu / max(1, target - held):.2f} ms "
-                f"per new connection"
+                f"per new connection; UDP drops at A's socket {drops1 - drops0}"
             )
             for r in replies:
                 if r["errors"]:
@@ -401,18 +475,25 @@ class Bench:
         refresh_rss: list[int] = []
         for label, spread in rounds:
             print(f"== refresh: every connection sends a route request, {label} ==")
-            cpu0 = proc.cpu_times()
+            if args.profile:
+                self.toggle_profile()
             st0 = a.fresh_stats()
+            cpu0, drops0 = proc.cpu_times(), udp_drops(port)
             replies = ask_all(self.loads, [{"cmd": "refresh", "spread_s": spread}] * len(self.loads), 120)
-            cpu1 = proc.cpu_times()
+            cpu1, drops1 = proc.cpu_times(), udp_drops(port)
             st1 = a.fresh_stats()
+            if args.profile:
+                print(self.toggle_profile().rstrip())
             lats = [x for r in replies for x in r["latencies_ms"]]
             failed = sum(r["failed"] for r in replies)
             secs = max(r["seconds"] for r in replies)
             load_cpu = sum(r["load_cpu_s"] for r in replies)
             cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
             served = st1["frames_sent"].get("ROUTE_REQUEST", 0) - st0["frames_sent"].get("ROUTE_REQUEST", 0)
-            print(lat_line("  route latency", lats) + f"; {failed} failed")
+            print(
+                lat_line("  route latency", lats)
+                + f"; {failed} failed; UDP drops at A's socket {drops1 - drops0}"
+            )
             print(
                 f"  took {secs:.2f} s; A CPU {cpu:.2f} s ({1000 * cpu / max(1, len(lats)):.2f} ms per request, "
                 f"includes its background work), load processes CPU {load_cpu:.2f} s; "
@@ -497,8 +578,12 @@ def main() -> None:
     parser.add_argument(
         "--spread", type=float, nargs="*", default=[5.0], help="refresh rounds spread over these seconds"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile A's QUIC loop thread during each refresh round"
+    )
     parser.add_argument("--trace", type=int, default=0, help="tracemalloc frames in A (analysis run)")
     parser.add_argument("--deadline", type=float, default=460.0, help="kill everything after this many s")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary dir (node and load logs)")
     parser.add_argument("--serve-node", help=argparse.SUPPRESS)
     parser.add_argument("--stats", help=argparse.SUPPRESS)
     parser.add_argument("--trace-frames", type=int, default=0, help=argparse.SUPPRESS)
@@ -506,7 +591,10 @@ def main() -> None:
     if args.serve_node:
         serve_node(args.serve_node, args.stats, args.trace_frames)
         return
-    with tempfile.TemporaryDirectory(prefix="bench-passive-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="bench-passive-")
+    if args.keep:
+        print(f"logs and stats in {tmp}")
+    try:
         bench = Bench(args, Path(tmp))
 
         def watchdog() -> None:
@@ -522,6 +610,9 @@ def main() -> None:
         finally:
             timer.cancel()
             bench.close()
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
