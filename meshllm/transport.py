@@ -534,6 +534,15 @@ class MeshEndpoint:
             with contextlib.suppress(Exception):
                 writer.write_eof()
 
+    def _answer(
+        self, writer: asyncio.StreamWriter, kind: StreamKind, hello: Hello | None, reply: Message
+    ) -> None:
+        """The reply to a control request, preceded by our Hello when theirs opened the connection."""
+        frames = [reply] if hello is None else [hello, reply]
+        data = b"".join(pack_frame(m) for m in frames)
+        self._count_out(kind, data, len(frames))
+        writer.write(data)
+
     async def _await_auth(self, conn: MeshConnection) -> None:
         if conn.authenticated.is_set():
             return
@@ -578,19 +587,13 @@ class MeshEndpoint:
                 raise AuthError("passive nodes do not gossip")
             self._adopt(conn)
             self.directory.tell("registry", GossipReceived(peer_id=peer, announcements=body.announcements))
-            out = [m for m in (reply_hello, self.gossip_snapshot) if m is not None]
-            data = b"".join(pack_frame(m) for m in out)
-            self._count_out(kind, data, len(out))
-            writer.write(data)
+            self._answer(writer, kind, reply_hello, self.gossip_snapshot)
         elif kind == StreamKind.ROUTE_REQUEST:
             if not isinstance(body, RouteRequest):
                 raise FrameError(f"expected RouteRequest, got {type(body).__name__}")
             if self.role != "active":
                 raise AuthError("this node is passive: ask an active node for routes")
-            answer: list[Message] = [m for m in (reply_hello, self.route_snapshot) if m is not None]
-            data = b"".join(pack_frame(m) for m in answer)
-            self._count_out(kind, data, len(answer))
-            writer.write(data)
+            self._answer(writer, kind, reply_hello, self.route_snapshot)
         elif kind == StreamKind.PEER_DOWN:
             if not isinstance(body, PeerDown):
                 raise FrameError(f"expected PeerDown, got {type(body).__name__}")
