@@ -166,3 +166,27 @@ def chat_text(node: Node, messages: Any) -> str:
         model="smollm2-135m", messages=messages, max_tokens=16, temperature=0
     )
     return reply.choices[0].message.content or ""
+
+
+def test_requests_spread_across_hosts_of_a_model(nodes: NodeFactory, tiny_gguf: Path) -> None:
+    a = nodes.start("a", serve=(str(tiny_gguf),))
+    b = nodes.start("b", join=(a.invite_token,), serve=(str(tiny_gguf),))
+    front = nodes.start("front", join=(a.invite_token,))
+
+    def hosts_seen() -> set[str]:
+        status = json.loads(urllib.request.urlopen(front.console_url + "/api/status", timeout=5).read())
+        return {h for m in status["models"] if m["name"] == "tiny" for h in m["hosts"]}
+
+    wait_until(lambda: hosts_seen() == {a.node_id, b.node_id}, timeout=60, what="front to see both hosts")
+
+    def served_by(name: str) -> int:
+        log = nodes.tmp / name / "llama-logs" / "server_tiny.log"
+        return log.read_text().count("release:") if log.exists() else 0
+
+    before = {n: served_by(n) for n in ("a", "b")}
+    for _ in range(6):
+        assert complete(front, "tiny")
+    wait_until(
+        lambda: sum(served_by(n) - before[n] for n in ("a", "b")) == 6, timeout=10, what="all six answered"
+    )
+    assert all(served_by(n) - before[n] >= 2 for n in ("a", "b")), "both hosts take a share"
