@@ -287,6 +287,9 @@ class Election(MsgpackActor):
             return
         before = {s.key: s for s in self.desired or ()}
         self.desired = desired
+        after = {s.key: s for s in desired}
+        for key in before.keys() - after.keys():
+            self._set(key, "down", 0)  # about to be stopped: stop routing to it now
         for spec in desired:
             if before.get(spec.key) != spec:
                 # New or changed: whatever ran under this key is about to go; stop routing to it now.

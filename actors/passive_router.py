@@ -38,6 +38,7 @@ from meshllm.messages import (
 from meshllm.placement import rank_hosts
 
 RETRY_S = (1.0, 2.0, 5.0, 10.0)
+NOTICE_SPREAD_S = 2.0
 EAGER_REFRESH_S = 2.0
 """A request for a model with no known host refreshes the table, at most this often."""
 
@@ -87,8 +88,10 @@ class PassiveRouter(MsgpackActor):
             self.in_flight_since = now
             self.tell("transport", RefreshRoutes(actives=self._actives()))
 
-    def _refresh_soon(self) -> None:
-        self.next_refresh = time.monotonic()
+    def _refresh_soon(self, spread_s: float = 0.0) -> None:
+        """Refresh now, or within ``spread_s``: a death notice reaches every passive node at once, and
+        a thousand refreshes in the same instant is a burst the active nodes need not take."""
+        self.next_refresh = min(self.next_refresh, time.monotonic() + random.uniform(0, spread_s))
 
     @handles(RoutesReceived)
     def on_routes(self, msg: RoutesReceived) -> None:
@@ -133,13 +136,13 @@ class PassiveRouter(MsgpackActor):
     def on_host_failed(self, msg: HostFailed) -> None:
         self.log.warning("routes.host_failed", model=msg.model, host=msg.node_id)
         self._drop_host(msg.node_id, msg.model)
-        self._refresh_soon()
+        self._refresh_soon(NOTICE_SPREAD_S)
 
     @handles(PeerDownReceived)
     def on_peer_down(self, msg: PeerDownReceived) -> None:
         self.log.info("routes.host_died", host=msg.notice.node_id, reporter=msg.notice.reporter)
         self._drop_host(msg.notice.node_id)
-        self._refresh_soon()
+        self._refresh_soon(NOTICE_SPREAD_S)
 
     def _model(self, name: str) -> ModelRoute | None:
         return next((m for m in self.table.models if m.name == name), None)

@@ -23,6 +23,7 @@ from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import connection as aioquic_connection
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -66,7 +67,24 @@ from meshllm.messages import (
     TransportStats,
 )
 
+
+def _slim_aioquic() -> None:
+    """Per-connection memory, for active nodes holding thousands of passive connections (measured by
+    tests/bench/bench_passive: ~76 KiB -> ~62 KiB each). aioquic 1.7.2 (pinned) keeps three 16 KiB
+    TLS buffers per connection for its whole life, though our handshake messages (Ed25519 certificate)
+    are under 1 KB; and it builds 33 identical frozensets per connection for its frame table."""
+    aioquic_connection.CRYPTO_BUFFER_SIZE = 4096
+    epochs = aioquic_connection.EPOCHS
+    if not hasattr(epochs, "cache_info"):
+        aioquic_connection.EPOCHS = functools.lru_cache(maxsize=None)(epochs)
+
+
+_slim_aioquic()
+
 ALPN = "meshllm/1"
+SERVER_RCVBUF = 4 * 1024 * 1024
+"""UDP receive buffer of the listening socket: a burst of route requests from many passive nodes
+overflowed the default 208 KiB and turned into QUIC loss recovery (hundreds of ms)."""
 CONTROL_TIMEOUT_S = 10.0
 HELLO_DEADLINE_S = 10.0
 IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
@@ -117,13 +135,17 @@ class MeshConnection(QuicConnectionProtocol):
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamReset):
-            reader = self._stream_readers.get(event.stream_id)
+            reader = self._stream_readers.pop(event.stream_id, None)
             if reader is not None:
                 reader.feed_eof()
         elif isinstance(event, events.ConnectionTerminated):
             self.terminated = True
             self.endpoint.on_terminated(self, event.reason_phrase or f"error {event.error_code}")
         super().quic_event_received(event)
+        if isinstance(event, events.StreamDataReceived) and event.end_stream:
+            # aioquic never forgets a stream's reader (~200 B a stream, forever); the stream's
+            # handler holds its own reference, and no data comes after the end.
+            self._stream_readers.pop(event.stream_id, None)
 
     async def ping(self) -> None:
         """aioquic's ping, but a waiter that fails after its caller gave up is not reported as an
@@ -210,6 +232,13 @@ class MeshEndpoint:
         transport = self._server._transport
         assert transport is not None
         self.port = transport.get_extra_info("sockname")[1]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SERVER_RCVBUF)
+                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                if granted < SERVER_RCVBUF:
+                    self.log.info("transport.rcvbuf", requested=SERVER_RCVBUF, granted=granted)
         return self.port
 
     def stop(self) -> None:

@@ -20,12 +20,13 @@ over 5% of the CPU are left out of a second ratio table, and other benchmark or 
 warned about.
 
 ``--relay`` adds (d): a plain asyncio TCP byte relay in its own process in front of llama-server,
-a yardstick for what any extra process hop costs on this machine. ``--llama-args '-t 1'`` runs A's
-llama-server with those arguments appended (through a wrapper script in a ``[llama] bin_dir``), to
-see how much of a gap is CPU contention rather than latency.
+a yardstick for what any extra process hop costs on this machine. ``--llama-threads 1`` sets A's
+``[llama] threads``, and ``--llama-args '--poll 0'`` appends arguments to A's llama-server (through a
+wrapper script in a ``[llama] bin_dir``), to see how much of a gap is CPU contention rather than
+latency.
 
 Run: .venv/bin/python -m tests.bench.bench_gateway [--rounds 20] [--warmup 2] [--max-tokens 64]
-     [--relay] [--llama-args '-t 1']
+     [--relay] [--llama-threads 1] [--llama-args '--poll 0']
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class Sample:
     server_prompt_ms: float | None  # timings.prompt_ms
     text: str
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per process, during this request
+    wait_ms: dict[str, float] = field(default_factory=dict)  # runnable but not running
+    slices: dict[str, int] = field(default_factory=dict)  # times scheduled in
 
 
 @dataclass
@@ -174,8 +177,9 @@ def stream_chat(target: Target, max_tokens: int) -> Sample:
 
 
 class CpuMeter:
-    """CPU seconds of a few named processes: the sum over their live threads of
-    ``/proc/PID/task/TID/schedstat`` (nanoseconds), else psutil's user + system (10 ms ticks)."""
+    """Per named process, summed over its live threads from ``/proc/PID/task/TID/schedstat``: seconds on
+    a CPU, seconds runnable but waiting for one (run-queue delay: contention), and times scheduled in
+    (about one per wake-up). Without schedstat: psutil's user + system (10 ms ticks) and zeros."""
 
     def __init__(self) -> None:
         self.pids: dict[str, int] = {"client": os.getpid()}
@@ -184,23 +188,25 @@ class CpuMeter:
         self.pids[name] = pid
 
     @staticmethod
-    def cpu_s(pid: int) -> float:
-        total = 0
+    def sched(pid: int) -> tuple[float, float, int]:
+        cpu = wait = slices = 0
         try:
             for task in Path(f"/proc/{pid}/task").iterdir():
                 try:
-                    total += int((task / "schedstat").read_text().split()[0])
+                    fields = (task / "schedstat").read_text().split()
+                    cpu, wait, slices = cpu + int(fields[0]), wait + int(fields[1]), slices + int(fields[2])
                 except (OSError, ValueError, IndexError):
                     continue  # the thread ended
         except OSError:
             t = psutil.Process(pid).cpu_times()
-            return float(t.user + t.system)
-        return total / 1e9
+            return float(t.user + t.system), 0.0, 0
+        return cpu / 1e9, wait / 1e9, slices
 
-    def snapshot(self) -> dict[str, float]:
-        out = {name: self.cpu_s(pid) for name, pid in self.pids.items()}
+    def snapshot(self) -> dict[str, tuple[float, float, int]]:
+        out = {name: self.sched(pid) for name, pid in self.pids.items()}
         t = psutil.cpu_times()  # the whole machine (10 ms ticks): "other" = busy - ours
-        out["machine"] = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+        out["machine"] = (busy, 0.0, 0)
         return out
 
 
@@ -219,8 +225,11 @@ def measured(meter: CpuMeter, target: Target, max_tokens: int) -> Sample:
     before = meter.snapshot()
     sample = stream_chat(target, max_tokens)
     after = meter.snapshot()
-    sample.cpu_ms = {k: (after[k] - before[k]) * 1e3 for k in before if k != "machine"}
-    busy = (after["machine"] - before["machine"]) * 1e3
+    names = [k for k in before if k != "machine"]
+    sample.cpu_ms = {k: (after[k][0] - before[k][0]) * 1e3 for k in names}
+    sample.wait_ms = {k: (after[k][1] - before[k][1]) * 1e3 for k in names}
+    sample.slices = {k: after[k][2] - before[k][2] for k in names}
+    busy = (after["machine"][0] - before["machine"][0]) * 1e3
     sample.cpu_ms["other"] = max(0.0, busy - sum(sample.cpu_ms.values()))
     return sample
 
@@ -295,11 +304,11 @@ def report(targets: list[Target], rounds: int) -> None:
 
     names = list(base.samples[0].cpu_ms)
     print()
-    print("== CPU ms per request by process (mean; 'wall' = request duration) ==")
+    print("== CPU ms per request by process (median; 'wall' = request duration) ==")
     print(f"{'target':<28} {'wall':>7} " + " ".join(f"{n:>8}" for n in names) + f" {'sum':>8}")
     for t in targets:
-        cpu = {n: statistics.mean(x.cpu_ms[n] for x in t.samples) for n in names}
-        wall = statistics.mean(x.total_s * 1e3 for x in t.samples)
+        cpu = {n: statistics.median(x.cpu_ms[n] for x in t.samples) for n in names}
+        wall = statistics.median(x.total_s * 1e3 for x in t.samples)
         print(
             f"{'(' + t.key + ') ' + LABELS[t.key]:<28} {wall:>7.1f} "
             + " ".join(f"{cpu[n]:>8.1f}" for n in names)
@@ -309,6 +318,23 @@ def report(targets: list[Target], rounds: int) -> None:
         f"  machine: {os.cpu_count()} CPUs, so at most {os.cpu_count()} CPU-ms per wall-ms; 'other' = the "
         "machine's busy time (10 ms ticks) minus the processes named, i.e. anything else running"
     )
+    procs = list(base.samples[0].slices)
+    print()
+    print(
+        "== scheduling per request (median): run-queue wait ms (runnable, no CPU free) | times scheduled in =="
+    )
+    print(
+        f"{'target':<28} " + " ".join(f"{n:>8}" for n in procs) + " | " + " ".join(f"{n:>8}" for n in procs)
+    )
+    for t in targets:
+        wait = {n: statistics.median(x.wait_ms[n] for x in t.samples) for n in procs}
+        slices = {n: statistics.median(x.slices[n] for x in t.samples) for n in procs}
+        print(
+            f"{'(' + t.key + ') ' + LABELS[t.key]:<28} "
+            + " ".join(f"{wait[n]:>8.1f}" for n in procs)
+            + " | "
+            + " ".join(f"{slices[n]:>8.0f}" for n in procs)
+        )
 
     print()
     ratios(targets, list(range(rounds)), "== relative to (a) ==")
@@ -364,6 +390,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--relay", action="store_true", help="add (d): a plain TCP relay process")
+    parser.add_argument("--llama-threads", type=int, default=0, help="[llama] threads for A (0: default)")
     parser.add_argument(
         "--llama-args", default="", help="extra llama-server arguments, e.g. '-t 1' or '--poll 0'"
     )
@@ -376,8 +403,13 @@ def main() -> None:
         try:
             t_start = time.monotonic()
             extra = f'\n[models]\nserve = ["{MODEL}"]\n'
+            llama = []
+            if args.llama_threads:
+                llama.append(f"threads = {args.llama_threads}")
             if args.llama_args:
-                extra += f'\n[llama]\nbin_dir = "{llama_wrapper(tmp, args.llama_args)}"\n'
+                llama.append(f'bin_dir = "{llama_wrapper(tmp, args.llama_args)}"')
+            if llama:
+                extra += "\n[llama]\n" + "\n".join(llama) + "\n"
             a = factory.start("a", extra=extra)
             b = factory.start("b", join=(a.token,))
             ready = a.wait_event("llama.ready", timeout=180, kind="llama-server")
@@ -415,7 +447,7 @@ def main() -> None:
             print(
                 f"prompt {PROMPT!r}, max_tokens {args.max_tokens}, temperature 0, "
                 f"{args.warmup} warm-up + {args.rounds} measured rounds, random order per round, "
-                f"extra llama-server args: {args.llama_args or 'none'}"
+                f"llama threads: {args.llama_threads or 'default'}, extra llama-server args: {args.llama_args or 'none'}"
             )
             disturbed: set[int] = set()
             for r in range(args.warmup + args.rounds):

@@ -17,8 +17,13 @@ Where the numbers come from: ``peers``/``connections``/``passive_connections`` f
 --serve-node CONFIG --stats FILE``: that runs the unchanged ``meshllm run`` CLI (``meshllm.cli.main``)
 in the process, plus one thread that writes A's ``GetTransportStats`` answer to FILE every 0.5 s.
 
+Also printed: UDP datagrams the kernel dropped at A's socket (``/proc/net/udp``), A's CPU time, its
+garbage-collector pauses (a ``gc.callbacks`` hook in the same stats thread) and how late the load
+processes sent their requests (a stalled load would turn a spread round into a burst).
+
 ``--trace N`` instead runs A under tracemalloc (N frames) and prints what the passive connections
 and a refresh round allocate, by source line (RSS figures are then inflated by tracemalloc itself).
+``--profile`` runs cProfile on A's QUIC loop thread during each refresh round.
 
 Run: .venv/bin/python -m tests.bench.bench_passive [--clients 1000] [--loads 2] [--window 30]
 """
@@ -28,7 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
+import gc
 import io
+import itertools
 import json
 import os
 import pstats
@@ -75,6 +83,22 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
     signal.signal(signal.SIGUSR1, lambda *_: snap_requested.set())
     signal.signal(signal.SIGUSR2, lambda *_: profile_toggled.set())
 
+    # GC pauses stop every thread of the node (the QUIC loop included): count them, keep the big ones.
+    gc_pauses: dict[str, Any] = {"count": [0, 0, 0], "total_s": [0.0, 0.0, 0.0], "gen2": []}
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+            return
+        took, gen = time.perf_counter() - gc_started[0], info["generation"]
+        gc_pauses["count"][gen] += 1
+        gc_pauses["total_s"][gen] += took
+        if gen == 2:
+            gc_pauses["gen2"] = [*gc_pauses["gen2"][-99:], [time.time(), took]]
+
+    gc.callbacks.append(on_gc)
+
     def publish() -> None:
         snaps: list[Any] = []
         profiles: list[cProfile.Profile] = []
@@ -108,6 +132,7 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
                     "bytes_sent": s.bytes_sent,
                     "connections": s.connections,
                     "passive_connections": s.passive_connections,
+                    "gc": gc_pauses,
                 }
                 tmp = stats_path + ".tmp"
                 Path(tmp).write_text(json.dumps(body))
@@ -134,7 +159,6 @@ def _profile_report(profile: cProfile.Profile, path: str) -> None:
 
 
 def _snapshot_report(previous: list[Any], path: str) -> Any:
-    import gc
     import linecache
     import tracemalloc
 
@@ -162,8 +186,7 @@ def _snapshot_report(previous: list[Any], path: str) -> Any:
         lines.append("-- top growth by traceback --")
         for d in diff[:8]:
             lines.append(f"{d.size_diff / 1024:>10.1f} KiB {d.count_diff:>+8d} blocks")
-            for frame in d.traceback.format()[-12:]:
-                lines.append("      " + frame)
+            lines.extend("      " + text for text in d.traceback.format()[-12:])
     Path(path).write_text("\n".join(lines) + "\n")
     return snap
 
@@ -210,9 +233,9 @@ class StatsNodeProcess(NodeProcess):
 class LoadProcess:
     def __init__(self, token: InviteToken, host: str, port: int, log: Path) -> None:
         self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        args = [host, str(port), token.node_id, token.mesh_id, token.secret.hex()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench.passive_load", host, str(port), token.node_id]
-            + [token.mesh_id, token.secret.hex()],
+            [sys.executable, "-m", "tests.bench.passive_load", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -265,6 +288,25 @@ def split(total: int, parts: int) -> list[int]:
 # -- measurements ----------------------------------------------------------------------------------------------
 
 
+def gc_line(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A's GC work between two stats samples: collections per generation, total and longest pause."""
+    b, a = before["gc"], after["gc"]
+    counts = [a["count"][g] - b["count"][g] for g in range(3)]
+    total_ms = sum(a["total_s"][g] - b["total_s"][g] for g in range(3)) * 1000
+    full = [d for t, d in a["gen2"] if t > before["t"]]
+    longest = f", longest full collection {max(full) * 1000:.0f} ms" if full else ""
+    return (
+        f"A GC: {counts[0]}/{counts[1]}/{counts[2]} collections (gen0/1/2), {total_ms:.0f} ms in all{longest}"
+    )
+
+
+def phase(title: str) -> None:
+    """A phase header with the wall-clock time (UTC, as in the nodes' logs)."""
+    now = time.time()
+    stamp = time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 10)}"
+    print(f"{title} [{stamp}Z]", flush=True)
+
+
 def http_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         body: dict[str, Any] = json.loads(resp.read())
@@ -301,7 +343,7 @@ def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
 
 
@@ -353,6 +395,7 @@ class Bench:
             f"other frames/min: {other}; A CPU {100 * cpu / span:.1f}% of one core; "
             f"UDP drops at A's socket {drops1 - drops0}"
         )
+        print(f"  [{label}] {gc_line(before, after)}")
 
     def toggle_profile(self) -> str:
         """Start or stop cProfile on A's QUIC loop thread; stopping returns the report."""
@@ -366,6 +409,9 @@ class Bench:
         wait_until(path.exists, timeout=30, interval=0.2, what="profile report")
         time.sleep(0.3)
         return path.read_text()
+
+    def passive_count_is(self, n: int) -> bool:
+        return bool(self.status().get("passive_connections") == n)
 
     def show_status(self, label: str) -> dict[str, Any]:
         assert self.a is not None
@@ -410,7 +456,7 @@ class Bench:
             self.trace_run(proc, token, port)
             return
 
-        print(f"== 0 passive connections (window {args.window:.0f} s) ==")
+        phase(f"== 0 passive connections (window {args.window:.0f} s) ==")
         self.show_status("0 passive")
         rss0, uss0 = settle_memory(proc)
         print(f"  RSS {rss0 / 2**20:.1f} MiB, USS {uss0 / 2**20:.1f} MiB")
@@ -424,7 +470,8 @@ class Bench:
         steps = [s for s in (100, args.clients) if s <= args.clients]
         held = 0
         for target in dict.fromkeys(steps):
-            print(f"== ramp to {target} passive connections ==")
+            phase(f"== ramp to {target} passive connections ==")
+            st0 = a.fresh_stats()
             cpu0, drops0 = proc.cpu_times(), udp_drops(port)
             add = split(target - held, len(self.loads))
             replies = ask_all(
@@ -433,6 +480,7 @@ class Bench:
                 timeout=240,
             )
             cpu1, drops1 = proc.cpu_times(), udp_drops(port)
+            print(f"  {gc_line(st0, a.fresh_stats())}")
             for r in replies:
                 first_ms += r["first_request_ms"]
             opened = sum(r["open"] for r in replies)
@@ -450,7 +498,7 @@ class Bench:
             held = target
             try:
                 wait_until(
-                    lambda held=held: self.status().get("passive_connections") == held,
+                    functools.partial(self.passive_count_is, held),
                     timeout=20,
                     what=f"passive_connections == {held}",
                 )
@@ -465,7 +513,7 @@ class Bench:
             )
         print(lat_line("  first route request (handshake + Hello + table)", first_ms))
 
-        print(f"== {args.clients} passive connections held (window {args.window:.0f} s) ==")
+        phase(f"== {args.clients} passive connections held (window {args.window:.0f} s) ==")
         self.window(args.window, f"{args.clients} passive", proc)
         self.show_status(f"{args.clients} passive, after window")
 
@@ -474,7 +522,7 @@ class Bench:
         ]
         refresh_rss: list[int] = []
         for label, spread in rounds:
-            print(f"== refresh: every connection sends a route request, {label} ==")
+            phase(f"== refresh: every connection sends a route request, {label} ==")
             if args.profile:
                 self.toggle_profile()
             st0 = a.fresh_stats()
@@ -494,10 +542,15 @@ class Bench:
                 lat_line("  route latency", lats)
                 + f"; {failed} failed; UDP drops at A's socket {drops1 - drops0}"
             )
+            late = [x for r in replies for x in r["late_ms"]]
             print(
                 f"  took {secs:.2f} s; A CPU {cpu:.2f} s ({1000 * cpu / max(1, len(lats)):.2f} ms per request, "
                 f"includes its background work), load processes CPU {load_cpu:.2f} s; "
-                f"A sent ~{served} RouteTable frames "
+                f"A answered {served} route requests"
+            )
+            print(
+                f"  {gc_line(st0, st1)}; load sent requests later than planned by p50 "
+                f"{percentile(late, 50):.1f} ms, max {max(late, default=0.0):.1f} ms"
             )
             for r in replies:
                 if r["errors"]:
@@ -516,7 +569,7 @@ class Bench:
         for n, (rss, uss) in memory.items():
             print(f"  {n:>5} passive: RSS {rss / 2**20:7.1f} MiB  USS {uss / 2**20:7.1f} MiB")
         keys = sorted(memory)
-        for lo, hi in zip(keys, keys[1:], strict=False):
+        for lo, hi in itertools.pairwise(keys):
             d_rss = (memory[hi][0] - memory[lo][0]) / (hi - lo)
             d_uss = (memory[hi][1] - memory[lo][1]) / (hi - lo)
             print(
@@ -529,8 +582,8 @@ class Bench:
     def trace_run(self, proc: psutil.Process, token: InviteToken, port: int) -> None:
         """tracemalloc snapshots in A: at 0, after ``--clients`` connections, after two refresh rounds."""
         assert self.a is not None and self.a.proc is not None
+        pid = self.a.proc.pid
         a = self.a
-        pid = a.proc.pid
 
         def snapshot(k: int) -> str:
             path = Path(f"{a.stats_path}.snap{k}.txt")
@@ -559,7 +612,7 @@ class Bench:
         wait_until(lambda: self.status().get("passive_connections") == n, timeout=20, what="all passive")
         time.sleep(2)
         print(snapshot(1).rstrip())
-        for k in range(2):
+        for _ in range(2):
             ask_all(self.loads, [{"cmd": "refresh", "spread_s": 2.0}] * len(self.loads), 120)
         time.sleep(2)
         print(f"-- after 2 refresh rounds of {n} route requests")
@@ -576,7 +629,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0, help="seconds per probes/gossip window")
     parser.add_argument("--concurrency", type=int, default=16, help="handshakes in flight per load process")
     parser.add_argument(
-        "--spread", type=float, nargs="*", default=[5.0], help="refresh rounds spread over these seconds"
+        "--spread", type=float, nargs="*", default=[1.0, 5.0], help="refresh rounds spread over these seconds"
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile A's QUIC loop thread during each refresh round"
