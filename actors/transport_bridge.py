@@ -41,8 +41,6 @@ class TransportBridge(MsgpackActor):
         self.endpoint = endpoint
         self._thread = endpoint.loop_thread
         self.rpc_tunnels = RpcTunnels(endpoint, directory, logger)
-        if endpoint.role == "active":
-            self._thread.run(self.rpc_tunnels.listen_tls(endpoint.host, endpoint.port), timeout=10)
 
     @handles(EnsureRpcListeners)
     def on_rpc_listeners(self, msg: EnsureRpcListeners) -> RpcListeners:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -22,6 +23,7 @@ from aiohttp import web
 
 from actors.base import Directory
 from meshllm.aio import start_http
+from meshllm.auth import AuthError
 from meshllm.codec import CodecError
 from meshllm.framing import PeerRefused, StreamKind, read_frame_as
 from meshllm.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
@@ -223,36 +225,51 @@ class Gateway:
     async def _forward_tunnel(
         self, request: web.Request, host: HostInfo, model: str, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:
-        header = TunnelRequest(model=model, method=request.method, path=request.path, headers=headers)
+        header = TunnelRequest(
+            model=model, method=request.method, path=request.path, headers=headers, body_bytes=len(body)
+        )
+        fast = True
         try:
-            reader, writer = await self.endpoint.open_tunnel(
-                host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
-            )
-            writer.write(body)
-            writer.write_eof()
-            first = await self._while_alive(host, read_frame_as(reader, TunnelResponse))
+            try:
+                reader, writer = await self.endpoint.fast.open(host.node_id, host.addrs, header)
+                writer.write(body)
+            except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
+                fast = False
+                reader, writer = await self.endpoint.open_tunnel(
+                    host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
+                )
+                writer.write(body)
+                writer.write_eof()
+            first = await self._while_alive(host, read_frame_as(reader, TunnelResponse), ping=not fast)
         except PeerRefused as exc:
             raise UpstreamUnavailable(f"host refused: {exc.reason}") from exc
-        except (OSError, ConnectionError, TimeoutError, KeyError, CodecError) as exc:
+        except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, AuthError) as exc:
             raise UpstreamUnavailable(f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}") from exc
-        response = web.StreamResponse(status=first.status, headers=first.headers)
-        await response.prepare(request)
         try:
-            while chunk := await self._while_alive(host, reader.read(CHUNK)):
-                await response.write(chunk)
-        except (ConnectionError, TimeoutError) as exc:
-            # Too late to retry elsewhere: the client has part of the answer. End it and say why.
-            self.log.warning(
-                "gateway.host_lost_mid_response", model=model, host=host.node_id, reason=str(exc)
-            )
+            response = web.StreamResponse(status=first.status, headers=first.headers)
+            await response.prepare(request)
+            try:
+                while chunk := await self._while_alive(host, reader.read(CHUNK), ping=not fast):
+                    await response.write(chunk)
+            except (ConnectionError, TimeoutError) as exc:
+                # Too late to retry elsewhere: the client has part of the answer. End it and say why.
+                self.log.warning(
+                    "gateway.host_lost_mid_response", model=model, host=host.node_id, reason=str(exc)
+                )
+                return response
+            await response.write_eof()
             return response
-        await response.write_eof()
-        return response
+        finally:
+            if fast:
+                writer.close()
 
-    async def _while_alive(self, host: HostInfo, waiting: Awaitable[T]) -> T:
+    async def _while_alive(self, host: HostInfo, waiting: Awaitable[T], ping: bool = True) -> T:
         """Wait for a tunnel read while checking, every few seconds of silence, that the host still
-        answers QUIC pings: a generation may take minutes, a dead host must not take that long."""
+        answers QUIC pings: a generation may take minutes, a dead host must not take that long.
+        (On the fast path a dead host's TCP connection is reset by its kernel instead.)"""
         task = asyncio.ensure_future(waiting)
+        if not ping:
+            return await task
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=LIVENESS_S)

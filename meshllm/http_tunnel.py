@@ -17,7 +17,7 @@ import aiohttp
 from actors.base import Directory
 from meshllm.framing import pack_frame, read_frame_as
 from meshllm.logsetup import Logger
-from meshllm.messages import Refused, Route, RouteReply, TunnelRequest, TunnelResponse
+from meshllm.messages import Hello, Refused, Route, RouteReply, TunnelRequest, TunnelResponse
 
 CHUNK = 65536
 PASSED_HEADERS = ("content-type", "cache-control")
@@ -67,8 +67,19 @@ class HttpTunnelServer:
             await self._session.close()
 
     async def handle(self, conn: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_frame_as(reader, TunnelRequest)
-        body = await reader.read()
+        """A QUIC HTTP tunnel stream: its header frame, then the same as the fast path."""
+        await self.serve(await read_frame_as(reader, TunnelRequest), reader, writer)
+
+    async def serve_fast(
+        self, request: TunnelRequest, hello: Hello, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self.serve(request, reader, writer)
+
+    async def serve(
+        self, request: TunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Forward one tunnelled request to this node's llama-server for its model."""
+        body = await (reader.readexactly(request.body_bytes) if request.body_bytes >= 0 else reader.read())
         route = await self.directory.ask_async("router", Route(model=request.model), ROUTE_TIMEOUT_S)
         if not isinstance(route, RouteReply) or not route.local_port:
             writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))

@@ -438,12 +438,14 @@ class HostInfo:
 @message(7)
 @dataclass(frozen=True)
 class TunnelRequest(Message):
-    """First frame of an HTTP tunnel stream; the request body follows as raw bytes until FIN."""
+    """First frame of an HTTP tunnel; the request body follows as raw bytes: ``body_bytes`` of them,
+    or until FIN when -1 (a QUIC stream can half-close, a TLS connection cannot)."""
 
     model: str
     method: str
     path: str
     headers: dict[str, str]
+    body_bytes: int = -1
 
 
 @message(8)

@@ -44,6 +44,7 @@ from meshllm.messages import (
     PeerLeaving,
     Seed,
     StatusReply,
+    TunnelRequest,
 )
 from meshllm.resources import detect_vram
 from meshllm.transport import MeshEndpoint
@@ -195,6 +196,7 @@ class Node:
             )
         self.tunnel_server = HttpTunnelServer(self.directory, self.log)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)
+        self.endpoint.fast.register(TunnelRequest, self.tunnel_server.serve_fast, passive_ok=True)
 
         status_from, plan_from = ("router", "router") if self.passive else ("registry", "election")
         self.console = ConsoleServer(

@@ -33,6 +33,7 @@ from actors.base import Directory
 from meshllm.aio import LoopThread
 from meshllm.auth import AuthError, make_hello, verify_hello
 from meshllm.codec import CodecError, M, Message
+from meshllm.fast_path import FastPath
 from meshllm.framing import (
     FrameError,
     PeerRefused,
@@ -207,6 +208,7 @@ class MeshEndpoint:
         self.gossip_snapshot = Gossip(announcements=())
         self.route_snapshot = RouteTable(models=(), unserved=(), actives=())
         self.control_timeout_s = CONTROL_TIMEOUT_S  # a control stream that stalls longer is closed
+        self.fast = FastPath(identity, membership, role, self.log)
         self.notice_target = "registry" if role == "active" else "router"
         self.counters = _Counters(Counter(), Counter(), Counter())
         cert = identity.certificate()
@@ -232,6 +234,8 @@ class MeshEndpoint:
         transport = self._server._transport
         assert transport is not None
         self.port = transport.get_extra_info("sockname")[1]
+        if self.role == "active":
+            await self.fast.listen(self.host, self.port)  # TCP, same port number
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -247,6 +251,7 @@ class MeshEndpoint:
         self.loop_thread.stop()
 
     async def _stop(self) -> None:
+        self.fast.close()
         for conn in list(self._all):
             self._close(conn)
         if self._server is not None:

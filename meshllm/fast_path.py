@@ -1,0 +1,153 @@
+"""The mesh's fast data path: TLS 1.3 over TCP on a node's QUIC port number, for tunnels.
+
+Tunnels carry many small messages in both directions (an SSE event per generated token, a ggml-rpc
+round trip per token). aioquic does its per-packet work in Python, which cost ~0.5 ms of CPU per
+token and per node here; TLS records are handled by OpenSSL. The fast path keeps the mesh's
+security: the dialler pins the listener's certificate to the node id it expects, and proves the mesh
+secret and its own key with the same Hello frame as on QUIC; only then does the listener read the
+tunnel's header frame and hand the connection to the handler registered for that header type.
+When the fast path cannot connect, callers fall back to a QUIC tunnel stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshllm.auth import AuthError, make_hello, verify_hello
+from meshllm.codec import CodecError, Message
+from meshllm.framing import pack_frame, read_frame, read_frame_as
+from meshllm.identity import NodeIdentity, node_id_of, public_key_of_certificate
+from meshllm.invite import MeshMembership
+from meshllm.logsetup import Logger
+from meshllm.messages import Hello, Refused
+
+ALPN_FAST = "meshllm-fast/1"
+CONNECT_TIMEOUT_S = 3.0
+HEADER_TIMEOUT_S = 10.0
+
+FastHandler = Callable[[Any, Hello, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def tls_contexts(identity: NodeIdentity) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Server and client TLS 1.3 contexts from the node key. Certificates are self-signed: the
+    client checks the server's key against the node id itself, the server checks the Hello."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.set_alpn_protocols([ALPN_FAST])
+    with tempfile.TemporaryDirectory() as tmp:  # ssl loads keys only from files
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert.write_bytes(identity.certificate().public_bytes(serialization.Encoding.PEM))
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                identity.private_key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        server.load_cert_chain(cert, key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # pinned to the node id after the handshake instead
+    client.set_alpn_protocols([ALPN_FAST])
+    return server, client
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class FastPath:
+    """Listener and dialler of the fast path; lives on the transport's event loop."""
+
+    def __init__(self, identity: NodeIdentity, membership: MeshMembership, role: str, logger: Logger) -> None:
+        self.identity = identity
+        self.membership = membership
+        self.role = role
+        self.log = logger.bind(actor="fast-path")
+        self._server_tls, self._client_tls = tls_contexts(identity)
+        self._server: asyncio.base_events.Server | None = None
+        self._handlers: dict[type[Message], tuple[FastHandler, bool]] = {}
+        self.enabled = os.environ.get("MESHLLM_FAST_PATH", "1") != "0"
+
+    def register(self, header: type[Message], handler: FastHandler, passive_ok: bool) -> None:
+        """Serve connections whose header frame is of this type (``passive_ok``: clients may use it)."""
+        self._handlers[header] = (handler, passive_ok)
+
+    async def listen(self, host: str, port: int) -> bool:
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port, ssl=self._server_tls)
+        except OSError as exc:
+            self.log.warning("fast_path.unavailable", port=port, reason=str(exc))
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await asyncio.wait_for(read_frame_as(reader, Hello), HEADER_TIMEOUT_S)
+            verify_hello(hello, self.membership, self.identity.node_id)
+            header = await asyncio.wait_for(read_frame(reader), HEADER_TIMEOUT_S)
+            entry = self._handlers.get(type(header))
+            if entry is None:
+                raise AuthError(f"{type(header).__name__} is not served on the fast path")
+            handler, passive_ok = entry
+            if hello.role != "active" and not passive_ok:
+                raise AuthError(f"{type(header).__name__} is for active nodes only")
+            await handler(header, hello, reader, writer)
+        except AuthError as exc:
+            self.log.warning("auth.refused", reason=str(exc), side="listener", path="fast")
+            with contextlib.suppress(Exception):
+                writer.write(pack_frame(Refused(reason=str(exc))))
+        except (CodecError, TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
+            self.log.warning("stream.rejected", kind="FAST", reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def open(
+        self, node_id: str, addrs: tuple[str, ...], header: Message
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to a node's fast path, check its certificate, send Hello and the header."""
+        if not self.enabled:
+            raise ConnectionError("fast path disabled (MESHLLM_FAST_PATH=0)")
+        errors = []
+        for addr in addrs:
+            host, port = _split(addr)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=self._client_tls, server_hostname=None),
+                    CONNECT_TIMEOUT_S,
+                )
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                errors.append(f"{addr}: {type(exc).__name__}: {exc}")
+                continue
+            sslobj = writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            key = public_key_of_certificate(x509.load_der_x509_certificate(der)) if der else None
+            if key is None or node_id_of(key) != node_id:
+                writer.close()
+                raise AuthError(f"TLS certificate at {addr} does not belong to {node_id}")
+            with contextlib.suppress(OSError):
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = make_hello(self.identity, self.membership, self.role, node_id)
+            writer.write(pack_frame(hello) + pack_frame(header))
+            return reader, writer
+        raise ConnectionError("; ".join(errors) or "no address")
