@@ -31,7 +31,10 @@ class UpstreamUnavailable(Exception):
 def new_session() -> aiohttp.ClientSession:
     # No total timeout: a long generation is not a failure. Connecting must be quick (loopback).
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-    return aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+    # A fresh loopback connection per request: llama-server closes idle keep-alive connections, and a
+    # pooled one it has closed fails the next request with "Server disconnected".
+    connector = aiohttp.TCPConnector(force_close=True)
+    return aiohttp.ClientSession(timeout=timeout, auto_decompress=False, connector=connector)
 
 
 def pass_headers(headers: Mapping[str, str]) -> dict[str, str]:
