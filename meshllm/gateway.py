@@ -267,9 +267,9 @@ class Gateway:
         """Wait for a tunnel read while checking, every few seconds of silence, that the host still
         answers QUIC pings: a generation may take minutes, a dead host must not take that long.
         (On the fast path a dead host's TCP connection is reset by its kernel instead.)"""
-        task = asyncio.ensure_future(waiting)
         if not ping:
-            return await task
+            return await waiting  # no task per chunk: this runs once per streamed event
+        task = asyncio.ensure_future(waiting)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=LIVENESS_S)

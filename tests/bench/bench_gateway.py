@@ -5,7 +5,8 @@ runs interleaved in a random order per round:
 
   (a) straight to node A's llama-server,
   (b) through node A's gateway (A serves the model: gateway -> local llama-server),
-  (c) through node B's gateway (B serves nothing: gateway -> QUIC tunnel -> A -> llama-server).
+  (c) through node B's gateway (B serves nothing: gateway -> tunnel -> A -> llama-server); the
+      tunnel is the TLS-over-TCP fast path when it connects, else a QUIC stream; the run says which.
 
 A and B are separate ``meshllm run`` processes (one GIL each). The client is the same for every
 target: a fresh ``http.client`` connection per request, each SSE ``data:`` line timestamped as it
@@ -58,7 +59,7 @@ PROMPT = "Write a short story about a robot who learns to paint. Use simple word
 LABELS = {
     "a": "llama-server direct",
     "b": "local gateway (A)",
-    "c": "remote gateway (B, QUIC)",
+    "c": "remote gateway (B, tunnel)",
     "d": "plain TCP relay process",
 }
 
@@ -246,6 +247,19 @@ def llama_wrapper(tmp: Path, extra_args: str) -> Path:
     return folder
 
 
+def tunnel_transport(a_quic_port: int) -> str:
+    """Which way B's tunnels to A went: TCP connections to A's QUIC port number (live or in TIME_WAIT)
+    are the TLS fast path; none means QUIC streams."""
+    tcp = [
+        c
+        for c in psutil.net_connections(kind="tcp")
+        if c.raddr and a_quic_port in (c.raddr.port, c.laddr.port)
+    ]
+    if tcp:
+        return f"TLS-over-TCP fast path ({len(tcp)} TCP connection ends on A's port {a_quic_port} seen)"
+    return f"QUIC streams (no TCP connection to A's port {a_quic_port} seen)"
+
+
 def served_models(api_url: str) -> set[str]:
     with urllib.request.urlopen(api_url + "/models", timeout=5) as resp:
         return {m["id"] for m in json.loads(resp.read())["data"]}
@@ -272,7 +286,7 @@ def report(targets: list[Target], rounds: int) -> None:
     print()
     print(f"== per target, {rounds} measured rounds (median / p90) ==")
     header = (
-        f"{'target':<28} {'TTFT ms':>16} {'1st byte ms':>16} {'tok/s client':>18} "
+        f"{'target':<30} {'TTFT ms':>16} {'1st byte ms':>16} {'tok/s client':>18} "
         f"{'tok/s server':>13} {'prompt ms':>10} {'total ms':>9} {'events':>7} {'bytes':>7}"
     )
     print(header)
@@ -285,7 +299,7 @@ def report(targets: list[Target], rounds: int) -> None:
         pms = [x.server_prompt_ms for x in s if x.server_prompt_ms is not None]
         total = [x.total_s * 1e3 for x in s]
         print(
-            f"{'(' + t.key + ') ' + LABELS[t.key]:<28} "
+            f"{'(' + t.key + ') ' + LABELS[t.key]:<30} "
             f"{statistics.median(ttft):>7.1f} / {pct(ttft, 0.9):>6.1f} "
             f"{statistics.median(fb):>7.1f} / {pct(fb, 0.9):>6.1f} "
             f"{statistics.median(tps):>8.1f} / {pct(tps, 0.1):>7.1f}* "
@@ -305,12 +319,12 @@ def report(targets: list[Target], rounds: int) -> None:
     names = list(base.samples[0].cpu_ms)
     print()
     print("== CPU ms per request by process (median; 'wall' = request duration) ==")
-    print(f"{'target':<28} {'wall':>7} " + " ".join(f"{n:>8}" for n in names) + f" {'sum':>8}")
+    print(f"{'target':<30} {'wall':>7} " + " ".join(f"{n:>8}" for n in names) + f" {'sum':>8}")
     for t in targets:
         cpu = {n: statistics.median(x.cpu_ms[n] for x in t.samples) for n in names}
         wall = statistics.median(x.total_s * 1e3 for x in t.samples)
         print(
-            f"{'(' + t.key + ') ' + LABELS[t.key]:<28} {wall:>7.1f} "
+            f"{'(' + t.key + ') ' + LABELS[t.key]:<30} {wall:>7.1f} "
             + " ".join(f"{cpu[n]:>8.1f}" for n in names)
             + f" {sum(cpu.values()):>8.1f}"
         )
@@ -324,13 +338,13 @@ def report(targets: list[Target], rounds: int) -> None:
         "== scheduling per request (median): run-queue wait ms (runnable, no CPU free) | times scheduled in =="
     )
     print(
-        f"{'target':<28} " + " ".join(f"{n:>8}" for n in procs) + " | " + " ".join(f"{n:>8}" for n in procs)
+        f"{'target':<30} " + " ".join(f"{n:>8}" for n in procs) + " | " + " ".join(f"{n:>8}" for n in procs)
     )
     for t in targets:
         wait = {n: statistics.median(x.wait_ms[n] for x in t.samples) for n in procs}
         slices = {n: statistics.median(x.slices[n] for x in t.samples) for n in procs}
         print(
-            f"{'(' + t.key + ') ' + LABELS[t.key]:<28} "
+            f"{'(' + t.key + ') ' + LABELS[t.key]:<30} "
             + " ".join(f"{wait[n]:>8.1f}" for n in procs)
             + " | "
             + " ".join(f"{slices[n]:>8.0f}" for n in procs)
@@ -359,7 +373,7 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
         print("  (none)")
         return
     print(
-        f"{'target':<28} {'tok/s ratio':>11} {'paired ratio':>12} {'+TTFT ms':>9} {'paired +TTFT ms':>15} "
+        f"{'target':<36} {'tok/s ratio':>11} {'paired ratio':>12} {'+TTFT ms':>9} {'paired +TTFT ms':>15} "
         f"{'paired p90':>10} {'verdict':>8}"
     )
     base = [targets[0].samples[i] for i in rounds]
@@ -374,7 +388,7 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
         paired_add = [(x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(mine, base, strict=True)]
         ok = tps_ratio >= 0.95 and add_ttft <= 20.0
         print(
-            f"{'(' + t.key + ')/(a) ' + LABELS[t.key]:<28} {tps_ratio:>11.3f} "
+            f"{'(' + t.key + ')/(a) ' + LABELS[t.key]:<36} {tps_ratio:>11.3f} "
             f"{statistics.median(paired_ratio):>12.3f} {add_ttft:>9.1f} {statistics.median(paired_add):>15.1f} "
             f"{pct(paired_add, 0.9):>10.1f} {'meets' if ok else 'MISSES':>8}"
         )
@@ -474,6 +488,7 @@ def main() -> None:
             if other_benchmarks():
                 disturbed.add(args.warmup + args.rounds)
             report(targets, args.rounds)
+            print(f"  tunnel transport for (c): {tunnel_transport(int(a.started['quic_port']))}")
             if disturbed:
                 print("WARNING: other benchmark/test runs overlapped this one: the figures are not clean")
         finally:
