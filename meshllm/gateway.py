@@ -266,7 +266,8 @@ class Gateway:
     async def _while_alive(self, host: HostInfo, waiting: Awaitable[T], ping: bool = True) -> T:
         """Wait for a tunnel read while checking, every few seconds of silence, that the host still
         answers QUIC pings: a generation may take minutes, a dead host must not take that long.
-        (On the fast path a dead host's TCP connection is reset by its kernel instead.)"""
+        (On the fast path TCP does this: a dead host's kernel resets the connection, and keepalive
+        probes catch a host that vanished without one.)"""
         if not ping:
             return await waiting  # no task per chunk: this runs once per streamed event
         task = asyncio.ensure_future(waiting)
