@@ -70,8 +70,11 @@ def tune_socket(writer: asyncio.StreamWriter) -> None:
     """No Nagle delay for small frames, and TCP keepalive probes so a peer that vanishes without a
     reset (power loss, cable) is noticed in about 5 s rather than never."""
     sock = writer.get_extra_info("socket")
-    if sock is None:
-        return
+    if sock is not None:
+        _tune_raw(sock)
+
+
+def _tune_raw(sock: Any) -> None:
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -136,6 +139,32 @@ class FastPath:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+    def open_blocking(self, node_id: str, addrs: tuple[str, ...], header: Message) -> ssl.SSLSocket:
+        """:meth:`open` for a thread: a blocking TLS socket, checked, Hello and header sent. Byte
+        relays on blocking sockets spend their time in C with the GIL released."""
+        if not self.enabled:
+            raise ConnectionError("fast path disabled (MESHLLM_FAST_PATH=0)")
+        errors = []
+        for addr in addrs:
+            host, port = _split(addr)
+            try:
+                raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+                tls = self._client_tls.wrap_socket(raw, server_hostname=None)
+            except (OSError, ssl.SSLError) as exc:
+                errors.append(f"{addr}: {type(exc).__name__}: {exc}")
+                continue
+            der = tls.getpeercert(binary_form=True)
+            key = public_key_of_certificate(x509.load_der_x509_certificate(der)) if der else None
+            if key is None or node_id_of(key) != node_id:
+                tls.close()
+                raise AuthError(f"TLS certificate at {addr} does not belong to {node_id}")
+            tls.settimeout(HEADER_TIMEOUT_S)
+            _tune_raw(tls)
+            hello = make_hello(self.identity, self.membership, self.role, node_id)
+            tls.sendall(pack_frame(hello) + pack_frame(header))
+            return tls
+        raise ConnectionError("; ".join(errors) or "no address")
 
     async def open(
         self, node_id: str, addrs: tuple[str, ...], header: Message

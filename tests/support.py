@@ -160,13 +160,14 @@ listen = "127.0.0.1:0"
 class NodeProcess:
     """``meshllm run --config FILE`` in its own process group, its JSON log in a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_path = log
+        self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NodeProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "meshllm", "run", "--config", str(self.config)],
@@ -262,14 +263,19 @@ class ProcessFactory:
         self.procs: list[NodeProcess] = []
 
     def start(
-        self, name: str, join: tuple[str, ...] = (), extra: str = "", node_extra: str = ""
+        self,
+        name: str,
+        join: tuple[str, ...] = (),
+        extra: str = "",
+        node_extra: str = "",
+        env: dict[str, str] | None = None,
     ) -> NodeProcess:
         """Start a node process; a name started before reuses its config (same data dir, same id)."""
         config = self.tmp / f"{name}.toml"
         if not config.exists():
             write_config(self.tmp, name, join, extra, node_extra)
         runs = sum(1 for q in self.procs if q.config == config)
-        p = NodeProcess(config, self.tmp / f"{name}.{runs}.log").start()
+        p = NodeProcess(config, self.tmp / f"{name}.{runs}.log", env).start()
         self.procs.append(p)
         return p
 

@@ -145,3 +145,15 @@ def test_smollm2_split_gives_the_same_text_as_solo(procs: ProcessFactory) -> Non
     assert model["fractions"] == [0.5, 0.5]
     prompt = "The capital of France is"
     assert complete(a, "smollm2-135m", prompt, 16) == complete(solo, "smollm2-135m", prompt, 16)
+
+
+def test_split_falls_back_to_quic_tunnels(procs: ProcessFactory, layered_gguf: Path) -> None:
+    # The host cannot use the TLS fast path: its RPC tunnels go over QUIC streams instead.
+    a = procs.start(
+        "a", extra=serve(layered_gguf, force=True), node_extra=BIG, env={"MESHLLM_FAST_PATH": "0"}
+    )
+    b = procs.start("b", join=(a.token,), extra=serve(layered_gguf), node_extra=SMALL)
+    wait_split(a, "tiny4", {b.node_id})
+    assert a.events("rpc.fast_path_fallback")
+    assert complete(a, "tiny4") and complete(b, "tiny4") == complete(a, "tiny4")
+    assert status(a)["rpc_bytes"]["to_workers"] > 0

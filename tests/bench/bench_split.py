@@ -262,7 +262,7 @@ def main() -> None:
         tokens_figures(Path(tmp), args.rounds, args.tokens)
     tcp, quic = asyncio.run(_throughput(args.bulk_mb * 1024 * 1024))
     print(f"== bulk throughput ({args.bulk_mb} MB, in-process nodes) ==")
-    print(f"loopback TCP {tcp:8.1f} MB/s   RPC tunnel over QUIC {quic:8.1f} MB/s   ratio {quic / tcp:.3f}")
+    print(f"loopback TCP {tcp:8.1f} MB/s   RPC tunnel (mesh) {quic:8.1f} MB/s   ratio {quic / tcp:.3f}")
 
 
 if __name__ == "__main__":
