@@ -140,6 +140,15 @@ class FastPath:
             with contextlib.suppress(Exception):
                 writer.close()
 
+    def _greeting(self, addr: str, node_id: str, der: bytes | None, header: Message) -> bytes:
+        """Check the listener's certificate against the node id we dialled; then our Hello and the
+        tunnel's header frame, the first bytes of every fast-path connection."""
+        key = public_key_of_certificate(x509.load_der_x509_certificate(der)) if der else None
+        if key is None or node_id_of(key) != node_id:
+            raise AuthError(f"TLS certificate at {addr} does not belong to {node_id}")
+        hello = make_hello(self.identity, self.membership, self.role, node_id)
+        return pack_frame(hello) + pack_frame(header)
+
     def open_blocking(self, node_id: str, addrs: tuple[str, ...], header: Message) -> ssl.SSLSocket:
         """:meth:`open` for a thread: a blocking TLS socket, checked, Hello and header sent. Byte
         relays on blocking sockets spend their time in C with the GIL released."""
@@ -154,15 +163,14 @@ class FastPath:
             except (OSError, ssl.SSLError) as exc:
                 errors.append(f"{addr}: {type(exc).__name__}: {exc}")
                 continue
-            der = tls.getpeercert(binary_form=True)
-            key = public_key_of_certificate(x509.load_der_x509_certificate(der)) if der else None
-            if key is None or node_id_of(key) != node_id:
+            try:
+                greeting = self._greeting(addr, node_id, tls.getpeercert(binary_form=True), header)
+            except AuthError:
                 tls.close()
-                raise AuthError(f"TLS certificate at {addr} does not belong to {node_id}")
+                raise
             tls.settimeout(HEADER_TIMEOUT_S)
             _tune_raw(tls)
-            hello = make_hello(self.identity, self.membership, self.role, node_id)
-            tls.sendall(pack_frame(hello) + pack_frame(header))
+            tls.sendall(greeting)
             return tls
         raise ConnectionError("; ".join(errors) or "no address")
 
@@ -184,13 +192,14 @@ class FastPath:
                 errors.append(f"{addr}: {type(exc).__name__}: {exc}")
                 continue
             sslobj = writer.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            key = public_key_of_certificate(x509.load_der_x509_certificate(der)) if der else None
-            if key is None or node_id_of(key) != node_id:
+            try:
+                greeting = self._greeting(
+                    addr, node_id, sslobj.getpeercert(binary_form=True) if sslobj else None, header
+                )
+            except AuthError:
                 writer.close()
-                raise AuthError(f"TLS certificate at {addr} does not belong to {node_id}")
+                raise
             tune_socket(writer)
-            hello = make_hello(self.identity, self.membership, self.role, node_id)
-            writer.write(pack_frame(hello) + pack_frame(header))
+            writer.write(greeting)
             return reader, writer
         raise ConnectionError("; ".join(errors) or "no address")

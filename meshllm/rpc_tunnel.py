@@ -196,9 +196,20 @@ class RpcTunnels:
         listener.connections.add(task)
         task.add_done_callback(listener.connections.discard)
 
+    def _tunnel_failed(self, model: str, worker: Seed, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.log.warning("rpc.tunnel_failed", model=model, worker=worker.node_id, reason=reason)
+        self.directory.tell("election", RpcTunnelFailed(model=model, worker=worker.node_id, reason=reason))
+
+    def _note_fallback(self, worker: Seed, exc: Exception) -> None:
+        if not self._fallback_logged:
+            self.log.info("rpc.fast_path_fallback", worker=worker.node_id, reason=str(exc))
+            self._fallback_logged = True
+
     async def _carry_quic(
         self, model: str, worker: Seed, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        """Carry one llama-server connection over a QUIC RPC_TUNNEL stream (the fallback)."""
         try:
             carrier = await self.endpoint.open_tunnel(
                 worker.node_id,
@@ -209,11 +220,7 @@ class RpcTunnels:
             )
             await asyncio.wait_for(read_frame_as(carrier[0], Ack), CONTROL_TIMEOUT_S)
         except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, PeerRefused, AuthError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            self.log.warning("rpc.tunnel_failed", model=model, worker=worker.node_id, reason=reason)
-            self.directory.tell(
-                "election", RpcTunnelFailed(model=model, worker=worker.node_id, reason=reason)
-            )
+            self._tunnel_failed(model, worker, exc)
             writer.close()
             return
         await splice((reader, writer), carrier, self.bytes_to_workers, self.bytes_from_workers)
@@ -221,30 +228,18 @@ class RpcTunnels:
     async def _carry(
         self, model: str, worker: Seed, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        """Carry one llama-server connection on the event loop: fast path, else QUIC."""
         try:
-            try:
-                carrier = await self.endpoint.fast.open(
-                    worker.node_id, worker.addrs, RpcTunnelRequest(model=model)
-                )
-                await asyncio.wait_for(read_frame_as(carrier[0], Ack), CONTROL_TIMEOUT_S)
-            except (ConnectionError, OSError, TimeoutError, ssl.SSLError) as exc:
-                if not self._fallback_logged:
-                    self.log.info("rpc.fast_path_fallback", worker=worker.node_id, reason=str(exc))
-                    self._fallback_logged = True
-                carrier = await self.endpoint.open_tunnel(
-                    worker.node_id,
-                    worker.addrs,
-                    StreamKind.RPC_TUNNEL,
-                    RpcTunnelRequest(model=model),
-                    CONTROL_TIMEOUT_S,
-                )
-                await asyncio.wait_for(read_frame_as(carrier[0], Ack), CONTROL_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, PeerRefused, AuthError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            self.log.warning("rpc.tunnel_failed", model=model, worker=worker.node_id, reason=reason)
-            self.directory.tell(
-                "election", RpcTunnelFailed(model=model, worker=worker.node_id, reason=reason)
+            carrier = await self.endpoint.fast.open(
+                worker.node_id, worker.addrs, RpcTunnelRequest(model=model)
             )
+            await asyncio.wait_for(read_frame_as(carrier[0], Ack), CONTROL_TIMEOUT_S)
+        except (ConnectionError, OSError, TimeoutError, ssl.SSLError) as exc:
+            self._note_fallback(worker, exc)
+            await self._carry_quic(model, worker, reader, writer)
+            return
+        except (CodecError, PeerRefused, AuthError) as exc:
+            self._tunnel_failed(model, worker, exc)
             writer.close()
             return
         await splice((reader, writer), carrier, self.bytes_to_workers, self.bytes_from_workers)
@@ -254,10 +249,18 @@ class RpcTunnels:
             tls = self.endpoint.fast.open_blocking(
                 worker.node_id, worker.addrs, RpcTunnelRequest(model=model)
             )
-            _read_ack(tls)
+            try:
+                _read_ack(tls)
+            except BaseException:
+                tls.close()
+                raise
             tls.settimeout(None)
-        except (ConnectionError, OSError, ssl.SSLError, CodecError, PeerRefused, AuthError) as exc:
-            self.log.info("rpc.fast_path_fallback", worker=worker.node_id, reason=str(exc))
+        except (CodecError, PeerRefused, AuthError) as exc:
+            self._tunnel_failed(model, worker, exc)
+            local.close()
+            return
+        except (ConnectionError, OSError, ssl.SSLError) as exc:
+            self._note_fallback(worker, exc)
 
             async def fall_back() -> None:
                 reader, writer = await asyncio.open_connection(sock=local)
