@@ -18,9 +18,9 @@ from typing import Any, ClassVar, TypeVar
 
 import pykka
 
-from meshllm.codec import CodecError, Message, decode, encode
 from meshllm.logsetup import Logger
-from meshllm.messages import Refused, Tick
+from meshllm.wire.codec import CodecError, Message, decode, encode
+from meshllm.wire.messages import Refused, Tick
 
 MsgT = TypeVar("MsgT", bound=Message)
 Handler = Callable[[Any, Any], Message | None]

@@ -20,10 +20,12 @@ from pathlib import Path
 import pykka
 
 from actors.base import Directory, MsgpackActor, handles
-from meshllm.catalog import ModelRef
-from meshllm.codec import encode
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.models.catalog import ModelRef
+from meshllm.placement import Candidate, Shortfall, SplitPlan, fits_solo, needed_bytes, plan_split
+from meshllm.serving.rpc_cache import cache_dir_env, fill_rpc_cache
+from meshllm.wire.codec import encode
+from meshllm.wire.messages import (
     DesiredProcesses,
     EnsureRpcListeners,
     GetPlan,
@@ -47,8 +49,6 @@ from meshllm.messages import (
     Subscribe,
     Tick,
 )
-from meshllm.placement import Candidate, Shortfall, SplitPlan, fits_solo, needed_bytes, plan_split
-from meshllm.rpc_cache import cache_dir_env, fill_rpc_cache
 
 REPLAN_DEBOUNCE_S = 0.25
 SUSPECT_S = 10.0

@@ -12,7 +12,7 @@ import time
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.config import TimingSection
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.wire.messages import (
     ConnectionLost,
     DeathReported,
     DeclareDead,

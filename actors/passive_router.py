@@ -15,7 +15,8 @@ from dataclasses import replace
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.placement import rank_hosts
+from meshllm.wire.messages import (
     GetPlan,
     GetStatus,
     HostFailed,
@@ -35,7 +36,6 @@ from meshllm.messages import (
     StatusReply,
     Tick,
 )
-from meshllm.placement import rank_hosts
 
 RETRY_S = (1.0, 2.0, 5.0, 10.0)
 NOTICE_SPREAD_S = 2.0

@@ -12,10 +12,11 @@ import time
 from dataclasses import replace
 
 from actors.base import Directory, MsgpackActor, handles
-from meshllm.codec import Message
 from meshllm.config import TimingSection
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.peerview import Change, PeerView
+from meshllm.wire.codec import Message
+from meshllm.wire.messages import (
     BroadcastPeerDown,
     ConnectionLost,
     DeathReported,
@@ -42,7 +43,6 @@ from meshllm.messages import (
     Subscribe,
     Tick,
 )
-from meshllm.peerview import Change, PeerView
 
 GOSSIP_FANOUT = 3
 DIAL_BACKOFF_S = 1.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.wire.messages import (
     HostFailed,
     HostInfo,
     ListModels,

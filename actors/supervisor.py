@@ -40,10 +40,10 @@ import psutil
 import pykka
 
 from actors.base import Directory, MsgpackActor, handles
-from meshllm.codec import Message, encode
-from meshllm.llama import LOOPBACK, LlamaBinaries, free_port, rpc_server_command, server_command
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.serving.llama import LOOPBACK, LlamaBinaries, free_port, rpc_server_command, server_command
+from meshllm.wire.codec import Message, encode
+from meshllm.wire.messages import (
     ChildExited,
     ChildHealthy,
     ChildUnhealthy,

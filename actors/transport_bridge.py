@@ -1,6 +1,6 @@
 """TransportBridge actor: the actors' side of the QUIC endpoint.
 
-It owns the :class:`~meshllm.transport.MeshEndpoint` (and so its loop thread): outbound commands
+It owns the :class:`~meshllm.net.endpoint.MeshEndpoint` (and so its loop thread): outbound commands
 arrive here as messages and are scheduled onto the loop; what the loop learns goes back to the owning
 actors as messages, straight from the endpoint. Stopping this actor closes the endpoint.
 """
@@ -12,7 +12,9 @@ import dataclasses
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.net.endpoint import CONTROL_TIMEOUT_S, MeshEndpoint
+from meshllm.net.rpc_tunnel import RpcTunnels
+from meshllm.wire.messages import (
     Ack,
     BroadcastPeerDown,
     EnsureRpcListeners,
@@ -27,8 +29,6 @@ from meshllm.messages import (
     RpcListeners,
     TransportStats,
 )
-from meshllm.rpc_tunnel import RpcTunnels
-from meshllm.transport import CONTROL_TIMEOUT_S, MeshEndpoint
 
 
 class TransportBridge(MsgpackActor):

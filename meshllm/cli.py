@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 
 from meshllm.config import ConfigError, HostPort, NodeConfig, default_config, load_config
-from meshllm.identity import NodeIdentity
-from meshllm.invite import InviteError, MeshMembership
 from meshllm.node import Node, NodeStartError, local_addresses, parse_join_tokens
+from meshllm.wire.identity import NodeIdentity
+from meshllm.wire.invite import InviteError, MeshMembership
 
 app = typer.Typer(
     help=(

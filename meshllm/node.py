@@ -25,17 +25,19 @@ from actors.peer_registry import PeerRegistry
 from actors.router import Router
 from actors.supervisor import Supervisor
 from actors.transport_bridge import TransportBridge
-from meshllm.catalog import ModelNotFound, ModelRef, resolve_model
 from meshllm.config import ConfigError, NodeConfig
-from meshllm.console import ConsoleServer
-from meshllm.framing import StreamKind
-from meshllm.gateway import Gateway
-from meshllm.http_tunnel import HttpTunnelServer
-from meshllm.identity import NodeIdentity
-from meshllm.invite import InviteError, InviteToken, MeshMembership
-from meshllm.llama import LlamaNotFound, find_binaries
+from meshllm.console.server import ConsoleServer
 from meshllm.logsetup import Logger, close_logger, make_logger
-from meshllm.messages import (
+from meshllm.models.capacity import detect_vram
+from meshllm.models.catalog import ModelNotFound, ModelRef, resolve_model
+from meshllm.net.endpoint import MeshEndpoint
+from meshllm.net.http_tunnel import HttpTunnelServer
+from meshllm.serving.gateway import Gateway
+from meshllm.serving.llama import LlamaNotFound, find_binaries
+from meshllm.wire.framing import StreamKind
+from meshllm.wire.identity import NodeIdentity
+from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
+from meshllm.wire.messages import (
     GetStatus,
     HostInfo,
     JoinMesh,
@@ -46,8 +48,6 @@ from meshllm.messages import (
     StatusReply,
     TunnelRequest,
 )
-from meshllm.resources import detect_vram
-from meshllm.transport import MeshEndpoint
 
 LEAVE_TIMEOUT_S = 1.0
 

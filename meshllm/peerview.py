@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshllm.messages import PeerAnnouncement
+from meshllm.wire.messages import PeerAnnouncement
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from meshllm.resources import GIB, detect_vram, nvml_total_bytes
+from meshllm.models.capacity import GIB, detect_vram, nvml_total_bytes
 
 
 def main() -> int:

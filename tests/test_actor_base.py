@@ -15,9 +15,9 @@ import pykka
 import pytest
 
 from actors.base import Directory, MsgpackActor, handles
-from meshllm.codec import CodecError, decode, encode
 from meshllm.logsetup import make_logger
-from meshllm.messages import (
+from meshllm.wire.codec import CodecError, decode, encode
+from meshllm.wire.messages import (
     Ack,
     GetStatus,
     PeerDown,

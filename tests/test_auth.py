@@ -1,4 +1,4 @@
-"""Tests for admission and membership: meshllm.auth, meshllm.identity and meshllm.invite."""
+"""Tests for admission and membership: meshllm.wire.admission, meshllm.wire.identity and meshllm.wire.invite."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_pri
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.auth import AuthError, hello_payload, make_hello, verify_hello
-from meshllm.codec import decode, encode
-from meshllm.identity import NodeIdentity, node_id_of, public_key_of_certificate, verify_signature
-from meshllm.invite import InviteError, InviteToken, MeshMembership
-from meshllm.messages import Hello, Refused
+from meshllm.wire.admission import AuthError, hello_payload, make_hello, verify_hello
+from meshllm.wire.codec import decode, encode
+from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate, verify_signature
+from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
+from meshllm.wire.messages import Hello, Refused
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshllm.invite import InviteToken
+from meshllm.wire.invite import InviteToken
 from tests.support import ProcessFactory, wait_until, write_config
 
 

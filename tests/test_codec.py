@@ -1,4 +1,4 @@
-"""Tests for the wire vocabulary: meshllm.codec, meshllm.messages and meshllm.framing.
+"""Tests for the wire vocabulary: meshllm.wire.codec, meshllm.wire.messages and meshllm.wire.framing.
 
 Every catalog message round-trips with hypothesis values built from its type hints; bad payloads are
 rejected with the right typed error and nothing else; frames survive arbitrary chunking.
@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import meshllm.invite
-from meshllm import codec
-from meshllm.codec import (
+import meshllm.wire.invite
+from meshllm.wire import codec
+from meshllm.wire.codec import (
     MAX_MESSAGE_BYTES,
     CodecError,
     FieldTypeError,
@@ -33,7 +33,7 @@ from meshllm.codec import (
     decode_as,
     encode,
 )
-from meshllm.framing import (
+from meshllm.wire.framing import (
     LENGTH,
     FrameBuffer,
     FrameError,
@@ -45,7 +45,7 @@ from meshllm.framing import (
     read_frame,
     read_frame_as,
 )
-from meshllm.messages import (
+from meshllm.wire.messages import (
     Ack,
     Gossip,
     GossipReceived,
@@ -121,7 +121,7 @@ def test_catalog_is_nonempty_and_tags_unique() -> None:
     assert len(set(classes)) == len(classes)
     tags = [cls.TAG for cls in classes]
     assert len(set(tags)) == len(tags)
-    assert Hello in classes and meshllm.invite.InviteToken in classes
+    assert Hello in classes and meshllm.wire.invite.InviteToken in classes
     # Nested structs travel untagged and must not be in the catalog.
     assert PeerAnnouncement not in classes and Seed not in classes and PeerStatus not in classes
 

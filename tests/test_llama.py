@@ -1,4 +1,4 @@
-"""Unit tests for meshllm.llama: binary discovery order, command lines, free ports."""
+"""Unit tests for meshllm.serving.llama: binary discovery order, command lines, free ports."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import llama
-from meshllm.llama import (
+from meshllm.serving import llama
+from meshllm.serving.llama import (
     LlamaBinaries,
     LlamaNotFound,
     find_binaries,

@@ -10,10 +10,10 @@ import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
-from meshllm.framing import FrameBuffer, StreamKind, pack_stream_start
-from meshllm.invite import InviteToken, MeshMembership
-from meshllm.messages import Gossip, Refused
-from meshllm.transport import ALPN
+from meshllm.net.endpoint import ALPN
+from meshllm.wire.framing import FrameBuffer, StreamKind, pack_stream_start
+from meshllm.wire.invite import InviteToken, MeshMembership
+from meshllm.wire.messages import Gossip, Refused
 from tests.support import NodeFactory, wait_until
 
 

@@ -16,12 +16,12 @@ from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
 from meshllm.config import TimingSection
-from meshllm.framing import FrameBuffer, StreamKind
-from meshllm.invite import InviteToken
-from meshllm.messages import GetStatus, Refused
+from meshllm.net.endpoint import ALPN
 from meshllm.node import Node
 from meshllm.placement import host_for_client
-from meshllm.transport import ALPN
+from meshllm.wire.framing import FrameBuffer, StreamKind
+from meshllm.wire.invite import InviteToken
+from meshllm.wire.messages import GetStatus, Refused
 from tests.support import NodeFactory, NodeProcess, ProcessFactory, wait_until
 
 pytestmark = pytest.mark.llama

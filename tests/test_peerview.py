@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.messages import PeerAnnouncement
 from meshllm.peerview import PeerView
+from meshllm.wire.messages import PeerAnnouncement
 
 OWN = "own"
 TTL = 30.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from meshllm import resources
-from meshllm.resources import GIB, RAM_SHARE, detect_vram
+from meshllm.models import capacity as resources
+from meshllm.models.capacity import GIB, RAM_SHARE, detect_vram
 
 
 def test_config_override_wins() -> None:

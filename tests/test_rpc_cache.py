@@ -19,9 +19,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from meshllm import rpc_cache
-from meshllm.llama import LlamaNotFound, find_binaries, free_port
-from meshllm.rpc_cache import (
+from meshllm.serving import rpc_cache
+from meshllm.serving.llama import LlamaNotFound, find_binaries, free_port
+from meshllm.serving.rpc_cache import (
     HASH_THRESHOLD,
     CacheFill,
     cache_dir_env,

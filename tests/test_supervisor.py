@@ -25,10 +25,10 @@ import pytest
 
 from actors.base import Directory, MsgpackActor, handles
 from actors.supervisor import Supervisor
-from meshllm.codec import Message, encode
-from meshllm.llama import LlamaBinaries, LlamaNotFound, find_binaries
 from meshllm.logsetup import Logger, make_logger
-from meshllm.messages import DesiredProcesses, LlamaFailed, LlamaReady, LlamaStopped, ProcessSpec
+from meshllm.serving.llama import LlamaBinaries, LlamaNotFound, find_binaries
+from meshllm.wire.codec import Message, encode
+from meshllm.wire.messages import DesiredProcesses, LlamaFailed, LlamaReady, LlamaStopped, ProcessSpec
 
 pytestmark = pytest.mark.llama
 
@@ -360,9 +360,9 @@ NODE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from actors.base import Directory, MsgpackActor, handles
     from actors.supervisor import Supervisor
-    from meshllm.llama import find_binaries
+    from meshllm.serving.llama import find_binaries
     from meshllm.logsetup import make_logger
-    from meshllm.messages import DesiredProcesses, LlamaReady, ProcessSpec
+    from meshllm.wire.messages import DesiredProcesses, LlamaReady, ProcessSpec
 
     class Printer(MsgpackActor):
         name = "printer"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from meshllm.llama import LlamaNotFound, find_binaries, free_port
+from meshllm.serving.llama import LlamaNotFound, find_binaries, free_port
 from tests.support import wait_until
 from tests.tinymodel import tiny_model, write_tiny_model
 

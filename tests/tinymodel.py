@@ -33,7 +33,7 @@ N_HEAD = 4
 N_HEAD_KV = 2
 N_FF = 128
 N_CTX_TRAIN = (
-    4096  # = meshllm.llama.SERVER_DEFAULT_ARGS -c; a smaller value makes llama-server cap the slot context
+    4096  # = meshllm.serving.llama.SERVER_DEFAULT_ARGS -c; a smaller value makes llama-server cap the slot context
 )
 ROPE_FREQ_BASE = 10000.0
 RMS_EPS = 1e-5

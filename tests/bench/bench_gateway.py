@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from meshllm.llama import find_binaries
+from meshllm.serving.llama import find_binaries
 from tests.support import ProcessFactory, wait_until
 
 MODEL = "smollm2-135m"

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshllm.messages import GetTransportStats, TransportStats
+from meshllm.wire.messages import GetTransportStats, TransportStats
 from tests.support import NodeFactory, ProcessFactory, wait_until
 from tests.test_mesh_processes import _epoch, _peer_ids
 

@@ -55,7 +55,7 @@ from typing import Any
 
 import psutil
 
-from meshllm.invite import InviteToken
+from meshllm.wire.invite import InviteToken
 from tests.support import REPO, NodeProcess, ProcessFactory, wait_until, write_config
 
 # -- the node under test: `meshllm run` plus a stats thread ------------------------------------------------
@@ -68,7 +68,7 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
 
         tracemalloc.start(trace_frames)
     import meshllm.cli as cli
-    from meshllm.messages import GetTransportStats, TransportStats
+    from meshllm.wire.messages import GetTransportStats, TransportStats
 
     holder: dict[str, Any] = {}
 

@@ -26,8 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from meshllm.catalog import resolve_model
-from meshllm.llama import find_binaries, free_port, rpc_server_command, server_command
+from meshllm.models.catalog import resolve_model
+from meshllm.serving.llama import find_binaries, free_port, rpc_server_command, server_command
 from tests.support import NodeProcess, ProcessFactory, wait_until
 from tests.test_mesh_processes import _epoch
 
@@ -197,7 +197,7 @@ def tokens_figures(tmp: Path, rounds: int, tokens: int) -> None:
 
 async def _throughput(total: int) -> tuple[float, float]:
     """MB/s through plain loopback TCP and through an RPC tunnel between two in-process nodes."""
-    from meshllm.messages import EnsureRpcListeners, LocalServing, RpcListeners, Seed
+    from meshllm.wire.messages import EnsureRpcListeners, LocalServing, RpcListeners, Seed
     from tests.support import NodeFactory
 
     received = 0

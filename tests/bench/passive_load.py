@@ -31,12 +31,12 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from meshllm.auth import make_hello
-from meshllm.framing import StreamKind, pack_stream_start, read_frame_as
-from meshllm.identity import NodeIdentity
-from meshllm.invite import MeshMembership
-from meshllm.messages import Hello, RouteRequest, RouteTable
-from meshllm.transport import ALPN
+from meshllm.net.endpoint import ALPN
+from meshllm.wire.admission import make_hello
+from meshllm.wire.framing import StreamKind, pack_stream_start, read_frame_as
+from meshllm.wire.identity import NodeIdentity
+from meshllm.wire.invite import MeshMembership
+from meshllm.wire.messages import Hello, RouteRequest, RouteTable
 
 PING_INTERVAL_S = 20.0
 REQUEST_TIMEOUT_S = 30.0

@@ -2,7 +2,7 @@
 
 A token is base64url of a small msgpack record: the inviting node's id and addresses, the mesh id and
 the mesh secret. Whoever holds a token can join; the secret never travels in the clear on the wire
-(peers prove it with an HMAC in :mod:`meshllm.auth`).
+(peers prove it with an HMAC in :mod:`meshllm.wire.admission`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshllm.codec import CodecError, Message, decode_as, encode, message
+from meshllm.wire.codec import CodecError, Message, decode_as, encode, message
 
 MESH_FILE = "mesh.json"
 

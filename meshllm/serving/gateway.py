@@ -22,13 +22,14 @@ import aiohttp
 from aiohttp import web
 
 from actors.base import Directory
-from meshllm.aio import start_http
-from meshllm.auth import AuthError
-from meshllm.codec import CodecError
-from meshllm.framing import PeerRefused, StreamKind, read_frame_as
-from meshllm.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
 from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.net.aio import start_http
+from meshllm.net.endpoint import MeshEndpoint
+from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
+from meshllm.wire.admission import AuthError
+from meshllm.wire.codec import CodecError
+from meshllm.wire.framing import PeerRefused, StreamKind, read_frame_as
+from meshllm.wire.messages import (
     HostFailed,
     HostInfo,
     ListModels,
@@ -38,7 +39,6 @@ from meshllm.messages import (
     TunnelRequest,
     TunnelResponse,
 )
-from meshllm.transport import MeshEndpoint
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 ASK_TIMEOUT_S = 5.0

@@ -4,7 +4,7 @@ A split host's ``llama-server --rpc`` dials loopback TCP ports; each is a listen
 every accepted connection to one worker, whose node connects it to its own loopback
 ``ggml-rpc-server``. No rpc-server ever listens beyond loopback. Bytes pass through untouched.
 
-Carrier: the mesh's fast path (:mod:`meshllm.fast_path`, TLS pinned to node ids) first - ggml-rpc
+Carrier: the mesh's fast path (:mod:`meshllm.net.fast_path`, TLS pinned to node ids) first - ggml-rpc
 is a small round trip per generated token, and each cost ~3 ms more through aioquic than through
 TCP - and a QUIC RPC_TUNNEL stream when the fast path cannot connect. On the host the relay runs on
 two threads with blocking sockets rather than on the event loop: per message it then spends its time
@@ -23,12 +23,21 @@ import threading
 from dataclasses import dataclass, field
 
 from actors.base import Directory
-from meshllm.auth import AuthError
-from meshllm.codec import CodecError, decode
-from meshllm.framing import LENGTH, PeerRefused, StreamKind, pack_frame, read_frame_as
 from meshllm.logsetup import Logger
-from meshllm.messages import Ack, Hello, Refused, Route, RouteReply, RpcTunnelFailed, RpcTunnelRequest, Seed
-from meshllm.transport import CONTROL_TIMEOUT_S, MeshEndpoint
+from meshllm.net.endpoint import CONTROL_TIMEOUT_S, MeshEndpoint
+from meshllm.wire.admission import AuthError
+from meshllm.wire.codec import CodecError, decode
+from meshllm.wire.framing import LENGTH, PeerRefused, StreamKind, pack_frame, read_frame_as
+from meshllm.wire.messages import (
+    Ack,
+    Hello,
+    Refused,
+    Route,
+    RouteReply,
+    RpcTunnelFailed,
+    RpcTunnelRequest,
+    Seed,
+)
 
 CHUNK = 256 * 1024
 ROUTE_TIMEOUT_S = 5.0

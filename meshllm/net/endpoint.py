@@ -30,11 +30,12 @@ from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives import serialization
 
 from actors.base import Directory
-from meshllm.aio import LoopThread
-from meshllm.auth import AuthError, make_hello, verify_hello
-from meshllm.codec import CodecError, M, Message
-from meshllm.fast_path import FastPath
-from meshllm.framing import (
+from meshllm.logsetup import Logger
+from meshllm.net.aio import LoopThread
+from meshllm.net.fast_path import FastPath
+from meshllm.wire.admission import AuthError, make_hello, verify_hello
+from meshllm.wire.codec import CodecError, M, Message
+from meshllm.wire.framing import (
     FrameError,
     PeerRefused,
     StreamKind,
@@ -44,10 +45,9 @@ from meshllm.framing import (
     read_frame,
     read_frame_as,
 )
-from meshllm.identity import NodeIdentity, node_id_of, public_key_of_certificate
-from meshllm.invite import MeshMembership
-from meshllm.logsetup import Logger
-from meshllm.messages import (
+from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
+from meshllm.wire.invite import MeshMembership
+from meshllm.wire.messages import (
     Ack,
     ConnectionLost,
     Gossip,

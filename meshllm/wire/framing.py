@@ -10,7 +10,7 @@ import asyncio
 import enum
 import struct
 
-from meshllm.codec import (
+from meshllm.wire.codec import (
     MAX_MESSAGE_BYTES,
     CodecError,
     FieldTypeError,
@@ -20,7 +20,7 @@ from meshllm.codec import (
     decode,
     encode,
 )
-from meshllm.messages import Refused
+from meshllm.wire.messages import Refused
 
 LENGTH = struct.Struct(">I")
 

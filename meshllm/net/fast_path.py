@@ -24,13 +24,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshllm.auth import AuthError, make_hello, verify_hello
-from meshllm.codec import CodecError, Message
-from meshllm.framing import pack_frame, read_frame, read_frame_as
-from meshllm.identity import NodeIdentity, node_id_of, public_key_of_certificate
-from meshllm.invite import MeshMembership
 from meshllm.logsetup import Logger
-from meshllm.messages import Hello, Refused
+from meshllm.wire.admission import AuthError, make_hello, verify_hello
+from meshllm.wire.codec import CodecError, Message
+from meshllm.wire.framing import pack_frame, read_frame, read_frame_as
+from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
+from meshllm.wire.invite import MeshMembership
+from meshllm.wire.messages import Hello, Refused
 
 ALPN_FAST = "meshllm-fast/1"
 CONNECT_TIMEOUT_S = 3.0

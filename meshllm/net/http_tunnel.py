@@ -15,9 +15,9 @@ from collections.abc import Mapping
 import aiohttp
 
 from actors.base import Directory
-from meshllm.framing import pack_frame, read_frame_as
 from meshllm.logsetup import Logger
-from meshllm.messages import Hello, Refused, Route, RouteReply, TunnelRequest, TunnelResponse
+from meshllm.wire.framing import pack_frame, read_frame_as
+from meshllm.wire.messages import Hello, Refused, Route, RouteReply, TunnelRequest, TunnelResponse
 
 CHUNK = 65536
 PASSED_HEADERS = ("content-type", "cache-control")

@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from actors.base import Directory
-from meshllm.aio import LoopThread, start_http
-from meshllm.messages import (
+from meshllm.net.aio import LoopThread, start_http
+from meshllm.wire.messages import (
     GetPlan,
     GetStatus,
     GetTransportStats,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshllm.codec import Message, message
+from meshllm.wire.codec import Message, message
 
 # -- nested structs -----------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ class Hello(Message):
     """First frame a connection's initiator sends (and the answer it gets): proves mesh secret and key.
 
     ``mac`` is HMAC-SHA256 with the mesh secret and ``signature`` an Ed25519 signature with the node
-    key, both over :func:`meshllm.auth.hello_payload` of the other fields.
+    key, both over :func:`meshllm.wire.admission.hello_payload` of the other fields.
     """
 
     mesh_id: str

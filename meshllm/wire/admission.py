@@ -14,9 +14,9 @@ import secrets
 
 import msgpack
 
-from meshllm.identity import NodeIdentity, node_id_of, verify_signature
-from meshllm.invite import MeshMembership
-from meshllm.messages import Hello
+from meshllm.wire.identity import NodeIdentity, node_id_of, verify_signature
+from meshllm.wire.invite import MeshMembership
+from meshllm.wire.messages import Hello
 
 
 class AuthError(Exception):
