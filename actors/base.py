@@ -5,6 +5,11 @@ handler registered for that type. A handler's return value (a message) is the re
 encoded to bytes again. Undecodable or unhandled messages, and handlers that raise, are logged and
 dropped: the actor keeps running. Actors never hold each other's objects, only names in a
 :class:`Directory`.
+
+An actor puts its own name in the directory from its constructor, before pykka starts its thread,
+so nothing it says from ``on_start`` can be answered to a name that is not there yet. Replies are
+typed: :meth:`Directory.ask` names the reply type it expects and raises :class:`AskError` (with the
+actor's reason when it answered ``Refused``) instead of handing the caller something else.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from meshllm.wire.codec import CodecError, Message, decode, encode
 from meshllm.wire.messages import Refused, Tick
 
 MsgT = TypeVar("MsgT", bound=Message)
+ReplyT = TypeVar("ReplyT", bound=Message)
 Handler = Callable[[Any, Any], Message | None]
 
 
@@ -38,6 +44,10 @@ def handles(msg_type: type[Message]) -> Callable[[Callable[[Any, MsgT], Message 
 
 _ASK_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="actor-ask")
 """Threads that wait for actor replies on behalf of asyncio code (HTTP handlers, tunnels)."""
+
+
+class AskError(RuntimeError):
+    """An ask got no usable reply: nobody by that name, a refusal, or a reply of another type."""
 
 
 class Directory:
@@ -74,20 +84,37 @@ class Directory:
             return False
         return True
 
-    def ask(self, name: str, msg: Message, timeout: float = 5.0) -> Message:
-        """Send a message and wait for the decoded reply (raises LookupError if nobody is there)."""
+    def ask(self, name: str, msg: Message, reply_type: type[ReplyT], timeout: float = 5.0) -> ReplyT:
+        """Send a message and wait for its reply, which must be a ``reply_type``.
+
+        Raises :class:`AskError` when nobody has that name, the actor refused (its reason is in the
+        error), or it answered with something else; ``pykka.Timeout`` when it did not answer in time.
+        """
         ref = self.ref(name)
         if ref is None:
-            raise LookupError(f"no actor named {name!r}")
-        reply = ref.ask(encode(msg), timeout=timeout)
-        if not isinstance(reply, bytes):
-            raise CodecError(f"{name} replied with {type(reply).__name__}, not bytes")
-        return decode(reply)
+            raise AskError(f"no actor named {name!r}")
+        try:
+            raw = ref.ask(encode(msg), timeout=timeout)
+        except pykka.ActorDeadError:
+            raise AskError(f"{name} stopped") from None
+        if not isinstance(raw, bytes):
+            raise AskError(f"{name} gave no reply to {type(msg).__name__}")
+        try:
+            reply = decode(raw)
+        except CodecError as exc:
+            raise AskError(f"{name} replied with an undecodable message: {exc}") from None
+        if isinstance(reply, reply_type):
+            return reply
+        if isinstance(reply, Refused):
+            raise AskError(f"{name} refused {type(msg).__name__}: {reply.reason}")
+        raise AskError(f"{name} answered {type(msg).__name__} with {type(reply).__name__}, not {reply_type.__name__}")
 
-    async def ask_async(self, name: str, msg: Message, timeout: float = 5.0) -> Message:
+    async def ask_async(
+        self, name: str, msg: Message, reply_type: type[ReplyT], timeout: float = 5.0
+    ) -> ReplyT:
         """:meth:`ask` for asyncio code: the wait happens on a pool thread, not the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_ASK_POOL, self.ask, name, msg, timeout)
+        return await loop.run_in_executor(_ASK_POOL, self.ask, name, msg, reply_type, timeout)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -121,6 +148,8 @@ class MsgpackActor(pykka.ThreadingActor):
         self.directory = directory
         self.log = logger.bind(actor=self.name)
         self._timers: list[threading.Event] = []
+        # Registered before pykka starts this actor's thread: see the module docstring.
+        directory.register(self.name, self.actor_ref)
 
     # -- inbox --------------------------------------------------------------------------------------
 

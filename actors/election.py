@@ -6,13 +6,16 @@ It re-plans on topology events (debounced) and tells the Supervisor the desired 
 the plan changed, so an unchanged set of workers and fractions never restarts anything. It turns
 the Supervisor's reports into the node's announcement (what it serves, which rpc-servers are up)
 and the router's local ports. Every node computes the same plan from the same view: decisions come
-from the pure functions in :mod:`meshllm.placement`.
+from the pure functions in :mod:`meshllm.placement`; how each child is spelled comes from
+:mod:`meshllm.serving.process_specs`.
+
+It never waits on another actor: a split host's tunnel listeners are asked of the transport with
+``EnsureRpcListeners`` and arrive later as an ``RpcListeners`` message, which triggers a re-plan.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,8 @@ from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.models.catalog import ModelRef
 from meshllm.placement import Candidate, Shortfall, SplitPlan, fits_solo, needed_bytes, plan_split
-from meshllm.serving.rpc_cache import cache_dir_env, fill_rpc_cache
+from meshllm.serving.cache_fill import fill_in_background
+from meshllm.serving.process_specs import parse_key, rpc_spec, server_spec, split_server_spec
 from meshllm.wire.codec import encode
 from meshllm.wire.messages import (
     DesiredProcesses,
@@ -53,9 +57,6 @@ from meshllm.wire.messages import (
 REPLAN_DEBOUNCE_S = 0.25
 SUSPECT_S = 10.0
 """A worker whose RPC tunnel failed is left out of plans this long (no crash loop against it)."""
-SPLIT_SERVER_ARGS = ("-ngl", "999", "-ot", r"token_embd\.weight=CPU")
-"""All layers on the RPC devices; the (often tied) embedding/output matrix stays with llama-server,
-so logits are computed on the host instead of crossing the tunnel every token."""
 
 
 @dataclass
@@ -69,16 +70,9 @@ class LocalModel:
     plan: SplitPlan | None = None
     shortfall: Shortfall | None = None
     detail: str = ""
-    listening: dict[str, int] = field(default_factory=dict)
+    listening: dict[str, int] = field(default_factory=dict)  # tunnel listener port per worker
+    listeners_asked: tuple[str, ...] = ()  # workers we asked the transport listeners for
     cache: str = "empty"  # rpc tensor cache: empty | filling | filled
-
-
-def server_key(model: str) -> str:
-    return f"server:{model}"
-
-
-def rpc_key(model: str) -> str:
-    return f"rpc:{model}"
 
 
 class Election(MsgpackActor):
@@ -99,7 +93,7 @@ class Election(MsgpackActor):
     ) -> None:
         super().__init__(directory, logger)
         self.cache_dir = cache_dir
-        self.thread_args = ("-t", str(threads)) if threads else ()
+        self.threads = threads
         self.own_id = own_id
         self.vram_bytes = vram_bytes
         self.force_split = force_split
@@ -174,48 +168,24 @@ class Election(MsgpackActor):
         cands += [Candidate(p.node_id, p.vram_bytes) for p in wanting if p.node_id not in self.suspects]
         return cands, force
 
-    def _server_spec(self, local: LocalModel, args: tuple[str, ...] = ()) -> ProcessSpec:
-        # --alias: answers name the model as clients asked for it, not by its file path.
-        return ProcessSpec(
-            key=server_key(local.ref.name),
-            kind="llama-server",
-            model_path=str(local.ref.path),
-            args=("--alias", local.ref.name, *self.thread_args, *args),
-        )
-
     def _rpc_spec(self, local: LocalModel) -> list[ProcessSpec]:
         """This node's rpc-server for a model, once its tensor cache is filled from the local GGUF
         (so the host sends only what the cache lacks). The fill runs off the actor thread."""
         name = local.ref.name
         if self.cache_dir is None:
-            return [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="", args=self.thread_args)]
+            return [rpc_spec(name, self.threads)]
         if local.cache == "empty":
             local.cache = "filling"
-            ref, cache_dir, ref_actor = local.ref, self.cache_dir, self.actor_ref
+            me = self.actor_ref
 
-            def fill() -> None:
-                try:
-                    done = fill_rpc_cache(ref.path, cache_dir)
-                    msg = RpcCacheFilled(
-                        model=ref.name, files=done.files_written, bytes_written=done.bytes_written
-                    )
-                except Exception as exc:  # whatever went wrong, the rpc-server still starts (cold cache)
-                    msg = RpcCacheFilled(model=ref.name, files=0, bytes_written=0, error=str(exc))
+            def report(msg: RpcCacheFilled) -> None:
                 with contextlib.suppress(pykka.ActorDeadError):
-                    ref_actor.tell(encode(msg))
+                    me.tell(encode(msg))
 
-            threading.Thread(target=fill, name=f"rpc-cache-{name}", daemon=True).start()
+            fill_in_background(local.ref, self.cache_dir, report)
         if local.cache != "filled":
             return []
-        return [
-            ProcessSpec(
-                key=rpc_key(name),
-                kind="rpc-server",
-                model_path="",
-                args=("-c",),
-                env=cache_dir_env(self.cache_dir),
-            )
-        ]
+        return [rpc_spec(name, None, self.cache_dir)]
 
     @handles(RpcCacheFilled)
     def on_cache_filled(self, msg: RpcCacheFilled) -> None:
@@ -237,7 +207,7 @@ class Election(MsgpackActor):
         local.plan, local.shortfall, local.detail = None, None, ""
         if not force and fits_solo(self.vram_bytes, size):
             local.mode = "solo"
-            return [self._server_spec(local)]
+            return [server_spec(local.ref, self.threads)]
         plan = plan_split(cands, size, force)
         if isinstance(plan, Shortfall):
             local.mode, local.shortfall = "waiting", plan
@@ -246,15 +216,11 @@ class Election(MsgpackActor):
         local.plan = plan
         if plan.host != self.own_id:
             local.mode = "worker" if self.own_id in plan.workers else "standby"
-            return (
-                [ProcessSpec(key=rpc_key(name), kind="rpc-server", model_path="")]
-                if local.mode == "worker"
-                else []
-            )
+            return [rpc_spec(name, None)] if local.mode == "worker" else []
         if not plan.workers:  # forced, but nobody to split with
             local.mode = "solo"
             local.detail = "split forced but no other node serves this model"
-            return [self._server_spec(local)]
+            return [server_spec(local.ref, self.threads)]
         local.mode = "split"
         specs = self._rpc_spec(local)
         not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
@@ -263,24 +229,44 @@ class Election(MsgpackActor):
                 (["this node"] if local.rpc != "ready" else []) + [w[:12] for w in not_ready]
             )
             return specs
-        seeds = tuple(Seed(node_id=w, addrs=self.peers[w].addrs) for w in plan.workers)
-        reply = self.directory.ask("transport", EnsureRpcListeners(model=name, workers=seeds))
-        if not isinstance(reply, RpcListeners) or set(reply.ports) != set(plan.workers):
-            local.detail = "could not open RPC tunnel listeners"
+        if set(local.listening) != set(plan.workers):
+            self._ask_listeners(local, plan.workers)
+            local.detail = "opening RPC tunnel listeners"
             return specs
-        local.listening = dict(reply.ports)
-        rpc = [f"127.0.0.1:{local.rpc_port}"] + [f"127.0.0.1:{reply.ports[w]}" for w in plan.workers]
-        args = ("--rpc", ",".join(rpc), "--tensor-split", ",".join(f"{f:g}" for f in plan.fractions))
-        specs.append(self._server_spec(local, args + SPLIT_SERVER_ARGS))
+        ports = [local.rpc_port] + [local.listening[w] for w in plan.workers]
+        specs.append(split_server_spec(local.ref, self.threads, ports, plan.fractions))
         return specs
+
+    def _ask_listeners(self, local: LocalModel, workers: tuple[str, ...]) -> None:
+        """Ask the transport for tunnel listeners to these workers (empty: close them); the answer
+        comes back as RpcListeners. Asked once per set of workers, not on every re-plan."""
+        if local.listeners_asked == workers:
+            return
+        local.listeners_asked = workers
+        local.listening = {}
+        seeds = tuple(Seed(node_id=w, addrs=self.peers[w].addrs) for w in workers)
+        self.tell("transport", EnsureRpcListeners(model=local.ref.name, workers=seeds))
+
+    @handles(RpcListeners)
+    def on_listeners(self, msg: RpcListeners) -> None:
+        local = self.models.get(msg.model)
+        if local is None or not local.listeners_asked:
+            return  # the answer to a close
+        if msg.error:
+            self.log.warning("rpc.listeners_failed", model=msg.model, reason=msg.error)
+            local.listeners_asked = ()  # asked again on the next re-plan
+        elif set(msg.ports) != set(local.listeners_asked):
+            return  # the answer to an older request
+        else:
+            local.listening = dict(msg.ports)
+        self._touch()
 
     def _replan(self) -> None:
         specs: list[ProcessSpec] = []
         for name, local in self.models.items():
             specs += self._plan_model(local)
-            if local.mode != "split" and local.listening:
-                self.directory.ask("transport", EnsureRpcListeners(model=name, workers=()))
-                local.listening = {}
+            if local.mode != "split" and local.listeners_asked:
+                self._ask_listeners(local, ())
             self._log_plan(name, local)
         desired = tuple(specs)
         if desired == self.desired:
@@ -329,7 +315,7 @@ class Election(MsgpackActor):
     # -- supervisor reports ---------------------------------------------------------------------------
 
     def _model_of(self, key: str) -> tuple[LocalModel | None, str]:
-        kind, _, name = key.partition(":")
+        kind, name = parse_key(key)
         return self.models.get(name), kind
 
     def _announce(self) -> None:

@@ -43,9 +43,16 @@ class TransportBridge(MsgpackActor):
         self.rpc_tunnels = RpcTunnels(endpoint, directory, logger)
 
     @handles(EnsureRpcListeners)
-    def on_rpc_listeners(self, msg: EnsureRpcListeners) -> RpcListeners:
-        ports = self._thread.run(self.rpc_tunnels.ensure(msg.model, msg.workers), timeout=10)
-        return RpcListeners(model=msg.model, ports=ports)
+    def on_rpc_listeners(self, msg: EnsureRpcListeners) -> None:
+        async def ensure() -> None:
+            try:
+                ports = await self.rpc_tunnels.ensure(msg.model, msg.workers)
+                reply = RpcListeners(model=msg.model, ports=ports)
+            except OSError as exc:
+                reply = RpcListeners(model=msg.model, ports={}, error=f"{type(exc).__name__}: {exc}")
+            self.tell("election", reply)
+
+        self._thread.submit(ensure())
 
     @handles(GossipSnapshot)
     def on_snapshot(self, msg: GossipSnapshot) -> None:

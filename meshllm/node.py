@@ -38,6 +38,7 @@ from meshllm.wire.framing import StreamKind
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
 from meshllm.wire.messages import (
+    Ack,
     GetStatus,
     HostInfo,
     JoinMesh,
@@ -245,8 +246,7 @@ class Node:
         return self
 
     def _spawn(self, actor_cls: Any, **kwargs: Any) -> None:
-        ref = actor_cls.start(self.directory, self.log, **kwargs)
-        self.directory.register(actor_cls.name, ref)
+        actor_cls.start(self.directory, self.log, **kwargs)  # it registers its own name
 
     def stop(self, leave: bool = True) -> None:
         """Stop the node; with ``leave`` peers are told first (they log ``peer.left``)."""
@@ -257,7 +257,7 @@ class Node:
             notice = PeerLeaving(node_id=self.node_id, incarnation=self.incarnation)
             try:
                 self.directory.ask(
-                    "transport", Leave(notice=notice, timeout_s=LEAVE_TIMEOUT_S), LEAVE_TIMEOUT_S + 2
+                    "transport", Leave(notice=notice, timeout_s=LEAVE_TIMEOUT_S), Ack, LEAVE_TIMEOUT_S + 2
                 )
             except Exception as exc:
                 self.log.warning("mesh.leave_failed", reason=str(exc))
@@ -313,9 +313,7 @@ class Node:
         return self.endpoint.port
 
     def status(self, timeout: float = 5.0) -> StatusReply:
-        reply = self.directory.ask("registry", GetStatus(), timeout)
-        assert isinstance(reply, StatusReply)
-        return reply
+        return self.directory.ask("registry", GetStatus(), StatusReply, timeout)
 
     def peer_ids(self) -> set[str]:
         return {p.node_id for p in self.status().peers}

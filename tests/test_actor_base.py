@@ -14,9 +14,9 @@ import msgpack
 import pykka
 import pytest
 
-from actors.base import Directory, MsgpackActor, handles
+from actors.base import AskError, Directory, MsgpackActor, handles
 from meshllm.logsetup import make_logger
-from meshllm.wire.codec import CodecError, decode, encode
+from meshllm.wire.codec import decode, encode
 from meshllm.wire.messages import (
     Ack,
     GetStatus,
@@ -106,15 +106,11 @@ def record() -> Record:
 
 @pytest.fixture
 def actor(directory: Directory, log: Log, record: Record) -> pykka.ActorRef[Any]:
-    ref = Recorder.start(directory, make_logger("test", stream=log), record)
-    directory.register("rec", ref)
-    return ref
+    return Recorder.start(directory, make_logger("test", stream=log), record)  # registers itself
 
 
 def status(directory: Directory) -> StatusReply:
-    reply = directory.ask("rec", GetStatus(), timeout=WAIT)
-    assert isinstance(reply, StatusReply)
-    return reply
+    return directory.ask("recorder", GetStatus(), StatusReply, timeout=WAIT)
 
 
 def raw_ask(ref: pykka.ActorRef[Any], payload: Any) -> Any:
@@ -126,14 +122,14 @@ def raw_ask(ref: pykka.ActorRef[Any], payload: Any) -> Any:
 
 
 def test_tell_delivers(directory: Directory, actor: pykka.ActorRef[Any], record: Record) -> None:
-    assert directory.tell("rec", Tick("hello")) is True
+    assert directory.tell("recorder", Tick("hello")) is True
     assert record.tick_seen.wait(WAIT)
     assert record.ticks == ["hello"]
 
 
 def test_ask_decodes_the_reply(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
-    directory.tell("rec", Tick("a"))
-    directory.tell("rec", Tick("b"))
+    directory.tell("recorder", Tick("a"))
+    directory.tell("recorder", Tick("b"))
     reply = status(directory)  # the inbox is ordered: both ticks were handled first
     assert reply.vram_bytes == 2
     assert reply.peers == (PeerStatus("p", "peer", "active", 1, (), (), 0.5),)
@@ -149,38 +145,63 @@ def test_raw_reply_is_msgpack_bytes(actor: pykka.ActorRef[Any]) -> None:
 
 def test_ask_async(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
     async def go() -> list[Any]:
-        return list(await asyncio.gather(*(directory.ask_async("rec", GetStatus(), WAIT) for _ in range(3))))
+        return list(
+            await asyncio.gather(*(directory.ask_async("recorder", GetStatus(), StatusReply, WAIT) for _ in range(3)))
+        )
 
     replies = asyncio.run(go())
     assert len(replies) == 3 and all(isinstance(r, StatusReply) for r in replies)
 
 
-def test_ask_with_no_reply_is_a_codec_error(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
-    with pytest.raises(CodecError, match="NoneType"):
-        directory.ask("rec", Tick("x"), timeout=WAIT)
+def test_ask_with_no_reply_is_an_ask_error(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
+    with pytest.raises(AskError, match="no reply to Tick"):
+        directory.ask("recorder", Tick("x"), Ack, timeout=WAIT)
+
+
+def test_ask_for_another_reply_type_is_an_ask_error(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
+    with pytest.raises(AskError, match="answered GetStatus with StatusReply, not Ack"):
+        directory.ask("recorder", GetStatus(), Ack, timeout=WAIT)
+
+
+def test_actor_is_in_the_directory_before_its_thread_runs(directory: Directory, log: Log) -> None:
+    class Early(MsgpackActor):
+        """Tells itself from on_start: lost if its name were registered only after start()."""
+
+        name = "early"
+        seen = threading.Event()
+
+        def on_start(self) -> None:
+            self.tell("early", Tick("self"))
+
+        @handles(Tick)
+        def on_tick(self, msg: Tick) -> None:
+            Early.seen.set()
+
+    Early.start(directory, make_logger("t", stream=log))
+    assert Early.seen.wait(WAIT)
 
 
 def test_unknown_names(directory: Directory) -> None:
     assert directory.tell("nobody", Tick("x")) is False
-    with pytest.raises(LookupError, match="nobody"):
-        directory.ask("nobody", GetStatus())
-    with pytest.raises(LookupError):
-        asyncio.run(directory.ask_async("nobody", GetStatus()))
+    with pytest.raises(AskError, match="nobody"):
+        directory.ask("nobody", GetStatus(), StatusReply)
+    with pytest.raises(AskError):
+        asyncio.run(directory.ask_async("nobody", GetStatus(), StatusReply))
     assert directory.ref("nobody") is None
 
 
 def test_directory_register_and_unregister(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
-    assert directory.names() == ["rec"]
-    assert directory.ref("rec") is actor
-    directory.unregister("rec")
-    assert directory.tell("rec", Tick("x")) is False
-    directory.unregister("rec")  # twice is fine
+    assert directory.names() == ["recorder"]
+    assert directory.ref("recorder") is actor
+    directory.unregister("recorder")
+    assert directory.tell("recorder", Tick("x")) is False
+    directory.unregister("recorder")  # twice is fine
     actor.stop()
 
 
 def test_tell_to_a_stopped_actor_is_false(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
     actor.stop(timeout=WAIT)
-    assert directory.tell("rec", Tick("x")) is False
+    assert directory.tell("recorder", Tick("x")) is False
 
 
 def test_stop_all_stops_everything(log: Log, record: Record) -> None:
@@ -232,7 +253,7 @@ def test_undecodable_bytes_are_logged_and_refused(
     reply = raw_ask(actor, payload)
     assert isinstance(reply, Refused) and error in reply.reason
     actor.tell(payload)
-    directory.tell("rec", Tick("after"))
+    directory.tell("recorder", Tick("after"))
     assert status(directory)
     assert record.ticks == ["after"]
     events = log.named("actor.bad_message")
@@ -242,10 +263,10 @@ def test_undecodable_bytes_are_logged_and_refused(
 def test_unhandled_types_are_logged_and_refused(
     directory: Directory, actor: pykka.ActorRef[Any], log: Log, record: Record
 ) -> None:
-    reply = directory.ask("rec", Ack(), timeout=WAIT)
-    assert isinstance(reply, Refused) and "does not handle Ack" in reply.reason
-    assert directory.tell("rec", Refused("nobody handles me")) is True
-    directory.tell("rec", Tick("after"))
+    with pytest.raises(AskError, match="does not handle Ack"):
+        directory.ask("recorder", Ack(), Ack, timeout=WAIT)
+    assert directory.tell("recorder", Refused("nobody handles me")) is True
+    directory.tell("recorder", Tick("after"))
     assert status(directory)
     assert record.ticks == ["after"]
     assert [e["message"] for e in log.named("actor.unhandled")] == ["Ack", "Refused"]
@@ -254,10 +275,10 @@ def test_unhandled_types_are_logged_and_refused(
 def test_raising_handler_is_logged_and_the_actor_survives(
     directory: Directory, actor: pykka.ActorRef[Any], log: Log, record: Record
 ) -> None:
-    reply = directory.ask("rec", PeerDown("n1", 1, "r"), timeout=WAIT)
-    assert isinstance(reply, Refused) and reply.reason == "RuntimeError: boom n1"
-    directory.tell("rec", PeerDown("n2", 1, "r"))  # a tell's failure must not kill it either
-    directory.tell("rec", Tick("after"))
+    reply = directory.ask("recorder", PeerDown("n1", 1, "r"), Refused, timeout=WAIT)
+    assert reply.reason == "RuntimeError: boom n1"
+    directory.tell("recorder", PeerDown("n2", 1, "r"))  # a tell's failure must not kill it either
+    directory.tell("recorder", Tick("after"))
     assert status(directory)
     assert actor.is_alive()
     assert record.ticks == ["after"]
@@ -279,9 +300,8 @@ def test_handlers_are_inherited_and_overridable(directory: Directory, log: Log, 
     assert Child._handlers[PeerDown] is Child.on_peer_down_again
     assert Recorder._handlers[PeerDown] is Recorder.on_peer_down
     assert MsgpackActor._handlers == {}
-    ref = Child.start(directory, make_logger("t", stream=log), record)
-    directory.register("child", ref)
-    assert directory.ask("child", PeerDown("n", 1, "r"), timeout=WAIT) == Ack()
+    Child.start(directory, make_logger("t", stream=log), record)
+    assert directory.ask("child", PeerDown("n", 1, "r"), Ack, timeout=WAIT) == Ack()
 
 
 class Replier(MsgpackActor):
@@ -299,10 +319,9 @@ class Replier(MsgpackActor):
 
 
 def test_unencodable_reply_to_a_tell_does_not_kill_the_actor(directory: Directory, log: Log) -> None:
-    ref = Replier.start(directory, make_logger("t", stream=log))
-    directory.register("replier", ref)
+    Replier.start(directory, make_logger("t", stream=log))
     assert directory.tell("replier", Tick("big")) is True
-    assert directory.ask("replier", GetStatus(), timeout=WAIT) == Ack()
+    assert directory.ask("replier", GetStatus(), Ack, timeout=WAIT) == Ack()
 
 
 # -- timers ---------------------------------------------------------------------------------------------------
@@ -315,7 +334,7 @@ def _timer_threads(tick: str) -> list[threading.Thread]:
 def test_every_delivers_ticks_and_stops_with_the_actor(
     directory: Directory, actor: pykka.ActorRef[Any], record: Record
 ) -> None:
-    assert directory.ask("rec", Subscribe("beat"), timeout=WAIT) == Ack()
+    assert directory.ask("recorder", Subscribe("beat"), Ack, timeout=WAIT) == Ack()
     assert record.beats_done.wait(WAIT), "timer did not deliver three ticks"
     threads = _timer_threads("beat")
     assert len(threads) == 1 and threads[0].daemon
@@ -331,7 +350,7 @@ def test_every_delivers_ticks_and_stops_with_the_actor(
 def test_every_timer_stops_when_stopped_through_the_directory(
     directory: Directory, actor: pykka.ActorRef[Any], record: Record
 ) -> None:
-    directory.ask("rec", Subscribe("beat2"), timeout=WAIT)
+    directory.ask("recorder", Subscribe("beat2"), Ack, timeout=WAIT)
     assert record.tick_seen.wait(WAIT)
     threads = _timer_threads("beat2")
     assert threads

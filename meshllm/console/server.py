@@ -3,13 +3,15 @@ peers it knows, as JSON. It runs on its own loop thread and asks the registry fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import pykka
 from aiohttp import web
 
-from actors.base import Directory
+from actors.base import AskError, Directory
 from meshllm.net.aio import LoopThread, start_http
 from meshllm.wire.messages import (
     GetPlan,
@@ -77,15 +79,18 @@ class ConsoleServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         try:
-            status = await self.directory.ask_async(self.status_from, GetStatus(), ASK_TIMEOUT_S)
-            transport = await self.directory.ask_async("transport", GetTransportStats(), ASK_TIMEOUT_S)
-            plan = await self.directory.ask_async(self.plan_from, GetPlan(), ASK_TIMEOUT_S)
-        except Exception as exc:  # an actor that is stopping or stuck must not crash the console
+            status = await self.directory.ask_async(self.status_from, GetStatus(), StatusReply, ASK_TIMEOUT_S)
+        except (AskError, pykka.Timeout) as exc:  # an actor that is stopping or stuck
             return web.json_response({"error": f"status unavailable: {exc}"}, status=503)
-        if not isinstance(status, StatusReply):
-            return web.json_response({"error": "status unavailable"}, status=503)
-        stats = transport if isinstance(transport, TransportStats) else None
-        models = plan.models if isinstance(plan, PlanReply) else ()
+        stats: TransportStats | None = None
+        models: tuple[ModelStatus, ...] = ()
+        # The registry's view is the status; the rest completes it when it can be had.
+        with contextlib.suppress(AskError, pykka.Timeout):
+            stats = await self.directory.ask_async(
+                "transport", GetTransportStats(), TransportStats, ASK_TIMEOUT_S
+            )
+        with contextlib.suppress(AskError, pykka.Timeout):
+            models = (await self.directory.ask_async(self.plan_from, GetPlan(), PlanReply, ASK_TIMEOUT_S)).models
         return web.json_response(status_json(status, stats, models, self._extra()))
 
     def stop(self) -> None:

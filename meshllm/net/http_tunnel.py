@@ -13,8 +13,9 @@ import contextlib
 from collections.abc import Mapping
 
 import aiohttp
+import pykka
 
-from actors.base import Directory
+from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
 from meshllm.wire.framing import pack_frame, read_frame_as
 from meshllm.wire.messages import Hello, Refused, Route, RouteReply, TunnelRequest, TunnelResponse
@@ -83,13 +84,20 @@ class HttpTunnelServer:
     ) -> None:
         """Forward one tunnelled request to this node's llama-server for its model."""
         body = await (reader.readexactly(request.body_bytes) if request.body_bytes >= 0 else reader.read())
-        route = await self.directory.ask_async("router", Route(model=request.model), ROUTE_TIMEOUT_S)
-        if not isinstance(route, RouteReply) or not route.local_port:
+        try:
+            route = await self.directory.ask_async(
+                "router", Route(model=request.model), RouteReply, ROUTE_TIMEOUT_S
+            )
+            port = route.local_port
+        except (AskError, pykka.Timeout) as exc:
+            self.log.warning("tunnel.router_unavailable", model=request.model, reason=str(exc))
+            port = 0
+        if not port:
             writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))
             return
         try:
             upstream = await open_local(
-                self.session(), route.local_port, request.method, request.path, request.headers, body
+                self.session(), port, request.method, request.path, request.headers, body
             )
         except UpstreamUnavailable as exc:
             self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=str(exc))

@@ -22,7 +22,9 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 
-from actors.base import Directory
+import pykka
+
+from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
 from meshllm.net.endpoint import CONTROL_TIMEOUT_S, MeshEndpoint
 from meshllm.wire.admission import AuthError
@@ -300,8 +302,14 @@ class RpcTunnels:
         self, request: RpcTunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Connect a tunnel to this node's rpc-server for the requested model."""
-        route = await self.directory.ask_async("router", Route(model=request.model), ROUTE_TIMEOUT_S)
-        port = route.local_rpc_port if isinstance(route, RouteReply) else 0
+        try:
+            route = await self.directory.ask_async(
+                "router", Route(model=request.model), RouteReply, ROUTE_TIMEOUT_S
+            )
+            port = route.local_rpc_port
+        except (AskError, pykka.Timeout) as exc:
+            self.log.warning("rpc.router_unavailable", model=request.model, reason=str(exc))
+            port = 0
         if not port:
             writer.write(pack_frame(Refused(reason=f"no rpc-server for {request.model!r} on this node")))
             return

@@ -19,9 +19,10 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
+import pykka
 from aiohttp import web
 
-from actors.base import Directory
+from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
@@ -47,6 +48,7 @@ LIVENESS_S = 2.0
 RETRY_AFTER_S = 5
 PROXIED = ("/v1/chat/completions", "/v1/completions")
 T = TypeVar("T")
+ReplyT = TypeVar("ReplyT", RouteReply, ModelList)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -134,9 +136,20 @@ class Gateway:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def _ask_router(self, msg: Route | ListModels, reply_type: type[ReplyT]) -> ReplyT | web.Response:
+        """The router's answer, or an OpenAI-shaped 503 when it cannot give one."""
+        try:
+            return await self.directory.ask_async("router", msg, reply_type, ASK_TIMEOUT_S)
+        except (AskError, pykka.Timeout) as exc:
+            self.log.warning("gateway.router_unavailable", reason=str(exc) or type(exc).__name__)
+            return openai_error(
+                503, "the node's router is unavailable, try again", "server_error", code="router_unavailable"
+            )
+
     async def models(self, request: web.Request) -> web.Response:
-        reply = await self.directory.ask_async("router", ListModels(), ASK_TIMEOUT_S)
-        assert isinstance(reply, ModelList)
+        reply = await self._ask_router(ListModels(), ModelList)
+        if isinstance(reply, web.Response):
+            return reply
         now = int(time.time())
         data = [
             {"id": name, "object": "model", "created": now, "owned_by": "meshllm"} for name in reply.served
@@ -156,8 +169,9 @@ class Gateway:
             return openai_error(
                 400, "missing 'model' (a string)", "invalid_request_error", code="missing_model"
             )
-        route = await self.directory.ask_async("router", Route(model=model), ASK_TIMEOUT_S)
-        assert isinstance(route, RouteReply)
+        route = await self._ask_router(Route(model=model), RouteReply)
+        if isinstance(route, web.Response):
+            return route
         if not route.known:
             available = ", ".join(route.available) or "none"
             return openai_error(

@@ -592,7 +592,8 @@ class RpcTunnelRequest(Message):
 @dataclass(frozen=True)
 class EnsureRpcListeners(Message):
     """Election -> transport: loopback TCP listeners that tunnel to each worker's rpc-server for a
-    model (listeners for other workers of that model are closed). Empty ``workers``: close all."""
+    model (listeners for other workers of that model are closed). Empty ``workers``: close all.
+    A tell, never an ask: the transport answers with an :class:`RpcListeners` told back."""
 
     model: str
     workers: tuple[Seed, ...]
@@ -601,10 +602,11 @@ class EnsureRpcListeners(Message):
 @message(231)
 @dataclass(frozen=True)
 class RpcListeners(Message):
-    """Transport -> election: the loopback port per worker node id."""
+    """Transport -> election: the loopback port per worker node id (``error`` when it failed)."""
 
     model: str
     ports: dict[str, int]
+    error: str = ""
 
 
 @message(233)
