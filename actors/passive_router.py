@@ -16,13 +16,13 @@ from dataclasses import replace
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.placement import rank_hosts
+from meshllm.routing import available, hosts_of, model_list
 from meshllm.wire.messages import (
     GetPlan,
     GetStatus,
     HostFailed,
     ListModels,
     ModelList,
-    ModelRoute,
     ModelStatus,
     PeerDownReceived,
     PlanReply,
@@ -144,31 +144,26 @@ class PassiveRouter(MsgpackActor):
         self._drop_host(msg.notice.node_id)
         self._refresh_soon(NOTICE_SPREAD_S)
 
-    def _model(self, name: str) -> ModelRoute | None:
-        return next((m for m in self.table.models if m.name == name), None)
-
     @handles(Route)
     def on_route(self, msg: Route) -> RouteReply:
-        route = self._model(msg.model)
-        hosts = route.hosts if route is not None else ()
+        hosts = hosts_of(self.table, msg.model)
         if not hosts and time.monotonic() - self.last_refresh >= EAGER_REFRESH_S:
             self._refresh_soon()  # the table may simply be older than the host
         by_id = {h.node_id: h for h in hosts}
         ranked = tuple(by_id[n] for n in rank_hosts(self.own_id, msg.model, list(by_id)))
-        available = sorted({m.name for m in self.table.models} | set(self.table.unserved))
+        names = available(self.table)
         return RouteReply(
             model=msg.model,
-            known=msg.model in available,
+            known=msg.model in names,
             local_port=0,
             hosts=ranked,
-            available=tuple(available),
+            available=names,
             spread=False,
         )
 
     @handles(ListModels)
     def on_list(self, msg: ListModels) -> ModelList:
-        served = tuple(sorted(m.name for m in self.table.models if m.hosts))
-        return ModelList(served=served, wanted=tuple(sorted(self.table.unserved)))
+        return model_list(self.table)
 
     @handles(GetStatus)
     def on_status(self, msg: GetStatus) -> StatusReply:

@@ -1,8 +1,10 @@
 """TransportBridge actor: the actors' side of the QUIC endpoint.
 
-It owns the :class:`~meshllm.net.endpoint.MeshEndpoint` (and so its loop thread): outbound commands
-arrive here as messages and are scheduled onto the loop; what the loop learns goes back to the owning
-actors as messages, straight from the endpoint. Stopping this actor closes the endpoint.
+The :class:`~meshllm.node.Node` owns the :class:`~meshllm.net.endpoint.MeshEndpoint` (it creates,
+starts and stops it); this actor is the only way the other actors reach it. Outbound commands arrive
+here as messages and are scheduled onto the endpoint's loop without waiting for them; what the loop
+learns goes back to the owning actors as messages, straight from the endpoint. It owns the split
+host's RPC tunnel listeners and closes them when it stops.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import dataclasses
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.net.endpoint import CONTROL_TIMEOUT_S, MeshEndpoint
+from meshllm.net.control_server import CONTROL_TIMEOUT_S
+from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.rpc_tunnel import RpcTunnels
+from meshllm.wire.framing import pack_frame
 from meshllm.wire.messages import (
     Ack,
     BroadcastPeerDown,
@@ -56,17 +60,13 @@ class TransportBridge(MsgpackActor):
 
     @handles(GossipSnapshot)
     def on_snapshot(self, msg: GossipSnapshot) -> None:
-        def apply() -> None:
-            self.endpoint.gossip_snapshot = msg.gossip
-
-        self._thread.loop.call_soon_threadsafe(apply)
+        self._thread.loop.call_soon_threadsafe(self.endpoint.publish_gossip, msg.gossip)
 
     @handles(RouteSnapshot)
     def on_route_snapshot(self, msg: RouteSnapshot) -> None:
-        def apply() -> None:
-            self.endpoint.route_snapshot = msg.table
-
-        self._thread.loop.call_soon_threadsafe(apply)
+        # Packed here, once per change, not on the loop for each of many passive nodes' requests.
+        frame = pack_frame(msg.table)
+        self._thread.loop.call_soon_threadsafe(self.endpoint.publish_route_frame, frame)
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
@@ -116,4 +116,3 @@ class TransportBridge(MsgpackActor):
         super().on_stop()
         with contextlib.suppress(Exception):
             self._thread.run(self.rpc_tunnels.close_all(), timeout=5)
-        self.endpoint.stop()

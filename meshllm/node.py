@@ -271,6 +271,8 @@ class Node:
             except Exception:
                 pass
         self.directory.stop_all(timeout=15.0)
+        if self.endpoint is not None:
+            self.endpoint.stop()  # after the actors: the transport bridge uses it until it stops
         self.log.info("node.stopped")
         close_logger(self.log)
 

@@ -21,7 +21,7 @@ from meshllm.node import Node
 from meshllm.placement import host_for_client
 from meshllm.wire.framing import FrameBuffer, StreamKind
 from meshllm.wire.invite import InviteToken
-from meshllm.wire.messages import GetStatus, Refused
+from meshllm.wire.messages import GetStatus, Refused, StatusReply
 from tests.support import NodeFactory, NodeProcess, ProcessFactory, wait_until
 
 pytestmark = pytest.mark.llama
@@ -130,7 +130,7 @@ async def _route_stream(port: int, payload: bytes, stall: bool) -> bytes:
 def test_bad_route_request_is_closed_and_node_unaffected(nodes: NodeFactory, stall: bool) -> None:
     a = nodes.start("a")
     assert a.endpoint is not None
-    a.endpoint.control_timeout_s = 1.0
+    a.endpoint.control.timeout_s = 1.0
     payload = bytes([StreamKind.ROUTE_REQUEST]) + (b"" if stall else b"\x00\x00\x00\x03\xc1\xc1\xc1")
     answer = asyncio.run(_route_stream(a.quic_port, payload, stall))
     frames = FrameBuffer().feed(answer)
@@ -138,4 +138,4 @@ def test_bad_route_request_is_closed_and_node_unaffected(nodes: NodeFactory, sta
     assert nodes.logs["a"].find("stream.rejected")
     b = nodes.start("b", join=(a.invite_token,))
     wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="a still admits peers")
-    assert a.directory.ask("registry", GetStatus()).node_id == a.node_id  # type: ignore[attr-defined]
+    assert a.directory.ask("registry", GetStatus(), StatusReply).node_id == a.node_id

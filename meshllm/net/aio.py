@@ -56,10 +56,9 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None)
-    if not sockets:
+    addresses = runner.addresses
+    if not addresses:
         await runner.cleanup()
         raise OSError(f"no listening socket on {host}:{port}")
-    bound: int = sockets[0].getsockname()[1]
+    bound: int = addresses[0][1]
     return runner, bound

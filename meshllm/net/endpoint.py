@@ -1,51 +1,52 @@
-"""The QUIC endpoint of a node: one aioquic server socket, outbound connections by node id, admission,
-and the control-stream exchanges (gossip, death and leaving notices, probes).
+"""The QUIC endpoint of a node: one aioquic server socket, outbound connections by node id, and the
+client side of the control exchanges (gossip, route requests, probes, death and leaving notices).
+What the other side opens is served by :mod:`meshllm.net.control_server`.
 
 It is plain asyncio code on its own loop thread. It owns connection state and nothing else: what it
 learns becomes catalog messages told to the actors that own that knowledge (``registry``,
-``heartbeat``), through the node's :class:`~actors.base.Directory`. The TransportBridge actor is
-its only caller from the actor side.
+``heartbeat``, ``router``), through the node's :class:`~actors.base.Directory`.
+
+Who owns it: the :class:`~meshllm.node.Node` creates, starts and finally stops it. The actors reach
+it only through the TransportBridge actor, by messages. The data plane (gateway, HTTP and RPC
+tunnels) runs on its loop and calls its tunnel-opening methods directly, because bytes never pass
+through actors. What it answers with comes from the actors that own it (:class:`Published`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
-from aioquic.quic import connection as aioquic_connection
-from aioquic.quic import events
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives import serialization
 
 from actors.base import Directory
 from meshllm.logsetup import Logger
+from meshllm.net import library_internals
 from meshllm.net.aio import LoopThread
+from meshllm.net.connection import MeshConnection
+from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelHandler
+from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
 from meshllm.wire.admission import AuthError, make_hello, verify_hello
 from meshllm.wire.codec import CodecError, M, Message
 from meshllm.wire.framing import (
-    FrameError,
     PeerRefused,
     StreamKind,
     pack_frame,
     pack_stream_start,
-    parse_kind,
-    read_frame,
     read_frame_as,
 )
-from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
+from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import MeshMembership
 from meshllm.wire.messages import (
     Ack,
@@ -55,11 +56,8 @@ from meshllm.wire.messages import (
     GossipReceived,
     Hello,
     PeerDown,
-    PeerDownReceived,
     PeerLeaving,
-    PeerLeavingReceived,
     ProbeResult,
-    Refused,
     RouteRequest,
     RoutesFailed,
     RoutesReceived,
@@ -68,103 +66,22 @@ from meshllm.wire.messages import (
     TransportStats,
 )
 
-
-def _slim_aioquic() -> None:
-    """Per-connection memory, for active nodes holding thousands of passive connections (measured by
-    tests/bench/bench_passive: ~76 KiB -> ~62 KiB each). aioquic 1.7.2 (pinned) keeps three 16 KiB
-    TLS buffers per connection for its whole life, though our handshake messages (Ed25519 certificate)
-    are under 1 KB; and it builds 33 identical frozensets per connection for its frame table."""
-    aioquic_connection.CRYPTO_BUFFER_SIZE = 4096
-    epochs = aioquic_connection.EPOCHS
-    if not hasattr(epochs, "cache_info"):
-        aioquic_connection.EPOCHS = functools.lru_cache(maxsize=None)(epochs)
-
-
-_slim_aioquic()
+library_internals.slim_aioquic()
 
 ALPN = "meshllm/1"
 SERVER_RCVBUF = 4 * 1024 * 1024
 """UDP receive buffer of the listening socket: a burst of route requests from many passive nodes
 overflowed the default 208 KiB and turned into QUIC loss recovery (hundreds of ms)."""
-CONTROL_TIMEOUT_S = 10.0
-HELLO_DEADLINE_S = 10.0
 IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
 
-TunnelHandler = Callable[["MeshConnection", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+@dataclass
+class Published:
+    """What the endpoint answers with, published by the actors that own it: the registry's gossip
+    (PeerRegistry owns the view) and the router's table (Router owns it), the latter encoded once
+    per change because thousands of passive nodes ask for it. The endpoint only sends these."""
 
-
-def _same(conn: MeshConnection) -> MeshConnection:
-    return conn
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` to (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"bad address {addr!r}: expected host:port")
-    return host.strip("[]"), int(port)
-
-
-class MeshConnection(QuicConnectionProtocol):
-    """One QUIC connection and what we know of the node at the other end."""
-
-    def __init__(self, quic: QuicConnection, endpoint: MeshEndpoint, outbound: bool, **_: Any) -> None:
-        super().__init__(quic, stream_handler=self._on_stream)
-        self.endpoint = endpoint
-        self.outbound = outbound
-        self.peer_id: str | None = None  # verified: from the certificate (outbound) or the Hello (inbound)
-        self.peer_role = "active"
-        self.authenticated = asyncio.Event()
-        self.auth_lock = asyncio.Lock()
-        self.datagram_transport: asyncio.BaseTransport | None = None
-        self.terminated = False
-        if not outbound:
-            # An inbound connection that never proves the mesh secret is closed, not kept.
-            self._loop.call_later(HELLO_DEADLINE_S, self._close_if_unauthenticated)
-
-    def _close_if_unauthenticated(self) -> None:
-        if not self.authenticated.is_set() and not self.terminated:
-            self.endpoint.log.warning("auth.timeout", reason="no Hello within deadline")
-            self.close(reason_phrase="no Hello within deadline")
-
-    @property
-    def passive(self) -> bool:
-        return self.peer_role != "active"
-
-    def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.endpoint.spawn(self.endpoint.serve_stream(self, reader, writer))
-
-    def quic_event_received(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.StreamReset):
-            reader = self._stream_readers.pop(event.stream_id, None)
-            if reader is not None:
-                reader.feed_eof()
-        elif isinstance(event, events.ConnectionTerminated):
-            self.terminated = True
-            self.endpoint.on_terminated(self, event.reason_phrase or f"error {event.error_code}")
-        super().quic_event_received(event)
-        if isinstance(event, events.StreamDataReceived) and event.end_stream:
-            # aioquic never forgets a stream's reader (~200 B a stream, forever); the stream's
-            # handler holds its own reference, and no data comes after the end.
-            self._stream_readers.pop(event.stream_id, None)
-
-    async def ping(self) -> None:
-        """aioquic's ping, but a waiter that fails after its caller gave up is not reported as an
-        unretrieved exception."""
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-        uid = id(waiter)
-        self._ping_waiters[uid] = waiter
-        self._quic.send_ping(uid)
-        self.transmit()
-        await asyncio.shield(waiter)
-
-    def peer_certificate_id(self) -> str | None:
-        cert = self._quic.tls._peer_certificate
-        if cert is None:
-            return None
-        key = public_key_of_certificate(cert)
-        return node_id_of(key) if key is not None else None
+    gossip: Gossip
+    route_frame: bytes
 
 
 @dataclass
@@ -204,10 +121,11 @@ class MeshEndpoint:
         self._all: set[MeshConnection] = set()
         self._connecting: dict[str, asyncio.Future[MeshConnection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._tunnel_handlers: dict[StreamKind, TunnelHandler] = {}
-        self.gossip_snapshot = Gossip(announcements=())
-        self.route_snapshot = RouteTable(models=(), unserved=(), actives=())
-        self.control_timeout_s = CONTROL_TIMEOUT_S  # a control stream that stalls longer is closed
+        self.published = Published(
+            gossip=Gossip(announcements=()),
+            route_frame=pack_frame(RouteTable(models=(), unserved=(), actives=())),
+        )
+        self.control = ControlServer(self)
         self.fast = FastPath(identity, membership, role, self.log)
         self.notice_target = "registry" if role == "active" else "router"
         self.counters = _Counters(Counter(), Counter(), Counter())
@@ -224,15 +142,14 @@ class MeshEndpoint:
         return self.loop_thread.run(self._start(), timeout=10)
 
     async def _start(self) -> int:
-        config = self._configuration(is_client=False)
-        self._server = await serve(
-            self.host,
-            self._requested_port,
-            configuration=config,
-            create_protocol=lambda quic, **kw: MeshConnection(quic, endpoint=self, outbound=False),
+        config = self.configuration(is_client=False)
+        transport, self._server = await self.loop.create_datagram_endpoint(
+            lambda: QuicServer(
+                configuration=config,
+                create_protocol=lambda quic, **kw: MeshConnection(quic, endpoint=self, outbound=False),
+            ),
+            local_addr=(self.host, self._requested_port),
         )
-        transport = self._server._transport
-        assert transport is not None
         self.port = transport.get_extra_info("sockname")[1]
         if self.role == "active":
             await self.fast.listen(self.host, self.port)  # TCP, same port number
@@ -259,7 +176,7 @@ class MeshEndpoint:
         for task in list(self._tasks):
             task.cancel()
 
-    def _configuration(self, is_client: bool) -> QuicConfiguration:
+    def configuration(self, is_client: bool) -> QuicConfiguration:
         config = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
@@ -282,7 +199,14 @@ class MeshEndpoint:
 
     def register_tunnel(self, kind: StreamKind, handler: TunnelHandler) -> None:
         """Route incoming streams of a tunnel kind to a handler (HTTP and RPC tunnels)."""
-        self._tunnel_handlers[kind] = handler
+        self.control.tunnel_handlers[kind] = handler
+
+    def publish_gossip(self, gossip: Gossip) -> None:
+        self.published.gossip = gossip
+
+    def publish_route_frame(self, frame: bytes) -> None:
+        """The router's table, already packed as the frame route requests are answered with."""
+        self.published.route_frame = frame
 
     # -- connection bookkeeping -------------------------------------------------------------------------
 
@@ -301,12 +225,20 @@ class MeshEndpoint:
     def _close(self, conn: MeshConnection) -> None:
         if not conn.terminated:
             conn.close()
-        for reader in conn._stream_readers.values():
-            reader.feed_eof()  # whoever waits on this connection learns now, not after QUIC's draining
+        conn.wake_readers()
         if conn.datagram_transport is not None:
             conn.datagram_transport.close()
 
-    def _adopt(self, conn: MeshConnection) -> None:
+    def drop(self, conn: MeshConnection) -> None:
+        """Close a connection and stop counting it."""
+        self._all.discard(conn)
+        self._close(conn)
+
+    def track(self, conn: MeshConnection) -> None:
+        """Count a connection as ours (inbound ones from their first stream)."""
+        self._all.add(conn)
+
+    def adopt(self, conn: MeshConnection) -> None:
         """Make an authenticated connection the one we use for its (active) peer."""
         assert conn.peer_id is not None
         if not conn.passive:
@@ -331,7 +263,7 @@ class MeshEndpoint:
         future: asyncio.Future[MeshConnection] = self.loop.create_future()
         self._connecting[node_id] = future
         try:
-            conn = await asyncio.wait_for(self._dial(node_id, addrs, timeout), timeout)
+            conn = await asyncio.wait_for(dial(self, node_id, addrs, timeout), timeout)
             future.set_result(conn)
             return conn
         except BaseException as exc:
@@ -341,46 +273,9 @@ class MeshEndpoint:
         finally:
             self._connecting.pop(node_id, None)
 
-    async def _dial(self, node_id: str, addrs: tuple[str, ...], timeout: float) -> MeshConnection:
-        errors: list[str] = []
-        for addr in addrs:
-            try:
-                host, port = split_addr(addr)
-                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-                family, _, _, _, sockaddr = infos[0]
-                config = self._configuration(is_client=True)
-                config.server_name = node_id
-                quic = QuicConnection(configuration=config)
-                local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
-                conn = MeshConnection(quic, endpoint=self, outbound=True)
-                transport, _ = await self.loop.create_datagram_endpoint(
-                    functools.partial(_same, conn), local_addr=local
-                )
-                conn.datagram_transport = transport
-                self._all.add(conn)
-                conn.connect(sockaddr)
-                try:
-                    await asyncio.wait_for(conn.wait_connected(), timeout)
-                except BaseException:
-                    self._all.discard(conn)
-                    self._close(conn)
-                    raise
-                cert_id = conn.peer_certificate_id()
-                if cert_id != node_id:
-                    self._all.discard(conn)
-                    self._close(conn)
-                    raise AuthError(f"certificate at {addr} belongs to {cert_id}, not {node_id}")
-                conn.peer_id = node_id
-                return conn
-            except AuthError:
-                raise
-            except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
-                errors.append(f"{addr}: {type(exc).__name__} {exc}".strip())
-        raise ConnectionError("; ".join(errors) or "no addresses")
-
     # -- sending ------------------------------------------------------------------------------------------
 
-    def _count_out(self, kind: StreamKind, data: bytes, frames: int) -> None:
+    def count_out(self, kind: StreamKind, data: bytes, frames: int) -> None:
         self.counters.bytes_sent[kind.name] += len(data)
         self.counters.frames_sent[kind.name] += frames
 
@@ -389,7 +284,7 @@ class MeshEndpoint:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await conn.create_stream()
         data = pack_stream_start(kind, *msgs)
-        self._count_out(kind, data, len(msgs))
+        self.count_out(kind, data, len(msgs))
         writer.write(data)
         return reader, writer
 
@@ -423,12 +318,12 @@ class MeshEndpoint:
                     conn.peer_role = answer.role
                     conn.authenticated.set()
                     reply = await read_frame_as(reader, reply_type)
-                    self._adopt(conn)
+                    self.adopt(conn)
                     return reply
         reader, writer = await self._open(conn, kind, body)
         writer.write_eof()
         reply = await read_frame_as(reader, reply_type)
-        self._adopt(conn)
+        self.adopt(conn)
         return reply
 
     async def _exchange_gossip(self, node_id: str, addrs: tuple[str, ...], gossip: Gossip) -> None:
@@ -444,7 +339,7 @@ class MeshEndpoint:
     async def _authenticate(self, node_id: str, addrs: tuple[str, ...]) -> None:
         """Meet a node: active nodes gossip, passive ones ask for routes (and are never registered)."""
         if self.role == "active":
-            await self._exchange_gossip(node_id, addrs, self.gossip_snapshot)
+            await self._exchange_gossip(node_id, addrs, self.published.gossip)
         else:
             await self._exchange_routes(node_id, addrs)
 
@@ -488,7 +383,7 @@ class MeshEndpoint:
         try:
             conn = self.peers.get(node_id)
             if conn is None or conn.terminated:
-                await asyncio.wait_for(self._exchange_gossip(node_id, addrs, self.gossip_snapshot), timeout)
+                await asyncio.wait_for(self._exchange_gossip(node_id, addrs, self.published.gossip), timeout)
             else:
                 await asyncio.wait_for(conn.ping(), timeout)
             result = ProbeResult(node_id=node_id, ok=True, rtt_ms=(time.monotonic() - started) * 1000)
@@ -535,112 +430,3 @@ class MeshEndpoint:
             frames_received=dict(self.counters.frames_received),
             probes_sent=self.counters.probes_sent,
         )
-
-    # -- receiving ----------------------------------------------------------------------------------------
-
-    async def serve_stream(
-        self, conn: MeshConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Handle one stream the other side opened."""
-        self._all.add(conn)  # inbound connections are tracked from their first stream
-        kind: StreamKind | None = None
-        try:
-            kind = parse_kind(await reader.read(1))
-            handler = self._tunnel_handlers.get(kind)
-            if handler is not None:
-                await self._await_auth(conn)
-                await handler(conn, reader, writer)
-                return
-            await asyncio.wait_for(self._serve_control(conn, kind, reader, writer), self.control_timeout_s)
-        except AuthError as exc:
-            self.log.warning("auth.refused", peer=conn.peer_id, reason=str(exc), side="listener")
-            writer.write(pack_frame(Refused(reason=str(exc))))
-        except (CodecError, TimeoutError) as exc:
-            reason = "stalled" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            self.log.warning(
-                "stream.rejected", peer=conn.peer_id, kind=kind.name if kind else None, reason=reason
-            )
-            with contextlib.suppress(Exception):
-                writer.write(pack_frame(Refused(reason=reason)))
-        except (ConnectionError, OSError) as exc:
-            self.log.info("stream.broken", peer=conn.peer_id, reason=str(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                writer.write_eof()
-
-    def _answer(
-        self, writer: asyncio.StreamWriter, kind: StreamKind, hello: Hello | None, reply: Message
-    ) -> None:
-        """The reply to a control request, preceded by our Hello when theirs opened the connection."""
-        frames = [reply] if hello is None else [hello, reply]
-        data = b"".join(pack_frame(m) for m in frames)
-        self._count_out(kind, data, len(frames))
-        writer.write(data)
-
-    async def _await_auth(self, conn: MeshConnection) -> None:
-        if conn.authenticated.is_set():
-            return
-        if not conn.outbound:
-            raise AuthError("authenticate first: the first stream must carry a Hello")
-        # We dialled and our Hello exchange is still in flight; the listener may already talk to us.
-        try:
-            await asyncio.wait_for(conn.authenticated.wait(), CONTROL_TIMEOUT_S)
-        except TimeoutError:
-            raise AuthError("connection never authenticated") from None
-
-    async def _serve_control(
-        self,
-        conn: MeshConnection,
-        kind: StreamKind,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        first = await read_frame(reader)
-        self.counters.frames_received[kind.name] += 1
-        reply_hello: Hello | None = None
-        if isinstance(first, Hello):
-            if kind not in (StreamKind.GOSSIP, StreamKind.ROUTE_REQUEST):
-                raise AuthError(f"Hello is not accepted on a {kind.name} stream")
-            verify_hello(first, self.membership, self.node_id)
-            if conn.peer_id is not None and conn.peer_id != first.node_id:
-                raise AuthError("connection already belongs to another node")
-            conn.peer_id = first.node_id
-            conn.peer_role = "passive" if kind == StreamKind.ROUTE_REQUEST else first.role
-            conn.authenticated.set()
-            reply_hello = make_hello(self.identity, self.membership, self.role, first.node_id)
-            body = await read_frame(reader)
-        else:
-            await self._await_auth(conn)
-            body = first
-        peer = conn.peer_id
-        assert peer is not None
-        if kind == StreamKind.GOSSIP:
-            if not isinstance(body, Gossip):
-                raise FrameError(f"expected Gossip, got {type(body).__name__}")
-            if conn.passive or self.role != "active":
-                raise AuthError("passive nodes do not gossip")
-            self._adopt(conn)
-            self.directory.tell("registry", GossipReceived(peer_id=peer, announcements=body.announcements))
-            self._answer(writer, kind, reply_hello, self.gossip_snapshot)
-        elif kind == StreamKind.ROUTE_REQUEST:
-            if not isinstance(body, RouteRequest):
-                raise FrameError(f"expected RouteRequest, got {type(body).__name__}")
-            if self.role != "active":
-                raise AuthError("this node is passive: ask an active node for routes")
-            self._answer(writer, kind, reply_hello, self.route_snapshot)
-        elif kind == StreamKind.PEER_DOWN:
-            if not isinstance(body, PeerDown):
-                raise FrameError(f"expected PeerDown, got {type(body).__name__}")
-            self.directory.tell(self.notice_target, PeerDownReceived(notice=body, from_peer=peer))
-            if self.role != "active":
-                self.forget(body.node_id)  # a passive node has no heartbeat: the notice is its signal
-            writer.write(pack_frame(Ack()))
-        elif kind == StreamKind.PEER_LEAVING:
-            if not isinstance(body, PeerLeaving):
-                raise FrameError(f"expected PeerLeaving, got {type(body).__name__}")
-            if body.node_id != peer:
-                raise AuthError("a node can only announce its own leaving")
-            self.directory.tell("registry", PeerLeavingReceived(notice=body))
-            writer.write(pack_frame(Ack()))
-        else:
-            raise FrameError(f"{kind.name} streams are not served by this node")

@@ -26,7 +26,8 @@ import pykka
 
 from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
-from meshllm.net.endpoint import CONTROL_TIMEOUT_S, MeshEndpoint
+from meshllm.net.control_server import CONTROL_TIMEOUT_S
+from meshllm.net.endpoint import MeshEndpoint
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, decode
 from meshllm.wire.framing import LENGTH, PeerRefused, StreamKind, pack_frame, read_frame_as

@@ -1,0 +1,171 @@
+"""The listening side of a node's QUIC endpoint: every stream another node opens starts here.
+
+The first byte names the stream's kind. Tunnel kinds go to the handler registered for them (HTTP and
+RPC tunnels), once the connection is authenticated. Control kinds carry msgpack frames and are
+answered here, under a deadline:
+
+- admission: a Hello (mesh secret HMAC + signature) may open a connection, only on a gossip or route
+  request stream; a route request makes the connection passive (never registered, never gossiped);
+- gossip: from active members only; answered with the registry's published view;
+- route request: answered with the router's published table (encoded once per change);
+- peer down / peer leaving notices: told to the actor that owns liveness on this node, and acked.
+
+Anything else is refused with a typed reason, logged, and never kills the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from meshllm.net.connection import MeshConnection
+from meshllm.wire.admission import AuthError, make_hello, verify_hello
+from meshllm.wire.codec import CodecError, Message
+from meshllm.wire.framing import FrameError, StreamKind, pack_frame, parse_kind, read_frame
+from meshllm.wire.messages import (
+    Ack,
+    Gossip,
+    GossipReceived,
+    Hello,
+    PeerDown,
+    PeerDownReceived,
+    PeerLeaving,
+    PeerLeavingReceived,
+    Refused,
+    RouteRequest,
+)
+
+if TYPE_CHECKING:
+    from meshllm.net.endpoint import MeshEndpoint
+
+CONTROL_TIMEOUT_S = 10.0
+TunnelHandler = Callable[[MeshConnection, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+HELLO_KINDS = (StreamKind.GOSSIP, StreamKind.ROUTE_REQUEST)
+"""The only streams that may open a connection with a Hello."""
+
+
+class ControlServer:
+    """Serves the streams other nodes open on this node's QUIC connections."""
+
+    def __init__(self, endpoint: MeshEndpoint) -> None:
+        self.endpoint = endpoint
+        self.tunnel_handlers: dict[StreamKind, TunnelHandler] = {}
+        self.timeout_s = CONTROL_TIMEOUT_S  # a control stream that stalls longer is closed
+
+    async def serve_stream(
+        self, conn: MeshConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Handle one stream the other side opened."""
+        ep = self.endpoint
+        ep.track(conn)
+        kind: StreamKind | None = None
+        try:
+            kind = parse_kind(await reader.read(1))
+            handler = self.tunnel_handlers.get(kind)
+            if handler is not None:
+                await self._await_auth(conn)
+                await handler(conn, reader, writer)
+                return
+            await asyncio.wait_for(self._serve_control(conn, kind, reader, writer), self.timeout_s)
+        except AuthError as exc:
+            ep.log.warning("auth.refused", peer=conn.peer_id, reason=str(exc), side="listener")
+            writer.write(pack_frame(Refused(reason=str(exc))))
+        except (CodecError, TimeoutError) as exc:
+            reason = "stalled" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            ep.log.warning(
+                "stream.rejected", peer=conn.peer_id, kind=kind.name if kind else None, reason=reason
+            )
+            with contextlib.suppress(Exception):
+                writer.write(pack_frame(Refused(reason=reason)))
+        except (ConnectionError, OSError) as exc:
+            ep.log.info("stream.broken", peer=conn.peer_id, reason=str(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+
+    def _answer(
+        self, writer: asyncio.StreamWriter, kind: StreamKind, hello: Hello | None, reply: Message | bytes
+    ) -> None:
+        """The reply to a control request (a message, or a frame already packed), preceded by our
+        Hello when theirs opened the connection."""
+        frames = [] if hello is None else [pack_frame(hello)]
+        frames.append(reply if isinstance(reply, bytes) else pack_frame(reply))
+        data = b"".join(frames)
+        self.endpoint.count_out(kind, data, len(frames))
+        writer.write(data)
+
+    async def _await_auth(self, conn: MeshConnection) -> None:
+        if conn.authenticated.is_set():
+            return
+        if not conn.outbound:
+            raise AuthError("authenticate first: the first stream must carry a Hello")
+        # We dialled and our Hello exchange is still in flight; the listener may already talk to us.
+        try:
+            await asyncio.wait_for(conn.authenticated.wait(), CONTROL_TIMEOUT_S)
+        except TimeoutError:
+            raise AuthError("connection never authenticated") from None
+
+    async def _admit(self, conn: MeshConnection, kind: StreamKind, hello: Hello) -> Hello:
+        """Check a Hello that opens a connection; our own Hello goes back with the answer."""
+        ep = self.endpoint
+        if kind not in HELLO_KINDS:
+            raise AuthError(f"Hello is not accepted on a {kind.name} stream")
+        verify_hello(hello, ep.membership, ep.node_id)
+        if conn.peer_id is not None and conn.peer_id != hello.node_id:
+            raise AuthError("connection already belongs to another node")
+        conn.peer_id = hello.node_id
+        conn.peer_role = "passive" if kind == StreamKind.ROUTE_REQUEST else hello.role
+        conn.authenticated.set()
+        return make_hello(ep.identity, ep.membership, ep.role, hello.node_id)
+
+    async def _serve_control(
+        self,
+        conn: MeshConnection,
+        kind: StreamKind,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        ep = self.endpoint
+        first = await read_frame(reader)
+        ep.counters.frames_received[kind.name] += 1
+        reply_hello: Hello | None = None
+        if isinstance(first, Hello):
+            reply_hello = await self._admit(conn, kind, first)
+            body = await read_frame(reader)
+        else:
+            await self._await_auth(conn)
+            body = first
+        peer = conn.peer_id
+        assert peer is not None
+        if kind == StreamKind.GOSSIP:
+            if not isinstance(body, Gossip):
+                raise FrameError(f"expected Gossip, got {type(body).__name__}")
+            if conn.passive or ep.role != "active":
+                raise AuthError("passive nodes do not gossip")
+            ep.adopt(conn)
+            ep.directory.tell("registry", GossipReceived(peer_id=peer, announcements=body.announcements))
+            self._answer(writer, kind, reply_hello, ep.published.gossip)
+        elif kind == StreamKind.ROUTE_REQUEST:
+            if not isinstance(body, RouteRequest):
+                raise FrameError(f"expected RouteRequest, got {type(body).__name__}")
+            if ep.role != "active":
+                raise AuthError("this node is passive: ask an active node for routes")
+            self._answer(writer, kind, reply_hello, ep.published.route_frame)
+        elif kind == StreamKind.PEER_DOWN:
+            if not isinstance(body, PeerDown):
+                raise FrameError(f"expected PeerDown, got {type(body).__name__}")
+            ep.directory.tell(ep.notice_target, PeerDownReceived(notice=body, from_peer=peer))
+            if ep.role != "active":
+                ep.forget(body.node_id)  # a passive node has no heartbeat: the notice is its signal
+            writer.write(pack_frame(Ack()))
+        elif kind == StreamKind.PEER_LEAVING:
+            if not isinstance(body, PeerLeaving):
+                raise FrameError(f"expected PeerLeaving, got {type(body).__name__}")
+            if body.node_id != peer:
+                raise AuthError("a node can only announce its own leaving")
+            ep.directory.tell("registry", PeerLeavingReceived(notice=body))
+            writer.write(pack_frame(Ack()))
+        else:
+            raise FrameError(f"{kind.name} streams are not served by this node")

@@ -1,0 +1,83 @@
+"""Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
+
+aioquic 1.7.2 has no public way to do four things we need:
+
+- keep per-connection memory small for active nodes that hold thousands of passive connections
+  (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
+- tell a stream's reader about a reset and forget finished readers (``_stream_readers``);
+- a ping whose waiter can be abandoned without an "exception never retrieved" report
+  (``_ping_waiters`` with the connection's ``send_ping``);
+- read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``).
+
+The versions are checked when this module is imported: on any other aioquic the node refuses to
+start with a message saying so, rather than misbehave quietly. tests/test_library_internals.py
+checks each patch's effect, so an upgrade shows at once which ones still hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from importlib.metadata import version
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import connection as aioquic_connection
+from cryptography import x509
+
+PINNED = {"aioquic": "1.7.2"}
+
+
+class LibraryVersionError(ImportError):
+    """An installed library is not the version whose internals this module knows."""
+
+
+def check_versions(pinned: dict[str, str] = PINNED) -> None:
+    for name, wanted in pinned.items():
+        found = version(name)
+        if found != wanted:
+            raise LibraryVersionError(
+                f"meshllm needs {name}=={wanted} (it relies on internals of that version, see "
+                f"meshllm/net/library_internals.py); {found} is installed. Reinstall meshllm's pinned "
+                f"dependencies: pip install -e . (or scripts/bootstrap.sh)"
+            )
+
+
+check_versions()
+
+CRYPTO_BUFFER_BYTES = 4096
+
+
+def slim_aioquic() -> None:
+    """Per-connection memory (tests/bench/bench_passive: ~76 KiB -> ~62 KiB each). aioquic keeps
+    three 16 KiB TLS buffers per connection for its whole life, though our handshake messages
+    (Ed25519 certificate) are under 1 KB; and it builds 33 identical frozensets per connection for
+    its frame table. Idempotent."""
+    aioquic_connection.CRYPTO_BUFFER_SIZE = CRYPTO_BUFFER_BYTES
+    epochs = aioquic_connection.EPOCHS
+    if not hasattr(epochs, "cache_info"):
+        aioquic_connection.EPOCHS = functools.lru_cache(maxsize=None)(epochs)
+
+
+def stream_readers(protocol: QuicConnectionProtocol) -> dict[int, asyncio.StreamReader]:
+    """The readers aioquic keeps per stream id (it never removes them by itself)."""
+    readers: dict[int, asyncio.StreamReader] = protocol._stream_readers
+    return readers
+
+
+async def quiet_ping(protocol: QuicConnectionProtocol) -> None:
+    """aioquic's ``ping()``, but a waiter that fails after its caller gave up (a timeout around this
+    call) is not reported as an unretrieved exception."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+    uid = id(waiter)
+    protocol._ping_waiters[uid] = waiter
+    protocol._quic.send_ping(uid)
+    protocol.transmit()
+    await asyncio.shield(waiter)
+
+
+def peer_certificate(protocol: QuicConnectionProtocol) -> x509.Certificate | None:
+    """The certificate the other side presented in the TLS handshake (None before it, or for a
+    client, which aioquic's server cannot ask for one)."""
+    cert: x509.Certificate | None = protocol._quic.tls._peer_certificate
+    return cert

@@ -1,0 +1,52 @@
+"""The routing table: which nodes serve which model, and what is wanted but not served.
+
+Pure functions over :class:`RouteTable`, shared by the two actors that hold one: the Router on an
+active node builds it from the announcements it follows (and publishes it for passive nodes), the
+PassiveRouter on a client or standby receives it from an active node. Both answer the gateway from
+the table alone, so the two kinds of node cannot disagree about what a table means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from meshllm.wire.messages import HostInfo, ModelList, ModelRoute, PeerAnnouncement, RouteTable, Seed
+
+
+def build_table(
+    own: HostInfo,
+    own_models: Iterable[str],
+    local_ports: Mapping[str, int],
+    peers: Iterable[PeerAnnouncement],
+) -> RouteTable:
+    """The table of an active node: this node first for what it serves, then its peers by node id."""
+    peers = sorted(peers, key=lambda a: a.node_id)
+    served = set(local_ports)
+    wanted = set(own_models)
+    for ann in peers:
+        served.update(ann.serving)
+        wanted.update(ann.models)
+    models = []
+    for name in sorted(served):
+        hosts = [own] if name in local_ports else []
+        hosts += [
+            HostInfo(node_id=a.node_id, addrs=a.addrs, vram_bytes=a.vram_bytes)
+            for a in peers
+            if name in a.serving
+        ]
+        models.append(ModelRoute(name=name, hosts=tuple(hosts)))
+    actives = (Seed(own.node_id, own.addrs), *(Seed(a.node_id, a.addrs) for a in peers))
+    return RouteTable(models=tuple(models), unserved=tuple(sorted(wanted - served)), actives=actives)
+
+
+def hosts_of(table: RouteTable, model: str) -> tuple[HostInfo, ...]:
+    return next((m.hosts for m in table.models if m.name == model), ())
+
+
+def available(table: RouteTable) -> tuple[str, ...]:
+    """Every model a request may name: served, or wanted by some node and waiting for a host."""
+    return tuple(sorted({m.name for m in table.models} | set(table.unserved)))
+
+
+def model_list(table: RouteTable) -> ModelList:
+    return ModelList(served=tuple(sorted(m.name for m in table.models if m.hosts)), wanted=table.unserved)

@@ -1,0 +1,144 @@
+"""Each reach into aioquic's internals (meshllm/net/library_internals.py) still does what it is for,
+on the installed version: an upgrade that breaks one fails here, by name."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic import connection as aioquic_connection
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from meshllm.net import library_internals as internals
+from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
+
+
+def test_versions_are_checked_with_a_clear_message() -> None:
+    internals.check_versions()  # the pinned version is installed
+    with pytest.raises(internals.LibraryVersionError, match=r"aioquic==0\.0\.1 .* is installed"):
+        internals.check_versions({"aioquic": "0.0.1"})
+
+
+def test_slim_aioquic_shrinks_crypto_buffers_and_caches_epochs() -> None:
+    internals.slim_aioquic()
+    internals.slim_aioquic()  # idempotent
+    assert aioquic_connection.CRYPTO_BUFFER_SIZE == internals.CRYPTO_BUFFER_BYTES
+    epochs = aioquic_connection.EPOCHS
+    assert hasattr(epochs, "cache_info")
+    assert epochs("IH01") is epochs("IH01")  # one frozenset shared by every connection
+
+
+async def _pair(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[QuicConnectionProtocol, QuicConnectionProtocol, str, asyncio.BaseTransport]]:
+    """A real QUIC connection on loopback: (client side, server side, the server's node id, the
+    server's UDP transport)."""
+    identity = NodeIdentity.load_or_create(tmp_path)
+    loop = asyncio.get_running_loop()
+    servers: list[QuicConnectionProtocol] = []
+
+    def make(quic: QuicConnection, **kw: object) -> QuicConnectionProtocol:
+        proto = QuicConnectionProtocol(quic, **kw)  # type: ignore[arg-type]
+        servers.append(proto)
+        return proto
+
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=["t"])
+    server_config.certificate = identity.certificate()
+    server_config.private_key = identity.private_key
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: QuicServer(configuration=server_config, create_protocol=make), local_addr=("127.0.0.1", 0)
+    )
+    port = transport.get_extra_info("sockname")[1]
+    client_config = QuicConfiguration(is_client=True, alpn_protocols=["t"])
+    client_config.verify_mode = 0  # self-signed: the test checks the key itself
+    client = QuicConnectionProtocol(QuicConnection(configuration=client_config))
+    ctransport, _ = await loop.create_datagram_endpoint(lambda: client, local_addr=("127.0.0.1", 0))
+    client.connect(("127.0.0.1", port))
+    await asyncio.wait_for(client.wait_connected(), 5)
+    try:
+        yield client, servers[0], identity.node_id, transport
+    finally:
+        client.close()
+        ctransport.close()
+        transport.close()
+
+
+def run(coro_fn: object, tmp_path: Path) -> None:
+    async def main() -> None:
+        gen = _pair(tmp_path)
+        pair = await gen.__anext__()
+        try:
+            await coro_fn(*pair)  # type: ignore[operator]
+        finally:
+            await gen.aclose()
+
+    asyncio.run(main())
+
+
+def test_peer_certificate_is_the_servers(tmp_path: Path) -> None:
+    async def check(
+        client: QuicConnectionProtocol, server: QuicConnectionProtocol, node_id: str, _: object
+    ) -> None:
+        cert = internals.peer_certificate(client)
+        assert cert is not None
+        key = public_key_of_certificate(cert)
+        assert key is not None and node_id_of(key) == node_id
+        assert internals.peer_certificate(server) is None  # aioquic's server asks no client certificate
+
+    run(check, tmp_path)
+
+
+def test_stream_readers_are_the_ones_aioquic_feeds(tmp_path: Path) -> None:
+    async def check(
+        client: QuicConnectionProtocol, server: QuicConnectionProtocol, node_id: str, _: object
+    ) -> None:
+        reader, writer = await client.create_stream()
+        stream_id = writer.get_extra_info("stream_id")
+        readers = internals.stream_readers(client)
+        assert readers[stream_id] is reader
+        readers.pop(stream_id).feed_eof()  # what MeshConnection does on a reset
+        assert await reader.read() == b""
+
+    run(check, tmp_path)
+
+
+def _abandoned_ping_reports(
+    tmp_path: Path, ping: Callable[[QuicConnectionProtocol], Coroutine[Any, Any, None]]
+) -> list[str]:
+    """Start a ping, give up on it before the answer (as a caller's timeout does), close the
+    connection (which fails the waiter) and collect what the loop reports as never retrieved."""
+    reports: list[str] = []
+
+    async def check(
+        client: QuicConnectionProtocol,
+        server: QuicConnectionProtocol,
+        node_id: str,
+        server_socket: asyncio.BaseTransport,
+    ) -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reports.append(ctx["message"]))
+        await asyncio.wait_for(ping(client), 5)  # a ping that is answered
+        server_socket.close()  # from now on nothing is answered
+        task = asyncio.ensure_future(ping(client))
+        await asyncio.wait({task}, timeout=0)  # one turn of the loop: the waiter is registered
+        task.cancel()  # the caller gives up, as asyncio.wait_for does on its timeout
+        await asyncio.wait({task})
+        client.close()
+        await client.wait_closed()
+        gc.collect()
+
+    run(check, tmp_path)
+    return reports
+
+
+def test_quiet_ping_leaves_no_unretrieved_exception(tmp_path: Path) -> None:
+    assert _abandoned_ping_reports(tmp_path / "quiet", internals.quiet_ping) == []
+    # What the patch is for: aioquic's own ping reports one.
+    own = _abandoned_ping_reports(tmp_path / "own", QuicConnectionProtocol.ping)
+    assert any("never retrieved" in r for r in own), own
