@@ -1,0 +1,237 @@
+"""The typed sections of ``node.toml``, their defaults and their invariants.
+
+Each ``[section]`` is a frozen dataclass whose fields are the keys a user may write, with the built-in
+defaults. The dataclasses validate their own invariants (role names, positive timings, ...) in
+``__post_init__``, so a config built in code or changed with :func:`dataclasses.replace` /
+:meth:`NodeConfig.with_node` is checked too; type checking of raw TOML values is
+:mod:`meshllm.config.loading`'s job. :func:`default_config` is the built-in configuration for a solo
+node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshllm.config.errors import ConfigError, describe, fail
+from meshllm.config.hostport import HostPort
+
+__all__ = [
+    "LOG_FORMATS",
+    "ROLES",
+    "ApiSection",
+    "ConsoleSection",
+    "LlamaSection",
+    "LogSection",
+    "ModelsSection",
+    "NodeConfig",
+    "NodeSection",
+    "TimingSection",
+    "check_name",
+    "check_positive",
+    "default_config",
+    "default_data_dir",
+    "default_node_name",
+]
+
+ROLES: tuple[str, ...] = ("active", "client", "standby")
+LOG_FORMATS: tuple[str, ...] = ("json", "console")
+
+
+def check_positive(key: str, value: float) -> None:
+    """Raise a :class:`ConfigError` about ``key`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail(key, f"expected a number (got {describe(value)})")
+    if not math.isfinite(value) or value <= 0:
+        raise fail(key, f"must be a number > 0 (got {value})")
+
+
+def check_name(name: str, key: str = "node.name") -> None:
+    """Raise a :class:`ConfigError` unless ``name`` is usable as a node name and a folder name."""
+    if not isinstance(name, str):
+        raise fail(key, f"expected a string (got {describe(name)})")
+    if not name:
+        raise fail(key, "must not be empty")
+    if any(ch.isspace() for ch in name):
+        raise fail(key, f"must not contain whitespace (got {name!r})")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise fail(key, f"must not contain path separators or be '.'/'..' (got {name!r})")
+    if not name.isprintable():
+        raise fail(key, f"must not contain control characters (got {name!r})")
+
+
+def default_node_name() -> str:
+    """The default ``node.name``: this machine's host name (``"meshllm"`` if it has none usable)."""
+    name = socket.gethostname().strip()
+    try:
+        check_name(name)
+    except ConfigError:
+        return "meshllm"
+    return name
+
+
+def default_data_dir(name: str) -> Path:
+    """The default ``node.data_dir`` for a node called ``name``: ``~/.local/share/meshllm/<name>``."""
+    return Path.home() / ".local" / "share" / "meshllm" / name
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSection:
+    """``[node]``: who this node is and how it reaches the mesh."""
+
+    name: str
+    """Node name shown to peers and in logs; non-empty, no whitespace. Default: the host name."""
+    data_dir: Path
+    """Where the node keeps its identity key, state and logs. Default: ``~/.local/share/meshllm/<name>``."""
+    role: str = "active"
+    """``active`` (serves models and API), ``client`` (API only, contributes nothing) or ``standby``."""
+    quic_listen: HostPort = HostPort("0.0.0.0", 9338)  # noqa: RUF009 (frozen, so sharing is safe)
+    """UDP address for mesh (QUIC) traffic; port 0 picks a free port."""
+    advertise: tuple[HostPort, ...] = ()
+    """Addresses put in invite tokens; ``()`` means derive them from ``quic_listen``."""
+    join: tuple[str, ...] = ()
+    """Invite tokens of meshes to join (not decoded here)."""
+    vram_gb: float | None = None
+    """Override the detected VRAM (GB) this node offers; must be > 0."""
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.role not in ROLES:
+            raise fail("node.role", f"must be one of {', '.join(ROLES)} (got {self.role!r})")
+        for i, addr in enumerate(self.advertise):
+            if addr.port == 0:
+                raise fail(
+                    f"node.advertise[{i}]", f"port 0 cannot be dialled; give the real port (got {addr})"
+                )
+            if addr.is_wildcard:
+                raise fail(
+                    f"node.advertise[{i}]",
+                    f"{addr.host} cannot be dialled; give an address peers can reach (got {addr})",
+                )
+        for i, token in enumerate(self.join):
+            if not isinstance(token, str) or not token.strip():
+                raise fail(f"node.join[{i}]", "invite tokens must be non-empty strings")
+        if self.vram_gb is not None:
+            check_positive("node.vram_gb", self.vram_gb)
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    """``[api]``: the OpenAI-compatible HTTP API."""
+
+    listen: HostPort = HostPort("127.0.0.1", 9337)  # noqa: RUF009 (frozen)
+
+
+@dataclass(frozen=True)
+class ConsoleSection:
+    """``[console]``: the web console."""
+
+    listen: HostPort = HostPort("127.0.0.1", 3131)  # noqa: RUF009 (frozen)
+
+
+@dataclass(frozen=True)
+class ModelsSection:
+    """``[models]``: what this node serves."""
+
+    serve: tuple[str, ...] = ()
+    """Model names this node loads (alone, or split across the mesh)."""
+    force_split: bool = False
+    """Split the served models across mesh workers even when they would fit on this node."""
+
+    def __post_init__(self) -> None:
+        for i, name in enumerate(self.serve):
+            if not isinstance(name, str) or not name.strip():
+                raise fail(f"models.serve[{i}]", "model names must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class LlamaSection:
+    """``[llama]``: where the llama.cpp binaries are."""
+
+    bin_dir: Path | None = None
+    """Folder holding ``llama-server`` / ``rpc-server``; ``None`` = the built-in search."""
+    threads: int | None = None
+    """CPU threads for llama-server and rpc-server (``-t``); ``None`` = llama.cpp's default."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise fail("llama.threads", f"must be at least 1 (got {self.threads})")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """``[log]``: logging."""
+
+    format: str = "json"
+    """``json`` (one JSON object a line) or ``console`` (human readable)."""
+    file: bool = False
+    """Also write the log to ``<data_dir>/node.log``."""
+
+    def __post_init__(self) -> None:
+        if self.format not in LOG_FORMATS:
+            raise fail("log.format", f"must be one of {', '.join(LOG_FORMATS)} (got {self.format!r})")
+
+
+@dataclass(frozen=True)
+class TimingSection:
+    """``[timing]``: mesh timing knobs, in seconds, all > 0."""
+
+    gossip_interval_s: float = 2.0
+    probe_interval_s: float = 1.0
+    dead_after_s: float = 3.5
+    """No successful probe for this long -> the peer is declared dead; must be > ``probe_interval_s``."""
+    dead_ttl_s: float = 60.0
+    """How long a dead node id is remembered."""
+    route_refresh_s: float = 45.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_positive(f"timing.{f.name}", getattr(self, f.name))
+        if self.dead_after_s <= self.probe_interval_s:
+            raise fail(
+                "timing.dead_after_s",
+                f"must be greater than timing.probe_interval_s "
+                f"(got {self.dead_after_s} <= {self.probe_interval_s})",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """The whole ``node.toml``. Build variants with :meth:`with_node` or :func:`dataclasses.replace`."""
+
+    node: NodeSection
+    api: ApiSection = ApiSection()
+    console: ConsoleSection = ConsoleSection()
+    models: ModelsSection = ModelsSection()
+    llama: LlamaSection = LlamaSection()
+    log: LogSection = LogSection()
+    timing: TimingSection = TimingSection()
+    source: Path | None = None
+    """The file this config was loaded from, if any."""
+
+    def __post_init__(self) -> None:
+        a, c = self.api.listen, self.console.listen
+        if a.port != 0 and a.port == c.port and (a.host == c.host or a.is_wildcard or c.is_wildcard):
+            raise fail("console.listen", f"{c} clashes with api.listen {a}; use another port")
+
+    def with_node(self, **changes: Any) -> NodeConfig:
+        """A copy with ``[node]`` fields changed, e.g. ``cfg.with_node(name="b", role="client")``."""
+        return dataclasses.replace(self, node=dataclasses.replace(self.node, **changes))
+
+
+def default_config(**node_overrides: Any) -> NodeConfig:
+    """The built-in config: a solo active node named ``meshllm`` serving ``smollm2-135m``.
+
+    ``data_dir`` is ``~/.local/share/meshllm/default``. Keyword arguments replace :class:`NodeSection`
+    fields (typed values: ``quic_listen=HostPort("127.0.0.1", 0)``, ``data_dir=tmp_path``). With
+    ``role="client"`` nothing is served.
+    """
+    node = NodeSection(name="meshllm", data_dir=default_data_dir("default"))
+    if node_overrides:
+        node = dataclasses.replace(node, **node_overrides)
+    serve: tuple[str, ...] = () if node.role == "client" else ("smollm2-135m",)
+    return NodeConfig(node=node, models=ModelsSection(serve=serve))
