@@ -19,7 +19,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from meshllm.serving import rpc_cache
+from meshllm.serving import gguf_layout, rpc_cache
+from meshllm.serving.gguf_layout import gguf_tensors
 from meshllm.serving.llama import LlamaNotFound, find_binaries, free_port
 from meshllm.serving.rpc_cache import (
     HASH_THRESHOLD,
@@ -28,7 +29,6 @@ from meshllm.serving.rpc_cache import (
     cache_file_name,
     fill_rpc_cache,
     fnv1a64,
-    gguf_tensors,
 )
 from tests.support import wait_until
 from tests.tinymodel import write_tiny_model
@@ -135,22 +135,22 @@ def test_gguf_tensors_match_the_gguf_package(tiny: Path) -> None:
 def test_block_sizes_match_the_gguf_package() -> None:
     for qtype, sizes in gguf.constants.GGML_QUANT_SIZES.items():
         if qtype.name == "Q8_1":  # gguf-py says 40 bytes; ggml's block_q8_1 is 2 halves + 32 int8 = 36
-            assert rpc_cache.GGML_BLOCK[int(qtype)] == (32, 36)
+            assert gguf_layout.GGML_BLOCK[int(qtype)] == (32, 36)
             continue
-        assert rpc_cache.GGML_BLOCK.get(int(qtype)) == sizes, qtype.name
+        assert gguf_layout.GGML_BLOCK.get(int(qtype)) == sizes, qtype.name
 
 
 def test_not_a_gguf_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOPE" + bytes(100))
-    with pytest.raises(rpc_cache.GGUFError):
+    with pytest.raises(gguf_layout.GGUFError):
         fill_rpc_cache(bad, tmp_path / "cache")
 
 
 def test_a_truncated_gguf_is_refused(tiny: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size - 100])
-    with pytest.raises(rpc_cache.GGUFError, match="past the end"):
+    with pytest.raises(gguf_layout.GGUFError, match="past the end"):
         fill_rpc_cache(cut, tmp_path / "cache")
 
 
