@@ -13,16 +13,15 @@ import contextlib
 from collections.abc import Mapping
 
 import aiohttp
-import pykka
 
-from actors.base import AskError, Directory
+from actors.base import Directory
 from meshllm.logsetup import Logger
+from meshllm.net.local_route import local_route
 from meshllm.wire.framing import pack_frame, read_frame_as
-from meshllm.wire.messages import Hello, Refused, Route, RouteReply, TunnelRequest, TunnelResponse
+from meshllm.wire.messages import Hello, Refused, TunnelRequest, TunnelResponse
 
 CHUNK = 65536
 PASSED_HEADERS = ("content-type", "cache-control")
-ROUTE_TIMEOUT_S = 5.0
 
 
 class UpstreamUnavailable(Exception):
@@ -84,14 +83,8 @@ class HttpTunnelServer:
     ) -> None:
         """Forward one tunnelled request to this node's llama-server for its model."""
         body = await (reader.readexactly(request.body_bytes) if request.body_bytes >= 0 else reader.read())
-        try:
-            route = await self.directory.ask_async(
-                "router", Route(model=request.model), RouteReply, ROUTE_TIMEOUT_S
-            )
-            port = route.local_port
-        except (AskError, pykka.Timeout) as exc:
-            self.log.warning("tunnel.router_unavailable", model=request.model, reason=str(exc))
-            port = 0
+        route = await local_route(self.directory, request.model, self.log)
+        port = route.local_port if route is not None else 0
         if not port:
             writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))
             return

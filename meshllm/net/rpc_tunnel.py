@@ -22,12 +22,11 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 
-import pykka
-
-from actors.base import AskError, Directory
+from actors.base import Directory
 from meshllm.logsetup import Logger
 from meshllm.net.control_server import CONTROL_TIMEOUT_S
 from meshllm.net.endpoint import MeshEndpoint
+from meshllm.net.local_route import local_route
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, decode
 from meshllm.wire.framing import LENGTH, PeerRefused, StreamKind, pack_frame, read_frame_as
@@ -35,15 +34,12 @@ from meshllm.wire.messages import (
     Ack,
     Hello,
     Refused,
-    Route,
-    RouteReply,
     RpcTunnelFailed,
     RpcTunnelRequest,
     Seed,
 )
 
 CHUNK = 256 * 1024
-ROUTE_TIMEOUT_S = 5.0
 
 
 async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list[int]) -> None:
@@ -303,14 +299,8 @@ class RpcTunnels:
         self, request: RpcTunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Connect a tunnel to this node's rpc-server for the requested model."""
-        try:
-            route = await self.directory.ask_async(
-                "router", Route(model=request.model), RouteReply, ROUTE_TIMEOUT_S
-            )
-            port = route.local_rpc_port
-        except (AskError, pykka.Timeout) as exc:
-            self.log.warning("rpc.router_unavailable", model=request.model, reason=str(exc))
-            port = 0
+        route = await local_route(self.directory, request.model, self.log)
+        port = route.local_rpc_port if route is not None else 0
         if not port:
             writer.write(pack_frame(Refused(reason=f"no rpc-server for {request.model!r} on this node")))
             return
