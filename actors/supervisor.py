@@ -11,37 +11,39 @@ that was already replaced or stopped is dropped. A child that exits or is not he
 restarted after an exponential backoff; after ``max_failures`` failures in a row without ever
 becoming ready the supervisor gives up on that spec until a new plan changes it.
 
-Children run in their own session (process group = their pid), their output goes to
-``log_dir/<key>.log``, and they get ``PR_SET_PDEATHSIG = SIGKILL`` so that a ``kill -9`` of the node
-leaves no orphan. The kernel sends that signal when the *thread* that forked the child exits, not the
-process: every ``Popen`` here runs on the actor's own thread (restarts go through a message to the
-actor, never a timer thread), and that thread lives exactly as long as the actor, whose ``on_stop``
-stops the children first anyway. Only process groups this actor created are ever signalled.
+How a child is spawned, probed and killed lives in :mod:`meshllm.serving.processes`: its own session
+(process group = its pid), output in ``log_dir/<key>.log``, ``PR_SET_PDEATHSIG = SIGKILL`` so that a
+``kill -9`` of the node leaves no orphan. The kernel sends that signal when the *thread* that forked the
+child exits, not the process: every spawn here runs on the actor's own thread (restarts go through a
+message to the actor, never a timer thread), and that thread lives exactly as long as the actor, whose
+``on_stop`` stops the children first anyway. Only process groups this actor created are ever signalled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import http.client
-import os
-import re
 import shlex
-import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pykka
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.serving.llama import LOOPBACK, LlamaBinaries, free_port, rpc_server_command, server_command
+from meshllm.serving.llama import LlamaBinaries, free_port, rpc_server_command, server_command
+from meshllm.serving.processes import (
+    KIND_RPC,
+    KIND_SERVER,
+    describe_exit,
+    log_name,
+    read_log_tail,
+    spawn,
+    stop_groups,
+    wait_healthy,
+)
 from meshllm.wire.codec import Message, encode
 from meshllm.wire.messages import (
     ChildExited,
@@ -54,98 +56,6 @@ from meshllm.wire.messages import (
     ProcessSpec,
     RestartChild,
 )
-
-KIND_SERVER = "llama-server"
-KIND_RPC = "rpc-server"
-
-LOG_TAIL_LINES = 20
-LOG_TAIL_CHARS = 8000
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-    return prctl
-
-
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when the forking thread of ``parent_pid`` exits.
-
-    Runs in the forked child before exec, so it only calls the already-resolved ``prctl``; if the parent
-    died between fork and prctl (the child was reparented already) the child kills itself.
-    """
-    prctl = _PRCTL
-    if prctl is None:
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exited with code {returncode}"
-
-
-def _log_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key) or "_"
-
-
-def read_log_tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of ``path`` written after byte ``offset`` (capped, decoded leniently)."""
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(offset, size - 64 * 1024))
-            data = f.read()
-    except OSError as exc:
-        return f"(no log: {exc})"
-    text = data.decode("utf-8", errors="replace")
-    tail = "\n".join(text.splitlines()[-lines:])
-    return tail[-LOG_TAIL_CHARS:]
-
-
-def _owns_listening_port(pid: int, port: int) -> bool:
-    """Whether process ``pid`` itself holds the listening socket (not some other program on the port)."""
-    try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
-
-
-def _probe(kind: str, port: int, timeout: float = 1.0) -> bool:
-    """One health check: llama-server answers ``/health`` with 200; the RPC server accepts a connection."""
-    if kind == KIND_SERVER:
-        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
-        try:
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200  # 503 while the model loads
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -224,7 +134,7 @@ class Supervisor(MsgpackActor):
             self._stop_children(stale, reason="no longer desired")
         for key, spec in desired.items():
             if key not in self.children:
-                child = _Child(spec=spec, log_path=self.log_dir / f"{_log_name(key)}.log")
+                child = _Child(spec=spec, log_path=self.log_dir / f"{log_name(key)}.log")
                 self.children[key] = child
                 self._start(child)
 
@@ -264,7 +174,7 @@ class Supervisor(MsgpackActor):
     def on_exited(self, msg: ChildExited) -> None:
         child = self._current(msg.key, msg.generation)
         if child is not None:
-            self._failed(child, _describe_exit(msg.returncode))
+            self._failed(child, describe_exit(msg.returncode))
 
     @handles(RestartChild)
     def on_restart(self, msg: RestartChild) -> None:
@@ -306,20 +216,7 @@ class Supervisor(MsgpackActor):
             return
         child.port = port
         try:
-            with child.log_path.open("ab") as out:
-                child.log_offset = out.tell()
-                out.write(f"=== meshllm: starting {shlex.join(cmd)}\n".encode())
-                out.flush()
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent(os.getpid()),
-                    close_fds=True,
-                    env={**os.environ, **spec.env} if spec.env else None,
-                )
+            proc, child.log_offset = spawn(cmd, child.log_path, spec.env)
         except OSError as exc:
             self._failed(child, f"could not start: {exc}")
             return
@@ -362,19 +259,13 @@ class Supervisor(MsgpackActor):
         stop: threading.Event,
     ) -> None:
         """Helper thread: poll the child until it is healthy, exits, is stopped, or runs out of time."""
-        deadline = started_at + self.health_timeout_s
-        interval = 0.05
-        while not stop.is_set() and proc.returncode is None:
-            if _probe(kind, port) and _owns_listening_port(proc.pid, port):
-                self._tell_self(ChildHealthy(key, generation, time.monotonic() - started_at))
-                return
-            if time.monotonic() >= deadline:
-                reason = f"not healthy within {self.health_timeout_s:g}s"
-                self._tell_self(ChildUnhealthy(key, generation, reason))
-                return
-            stop.wait(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 1.5, 0.5)
-        # Exited: the watcher reports it. Stopped: the actor already knows.
+        healthy = wait_healthy(kind, port, proc, started_at + self.health_timeout_s, stop)
+        if healthy:
+            self._tell_self(ChildHealthy(key, generation, time.monotonic() - started_at))
+        elif healthy is not None:
+            reason = f"not healthy within {self.health_timeout_s:g}s"
+            self._tell_self(ChildUnhealthy(key, generation, reason))
+        # None: exited (the watcher reports it) or stopped (the actor already knows).
 
     # -- failing ------------------------------------------------------------------------------------
 
@@ -444,22 +335,10 @@ class Supervisor(MsgpackActor):
             child.health_stop.set()
             if child.proc is not None:
                 procs.append(child.proc)
-        for proc in procs:
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.log.warning(
-                    "llama.kill", pid=proc.pid, detail=f"no exit {self.stop_timeout_s:g}s after SIGTERM"
-                )
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
 
+        def warn(proc: subprocess.Popen[bytes]) -> None:
+            self.log.warning(
+                "llama.kill", pid=proc.pid, detail=f"no exit {self.stop_timeout_s:g}s after SIGTERM"
+            )
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
+        stop_groups(procs, self.stop_timeout_s, on_kill=warn)
