@@ -120,7 +120,7 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
                     profiles.append(profiling)
                     profiling = None
             try:
-                s = node.directory.ask("transport", GetTransportStats(), 5)
+                s = node.directory.ask("transport", GetTransportStats(), TransportStats, 5)
             except Exception:
                 continue
             if isinstance(s, TransportStats):

@@ -195,22 +195,41 @@ def tokens_figures(tmp: Path, rounds: int, tokens: int) -> None:
         factory.close()
 
 
+async def _open_handlers() -> int:
+    """Connection handlers of ``asyncio.start_server`` still running on a node's loop."""
+    return sum(
+        1
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "FastPath._serve"
+    )
+
+
 async def _throughput(total: int) -> tuple[float, float]:
-    """MB/s through plain loopback TCP and through an RPC tunnel between two in-process nodes."""
-    from meshllm.wire.messages import EnsureRpcListeners, LocalServing, RpcListeners, Seed
+    """MB/s through plain loopback TCP and through an RPC tunnel between two in-process nodes.
+
+    A push counts until the sink has every byte, not until the sender is done writing: the host's
+    relay closes the sender's connection as soon as it has handed the last bytes to its own socket.
+    Teardown waits for every connection to end first: on Python 3.11 a connection handler cancelled
+    when its loop stops logs a ``CancelledError`` traceback (CPython gh-113538)."""
+    from meshllm.wire.messages import EnsureRpcListeners, LocalServing, Seed
     from tests.support import NodeFactory
 
     received = 0
     done = asyncio.Event()
+    sinks: set[asyncio.Task[Any]] = set()
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal received
-        while data := await reader.read(1 << 20):
-            received += len(data)
-        writer.write(b"k")
-        await writer.drain()
-        writer.close()
-        done.set()
+        task = asyncio.current_task()
+        assert task is not None
+        sinks.add(task)
+        try:
+            while data := await reader.read(1 << 20):
+                received += len(data)
+            done.set()
+        finally:
+            writer.close()
+            sinks.discard(task)
 
     server = await asyncio.start_server(sink, "127.0.0.1", 0)
     sink_port = server.sockets[0].getsockname()[1]
@@ -226,27 +245,48 @@ async def _throughput(total: int) -> tuple[float, float]:
             writer.write(chunk)
             await writer.drain()
         writer.write_eof()
-        await reader.read(1)
+        await asyncio.wait_for(done.wait(), 120)
         elapsed = time.perf_counter() - t0
+        if received != total:
+            raise RuntimeError(f"the sink got {received} of {total} bytes")
+        await asyncio.wait_for(reader.read(), 20)  # the far end closes once the sink has closed
         writer.close()
+        await writer.wait_closed()
         return total / elapsed / 1e6
 
-    tcp = await push(sink_port)
-    with tempfile.TemporaryDirectory() as tmp:
-        factory = NodeFactory(Path(tmp))
-        try:
-            a = factory.start("a")
-            b = factory.start("b", join=(a.invite_token,))
-            await asyncio.to_thread(wait_until, lambda: a.peer_ids() == {b.node_id}, 20)
-            b.directory.tell("router", LocalServing(model="bulk", port=sink_port, kind="rpc-server"))
-            reply = a.directory.ask(
-                "transport", EnsureRpcListeners(model="bulk", workers=(Seed(b.node_id, b.addrs),))
-            )
-            assert isinstance(reply, RpcListeners)
-            quic = await push(reply.ports[b.node_id])
-        finally:
-            factory.close()
-    server.close()
+    try:
+        tcp = await push(sink_port)
+        with tempfile.TemporaryDirectory() as tmp:
+            factory = NodeFactory(Path(tmp))
+            try:
+                a = factory.start("a")
+                b = factory.start("b", join=(a.invite_token,))
+                await asyncio.to_thread(wait_until, lambda: a.peer_ids() == {b.node_id}, 20)
+                b.directory.tell("router", LocalServing(model="bulk", port=sink_port, kind="rpc-server"))
+                # A tell: the transport answers the election, and logs the listener's port.
+                a.directory.tell(
+                    "transport", EnsureRpcListeners(model="bulk", workers=(Seed(b.node_id, b.addrs),))
+                )
+                listening = await asyncio.to_thread(
+                    factory.logs["a"].wait_for, "rpc.listening", 20, model="bulk", worker=b.node_id
+                )
+                quic = await push(int(listening["port"]))
+                a.directory.tell("transport", EnsureRpcListeners(model="bulk", workers=()))
+                await asyncio.to_thread(factory.logs["a"].wait_for, "rpc.closed", 20, model="bulk")
+                for node in (a, b):
+                    await asyncio.to_thread(
+                        wait_until,
+                        lambda node=node: node.endpoint.loop_thread.run(_open_handlers(), 5) == 0,
+                        20,
+                        what="the tunnel's connection handlers to return",
+                    )
+            finally:
+                factory.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+        if sinks:
+            await asyncio.wait(sinks, timeout=20)
     return tcp, quic
 
 
