@@ -54,14 +54,23 @@ class Shortfall:
     available_bytes: int
 
 
+SPLIT_STEPS = 1000
+"""Fractions are whole thousandths."""
+
+
 def tensor_split(vrams: list[int]) -> tuple[float, ...]:
-    """Fractions proportional to VRAM, rounded to 3 places, summing to 1."""
+    """Fractions proportional to VRAM in thousandths that sum to 1, each within 1/1000 of its exact
+    share (largest remainder: each gets its share rounded down, the thousandths left over go to the
+    largest remainders, ties to the earlier entry, so the host first)."""
     total = sum(vrams)
     if total <= 0:
         raise ValueError("tensor split needs positive VRAM")
-    raw = [round(v / total, 3) for v in vrams]
-    raw[0] = round(1.0 - sum(raw[1:]), 3)
-    return tuple(raw)
+    steps = [v * SPLIT_STEPS // total for v in vrams]
+    left = SPLIT_STEPS - sum(steps)
+    by_remainder = sorted(range(len(vrams)), key=lambda i: (-(vrams[i] * SPLIT_STEPS % total), i))
+    for i in by_remainder[:left]:
+        steps[i] += 1
+    return tuple(s / SPLIT_STEPS for s in steps)
 
 
 def plan_split(candidates: list[Candidate], model_bytes: int, force: bool) -> SplitPlan | Shortfall:
