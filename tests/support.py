@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 def wait_until(
     predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
 ) -> T:
-    """Poll until ``predicate()`` is truthy (returns it) or fail after ``timeout`` seconds."""
+    """Poll until ``predicate()`` is truthy (returns it) or fail after ``timeout`` seconds.
+
+    Errors from the predicate count as "not yet" (transient while nodes start), except a failed
+    check (``AssertionError``, e.g. a node process that exited): that fails at once."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while True:
@@ -43,7 +46,9 @@ def wait_until(
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # transient while nodes start
+        except AssertionError:
+            raise
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")

