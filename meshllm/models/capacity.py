@@ -1,52 +1,113 @@
-"""How much accelerator memory this node offers the mesh: NVML when there is an NVIDIA GPU, else the
-config's ``vram_gb``, else a share of system RAM (llama.cpp then runs on the CPU)."""
+"""How much memory this node offers the mesh: what the backend that runs the model can use.
+
+:func:`detect_capacity` decides, in this order:
+
+1. ``[node] vram_gb`` in the config overrides everything (source ``"config"``);
+2. a llama.cpp build whose ``llama-server --list-devices`` lists GPUs: the sum of those GPUs' memory,
+   NVML's exact numbers where NVML knows the GPU (source ``"gpu"``);
+3. a build that lists no GPU (CPU-only binaries) runs the model on the CPU, whatever GPUs the machine
+   has: a share of system RAM (source ``"system-ram"``);
+4. no binary (a node that serves nothing), or a device list that could not be read: NVML's GPUs
+   (source ``"nvml"``), else the RAM share.
+
+The GPUs NVML sees (``CUDA_VISIBLE_DEVICES`` honoured) are reported in every case for status. Nothing is
+logged here: :attr:`Capacity.list_error` says why a device list was not used.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
+
+from meshllm.models.devices import (
+    LIST_DEVICES_TIMEOUT_S,
+    DeviceListError,
+    GpuMemory,
+    cross_check,
+    gpu_devices,
+    list_llama_devices,
+    nvml_gpus,
+)
 
 GIB = 1024**3
 RAM_SHARE = 0.5
 
 
 @dataclass(frozen=True)
-class Vram:
+class Capacity:
+    """The memory this node offers, where the number came from, and the GPUs behind it.
+
+    ``source`` is ``"config"``, ``"gpu"`` (the llama.cpp build's GPUs), ``"nvml"`` (no build asked)
+    or ``"system-ram"``. ``gpus`` are the GPUs counted for ``"gpu"``; otherwise the ones NVML sees,
+    reported for status only. ``list_error`` is why ``--list-devices`` gave nothing usable, if it failed.
+    """
+
     bytes: int
-    source: str  # "config", "nvml" or "system-ram"
+    source: str
+    gpus: tuple[GpuMemory, ...] = ()
+    list_error: str | None = None
+
+
+def ram_share_bytes() -> int:
+    """The part of system RAM a CPU backend is offered."""
+    return int(psutil.virtual_memory().total * RAM_SHARE)
+
+
+def detect_capacity(
+    override_gb: float | None,
+    server_binary: Path | None,
+    *,
+    timeout_s: float = LIST_DEVICES_TIMEOUT_S,
+    environ: Mapping[str, str] | None = None,
+) -> Capacity:
+    """This node's capacity; see the module's docstring for the order of the rules.
+
+    ``server_binary`` is the ``llama-server`` that would run the model (``None``: this node serves
+    nothing). ``environ`` (default: this process's) is what that binary would run with; its
+    ``CUDA_VISIBLE_DEVICES`` picks the GPUs for both NVML and llama.cpp.
+    """
+    nvml = nvml_gpus(environ)
+    if override_gb is not None:
+        return Capacity(int(override_gb * GIB), "config", nvml)
+    list_error: str | None = None
+    if server_binary is not None:
+        try:
+            listed = gpu_devices(list_llama_devices(server_binary, timeout_s=timeout_s, environ=environ))
+        except DeviceListError as e:
+            list_error = str(e)
+        else:
+            if not listed:
+                return Capacity(ram_share_bytes(), "system-ram", nvml)
+            gpus = cross_check(listed, nvml)
+            return Capacity(sum(g.total_bytes for g in gpus), "gpu", gpus)
+    if nvml:
+        return Capacity(sum(g.total_bytes for g in nvml), "nvml", nvml, list_error)
+    return Capacity(ram_share_bytes(), "system-ram", (), list_error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interface node.py uses until it moves to detect_capacity.
+
+
+@dataclass(frozen=True)
+class Vram:
+    """The older answer: bytes and source only (``"config"``, ``"nvml"`` or ``"system-ram"``)."""
+
+    bytes: int
+    source: str
 
 
 def nvml_total_bytes() -> int | None:
-    """Total memory of every NVIDIA GPU NVML sees, or None without a driver or GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        total = 0
-        for i in range(count):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
-            total += int(info.total)
-        return total if count else None
-    except pynvml.NVMLError:
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+    """Total memory of every NVIDIA GPU NVML sees, ``CUDA_VISIBLE_DEVICES`` ignored (as ``nvidia-smi``
+    counts), or ``None`` without a driver or GPU."""
+    gpus = nvml_gpus({})
+    return sum(g.total_bytes for g in gpus) if gpus else None
 
 
 def detect_vram(override_gb: float | None) -> Vram:
-    if override_gb is not None:
-        return Vram(int(override_gb * GIB), "config")
-    nvml = nvml_total_bytes()
-    if nvml is not None:
-        return Vram(nvml, "nvml")
-    return Vram(int(psutil.virtual_memory().total * RAM_SHARE), "system-ram")
+    """:func:`detect_capacity` without a binary: the config's value, else NVML's GPUs, else RAM share."""
+    capacity = detect_capacity(override_gb, None)
+    return Vram(capacity.bytes, capacity.source)
