@@ -1,0 +1,288 @@
+"""The Heartbeat actor alone: fed topology events and probe results as msgpack messages, with dummy
+"registry" and "transport" actors recording what it tells them.
+
+Two kinds of test: a few with small real timings, where the actor's own timers drive the probes and the
+death; and the rest with a fake clock (probe timers far in the future), where the test sends the
+ticks and moves time by hand, so the windows are checked exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import actors.heartbeat as heartbeat_module
+from actors.heartbeat import REPORT_TRUST_INTERVALS, Heartbeat
+from meshllm.config import TimingSection
+from meshllm.wire.codec import Message
+from meshllm.wire.messages import (
+    ConnectionLost,
+    DeathReported,
+    DeclareDead,
+    PeerAnnouncement,
+    PeerDied,
+    PeerDown,
+    PeerJoined,
+    PeerLeft,
+    PeerUpdated,
+    ProbePeer,
+    ProbeResult,
+    Subscribe,
+    Tick,
+)
+from tests.actor_dummies import FakeClock, Harness, Inbox, Reaction
+
+NOBODY = ProbeResult(node_id="nobody", ok=True, rtt_ms=0.0)
+"""A probe result about a node the heartbeat does not follow: handled, and changes nothing."""
+
+# Fake-clock tests: the actor's own timers would fire only after these long intervals.
+SLOW = TimingSection(probe_interval_s=30.0, dead_after_s=90.0)
+TRUST_S = SLOW.probe_interval_s * REPORT_TRUST_INTERVALS
+
+
+def ann(node_id: str, *addrs: str) -> PeerAnnouncement:
+    return PeerAnnouncement(
+        node_id=node_id,
+        name=f"n-{node_id}",
+        role="active",
+        addrs=addrs or (f"{node_id}.test:1",),
+        vram_bytes=1,
+    )
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def start(
+    h: Harness, timing: TimingSection, transport_reactions: dict[type[Message], Reaction] | None = None
+) -> None:
+    h.dummy("registry")
+    h.dummy("transport", transport_reactions)
+    Heartbeat.start(h.directory, h.logger, timing=timing)
+
+
+def settle(h: Harness) -> None:
+    h.settle("heartbeat", NOBODY)
+
+
+def say(h: Harness, *msgs: Message) -> None:
+    """Tell the heartbeat these messages and wait until it has handled them (so they are handled at
+    the fake clock's present time, not after the test moves it)."""
+    for msg in msgs:
+        h.tell("heartbeat", msg)
+    settle(h)
+
+
+def probes(transport: Inbox, node_id: str, since: int = 0) -> list[ProbePeer]:
+    return transport.messages(ProbePeer, lambda m: m.node_id == node_id, since)
+
+
+def deaths(registry: Inbox, node_id: str | None = None) -> list[DeclareDead]:
+    return registry.messages(DeclareDead, lambda m: node_id is None or m.node_id == node_id)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    return FakeClock().install(monkeypatch, heartbeat_module)
+
+
+def tick(h: Harness, name: str) -> None:
+    """One timer tick ("probe": probe and check deadlines; anything else: only check)."""
+    h.tell("heartbeat", Tick(name))
+    settle(h)
+
+
+# -- with its own timers ----------------------------------------------------------------------------------
+
+
+def test_subscribes_to_the_registry(h: Harness) -> None:
+    start(h, SLOW)
+    assert h.inboxes["registry"].wait_for(Subscribe) == Subscribe(subscriber="heartbeat")
+
+
+def test_probes_each_followed_peer_on_its_probe_tick(h: Harness) -> None:
+    timing = TimingSection(probe_interval_s=0.05, dead_after_s=30.0)
+    start(h, timing)
+    transport = h.inboxes["transport"]
+    h.tell("heartbeat", PeerJoined(peer=ann("a", "a.test:1")))
+    h.tell("heartbeat", PeerJoined(peer=ann("b")))
+    assert transport.wait_for(ProbePeer, lambda m: m.node_id == "a", n=2) == ProbePeer(
+        "a", ("a.test:1",), 0.05
+    )
+    transport.wait_for(ProbePeer, lambda m: m.node_id == "b", n=2)
+
+    # New addresses are probed from then on; news about a peer it does not follow is not followed.
+    h.tell("heartbeat", PeerUpdated(peer=ann("a", "a.test:2")))
+    h.tell("heartbeat", PeerUpdated(peer=ann("x")))
+    settle(h)
+    mark = transport.mark()
+    assert transport.wait_for(ProbePeer, lambda m: m.node_id == "a", since=mark).addrs == ("a.test:2",)
+    transport.wait_for(ProbePeer, lambda m: m.node_id == "b", n=3, since=mark)
+    assert not probes(transport, "x")
+    assert not h.inboxes["registry"].messages(DeclareDead)
+
+
+def test_a_silent_peer_is_declared_dead_once_and_an_answering_one_is_not(h: Harness) -> None:
+    timing = TimingSection(probe_interval_s=0.05, dead_after_s=0.5)
+
+    def answer(msg: Message) -> None:
+        # A fake transport: "alive" answers every probe, "silent" never does.
+        assert isinstance(msg, ProbePeer)
+        if msg.node_id == "alive":
+            h.tell("heartbeat", ProbeResult(node_id="alive", ok=True, rtt_ms=1.0))
+
+    start(h, timing, {ProbePeer: answer})
+    registry, transport = h.inboxes["registry"], h.inboxes["transport"]
+    h.tell("heartbeat", PeerJoined(peer=ann("alive")))
+    h.tell("heartbeat", PeerJoined(peer=ann("silent")))
+
+    dead = registry.wait_for(DeclareDead)
+    assert dead.node_id == "silent" and dead.broadcast is True
+    assert dead.reason.startswith("no answer for")
+
+    # Time goes on (the answering peer's probes are the clock): no second verdict, no more probes of it.
+    settle(h)
+    mark = transport.mark()
+    transport.wait_for(ProbePeer, lambda m: m.node_id == "alive", n=6, since=mark)
+    settle(h)
+    assert deaths(registry) == [dead]
+    assert not probes(transport, "silent", since=mark)
+
+
+# -- with a fake clock --------------------------------------------------------------------------------------
+
+
+def test_deadline_counts_from_the_last_good_answer(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    registry = h.inboxes["registry"]
+    say(h, PeerJoined(peer=ann("a")))
+
+    clock.advance(SLOW.dead_after_s - 10)
+    say(h, ProbeResult(node_id="a", ok=True, rtt_ms=2.0))  # resets the silence
+    clock.advance(SLOW.dead_after_s - 10)
+    say(h, ProbeResult(node_id="a", ok=False, rtt_ms=0.0, error="timeout"))  # does not
+    tick(h, "check")
+    assert not deaths(registry)
+
+    clock.advance(10)  # dead_after_s since the last good answer
+    tick(h, "check")
+    dead = deaths(registry)
+    assert [(d.node_id, d.broadcast) for d in dead] == [("a", True)]
+    assert dead[0].reason == f"no answer for {SLOW.dead_after_s:.1f}s"
+
+
+def test_declared_exactly_once_and_no_longer_probed(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    registry, transport = h.inboxes["registry"], h.inboxes["transport"]
+    say(h, PeerJoined(peer=ann("a")), PeerJoined(peer=ann("b")))
+    clock.advance(SLOW.dead_after_s / 2)
+    say(h, PeerJoined(peer=ann("b")))  # a (re)join counts as hearing from it
+    clock.advance(SLOW.dead_after_s / 2)
+
+    tick(h, "probe")  # a's deadline has passed: declared instead of probed
+    assert [d.node_id for d in deaths(registry)] == ["a"]
+    assert [p.node_id for p in transport.messages(ProbePeer)] == ["b"]
+
+    for _ in range(3):
+        clock.advance(SLOW.probe_interval_s)
+        tick(h, "check")
+        tick(h, "probe")
+    assert [d.node_id for d in deaths(registry)] == ["a", "b"]  # b in its turn; a not again
+    assert not probes(transport, "a")
+
+
+def test_a_declared_peer_that_joins_again_is_followed_again(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    registry, transport = h.inboxes["registry"], h.inboxes["transport"]
+    say(h, PeerJoined(peer=ann("a")))
+    clock.advance(SLOW.dead_after_s)
+    tick(h, "check")
+    assert len(deaths(registry, "a")) == 1
+
+    say(h, PeerJoined(peer=ann("a")))  # it came back (a direct gossip exchange)
+    tick(h, "probe")
+    assert len(probes(transport, "a")) == 1
+    assert len(deaths(registry, "a")) == 1
+    clock.advance(SLOW.dead_after_s)
+    tick(h, "check")
+    assert len(deaths(registry, "a")) == 2
+
+
+def test_a_death_report_within_the_trust_window_is_disputed(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    registry, transport = h.inboxes["registry"], h.inboxes["transport"]
+    say(h, PeerJoined(peer=ann("a")))
+    clock.advance(TRUST_S - 1)
+
+    say(h, DeathReported(notice=PeerDown(node_id="a", incarnation=0, reporter="r")))
+    assert not deaths(registry)
+    # Instead of believing it, the heartbeat checks at once.
+    assert transport.messages(ProbePeer) == [ProbePeer("a", ("a.test:1",), SLOW.probe_interval_s)]
+    [disputed] = h.log.events("peer.death_disputed")
+    assert disputed["peer"] == "a" and disputed["reporter"] == "r"
+
+
+def test_a_death_report_after_the_trust_window_is_accepted_once(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    registry = h.inboxes["registry"]
+    say(h, PeerJoined(peer=ann("a")))
+    clock.advance(TRUST_S)
+
+    notice = PeerDown(node_id="a", incarnation=0, reporter="r")
+    say(h, DeathReported(notice=notice), DeathReported(notice=notice))
+    clock.advance(SLOW.dead_after_s)
+    tick(h, "check")  # its own deadline passes too: still one verdict
+    [dead] = deaths(registry)
+    # A verdict taken from someone else's notice is not broadcast again.
+    assert dead.node_id == "a" and dead.broadcast is False
+    assert dead.reason == f"reported by r, silent for {TRUST_S:.1f}s"
+
+
+def test_a_death_report_about_a_peer_it_does_not_follow_is_ignored(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    clock.advance(SLOW.dead_after_s)
+    say(h, DeathReported(notice=PeerDown(node_id="x", incarnation=0, reporter="r")))
+    assert not deaths(h.inboxes["registry"])
+    assert not h.inboxes["transport"].messages(ProbePeer)
+
+
+@pytest.mark.parametrize("gone", [PeerLeft(node_id="a", incarnation=0), PeerDied("a", 0, "probes failed")])
+def test_a_peer_that_left_or_died_is_no_longer_probed(h: Harness, clock: FakeClock, gone: Message) -> None:
+    start(h, SLOW)
+    registry, transport = h.inboxes["registry"], h.inboxes["transport"]
+    say(h, PeerJoined(peer=ann("a")), PeerJoined(peer=ann("b")))
+    tick(h, "probe")
+    assert sorted(p.node_id for p in transport.messages(ProbePeer)) == ["a", "b"]
+
+    say(h, gone)
+    mark = transport.mark()
+    tick(h, "probe")
+    clock.advance(SLOW.dead_after_s)
+    say(
+        h,
+        ConnectionLost(node_id="a", reason="closed"),
+        DeathReported(notice=PeerDown(node_id="a", incarnation=0, reporter="r")),
+    )
+    tick(h, "check")
+    assert [p.node_id for p in transport.messages(ProbePeer, since=mark)] == ["b"]
+    assert [d.node_id for d in deaths(registry)] == ["b"]
+
+
+def test_a_lost_connection_is_probed_at_once(h: Harness, clock: FakeClock) -> None:
+    start(h, SLOW)
+    transport = h.inboxes["transport"]
+    say(
+        h,
+        PeerJoined(peer=ann("a")),
+        ConnectionLost(node_id="a", reason="idle timeout"),
+        ConnectionLost(node_id="stranger", reason="idle timeout"),
+    )
+    assert transport.messages(ProbePeer) == [ProbePeer("a", ("a.test:1",), SLOW.probe_interval_s)]
+    assert not deaths(h.inboxes["registry"])
