@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import pykka
@@ -25,18 +25,23 @@ import pykka
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.models.catalog import ModelRef
-from meshllm.placement import Candidate, Shortfall, SplitPlan, fits_solo, needed_bytes, plan_split
+from meshllm.models.fit import download_fit
+from meshllm.placement import Candidate, Shortfall, fits_solo, needed_bytes, plan_split
 from meshllm.serving.cache_fill import fill_in_background
+from meshllm.serving.local_model import LocalModel
 from meshllm.serving.process_specs import parse_key, rpc_spec, server_spec, split_server_spec
 from meshllm.wire.codec import encode
 from meshllm.wire.messages import (
     DesiredProcesses,
     EnsureRpcListeners,
+    FetchModel,
     GetPlan,
     LlamaFailed,
     LlamaReady,
     LlamaStopped,
     LocalServing,
+    ModelDescribed,
+    ModelFetched,
     ModelStatus,
     PeerAnnouncement,
     PeerDied,
@@ -45,6 +50,7 @@ from meshllm.wire.messages import (
     PeerUpdated,
     PlanReply,
     ProcessSpec,
+    RefuseModel,
     RpcCacheFilled,
     RpcListeners,
     RpcTunnelFailed,
@@ -57,22 +63,6 @@ from meshllm.wire.messages import (
 REPLAN_DEBOUNCE_S = 0.25
 SUSPECT_S = 10.0
 """A worker whose RPC tunnel failed is left out of plans this long (no crash loop against it)."""
-
-
-@dataclass
-class LocalModel:
-    ref: ModelRef
-    mode: str = "waiting"  # solo | split | worker | standby | waiting
-    server: str = "down"  # llama-server: down | starting | ready | failed
-    rpc: str = "down"  # rpc-server: down | starting | ready | failed
-    port: int = 0
-    rpc_port: int = 0
-    plan: SplitPlan | None = None
-    shortfall: Shortfall | None = None
-    detail: str = ""
-    listening: dict[str, int] = field(default_factory=dict)  # tunnel listener port per worker
-    listeners_asked: tuple[str, ...] = ()  # workers we asked the transport listeners for
-    cache: str = "empty"  # rpc tensor cache: empty | filling | filled
 
 
 class Election(MsgpackActor):
@@ -90,17 +80,25 @@ class Election(MsgpackActor):
         force_split: bool,
         cache_dir: Path | None = None,
         threads: int | None = None,
+        context: int | None = None,
+        pending: tuple[str, ...] = (),
     ) -> None:
         super().__init__(directory, logger)
         self.cache_dir = cache_dir
         self.threads = threads
+        self.context = context  # -c for llama-server (None: llama.py's default)
         self.own_id = own_id
         self.vram_bytes = vram_bytes
         self.force_split = force_split
-        self.models = {m.name: LocalModel(ref=m) for m in models}
+        # Config order is priority for the memory budget; hub models (``pending``) wait for the
+        # Downloader to say what they need, and get their file only when this node needs it.
+        self.models = {
+            m.name: LocalModel(ref=m, fetch="resolving" if m.name in pending else "") for m in models
+        }
         self.peers: dict[str, PeerAnnouncement] = {}
         self.suspects: dict[str, float] = {}
         self.desired: tuple[ProcessSpec, ...] | None = None
+        self.free = vram_bytes  # what the models planned so far leave of this node's memory
         self.logged_plan: dict[str, tuple[object, ...]] = {}
         self.dirty = True
         self.last_change = 0.0
@@ -202,25 +200,46 @@ class Election(MsgpackActor):
         self._touch()
 
     def _plan_model(self, local: LocalModel) -> list[ProcessSpec]:
-        name, size = local.ref.name, local.ref.size_bytes
+        """One model's part of the plan. Models are planned in config order against one budget
+        (``self.free``): each takes what it needs here from what the models before it left."""
+        name, size = local.ref.name, local.ref.footprint_bytes
+        need = needed_bytes(size)
         cands, force = self._candidates(name)
         local.plan, local.shortfall, local.detail = None, None, ""
+        if local.fetch in ("resolving", "failed"):
+            local.mode, local.detail = local.fetch, local.fetch_error
+            return []
         if not force and fits_solo(self.vram_bytes, size):
+            if need > self.free:
+                return self._wait(local, need, "the models before it in [models] serve take the rest")
             local.mode = "solo"
-            return [server_spec(local.ref, self.threads)]
+            self.free -= need
+            if not local.on_disk:
+                return self._fetch(local)
+            return [server_spec(local.ref, self.threads, context=self.context)]
         plan = plan_split(cands, size, force)
         if isinstance(plan, Shortfall):
-            local.mode, local.shortfall = "waiting", plan
-            local.detail = f"needs {plan.needed_bytes} bytes of VRAM, the group has {plan.available_bytes}"
-            return []
+            peers = [c.vram_bytes for c in cands if c.node_id != self.own_id]
+            why = "" if local.on_disk else download_fit(plan.needed_bytes, self.vram_bytes, peers).reason
+            return self._wait(local, plan.needed_bytes, why, plan.available_bytes)
+        members = [plan.host, *plan.workers]
+        if self.own_id in members:
+            share = int(need * plan.fractions[members.index(self.own_id)])
+            if share > self.free:
+                return self._wait(
+                    local, share, "its share of the split does not fit what earlier models left"
+                )
+            self.free -= share
         local.plan = plan
         if plan.host != self.own_id:
             local.mode = "worker" if self.own_id in plan.workers else "standby"
             return [rpc_spec(name, None)] if local.mode == "worker" else []
+        if not local.on_disk:
+            return self._fetch(local)  # a split host needs the file; its workers do not
         if not plan.workers:  # forced, but nobody to split with
             local.mode = "solo"
             local.detail = "split forced but no other node serves this model"
-            return [server_spec(local.ref, self.threads)]
+            return [server_spec(local.ref, self.threads, context=self.context)]
         local.mode = "split"
         specs = self._rpc_spec(local)
         not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
@@ -234,8 +253,62 @@ class Election(MsgpackActor):
             local.detail = "opening RPC tunnel listeners"
             return specs
         ports = [local.rpc_port] + [local.listening[w] for w in plan.workers]
-        specs.append(split_server_spec(local.ref, self.threads, ports, plan.fractions))
+        specs.append(split_server_spec(local.ref, self.threads, ports, plan.fractions, self.context))
         return specs
+
+    def _wait(
+        self, local: LocalModel, needed: int, why: str, available: int | None = None
+    ) -> list[ProcessSpec]:
+        """The model waits for memory; status and the log say how much is missing."""
+        have = self.free if available is None else available
+        local.mode, local.shortfall = "waiting", Shortfall(needed_bytes=needed, available_bytes=have)
+        if available is None:
+            local.detail = f"needs {needed} bytes of VRAM, {have} left on this node: {why}"
+        else:
+            local.detail = why or f"needs {needed} bytes of VRAM, the group has {have}"
+        if not local.on_disk:  # refused: not a byte of it is fetched until a split becomes possible
+            local.mode = "refused"
+            if local.fetch != "refused" or local.logged_refusal != (needed, have):
+                local.fetch, local.logged_refusal = "refused", (needed, have)
+                self.tell(
+                    "downloader",
+                    RefuseModel(
+                        model=local.ref.name, needed_bytes=needed, available_bytes=have, reason=local.detail
+                    ),
+                )
+        return []
+
+    def _fetch(self, local: LocalModel) -> list[ProcessSpec]:
+        """This node needs a hub model's file: ask the Downloader for it (once)."""
+        local.mode, local.detail = "downloading", "downloading the model"
+        if local.fetch != "fetching":
+            local.fetch = "fetching"
+            self.tell("downloader", FetchModel(model=local.ref.name))
+        return []
+
+    @handles(ModelDescribed)
+    def on_described(self, msg: ModelDescribed) -> None:
+        local = self.models.get(msg.model)
+        if local is None or local.on_disk:
+            return
+        if msg.error:
+            local.fetch, local.fetch_error = "failed", msg.error
+        else:
+            local.ref = replace(local.ref, size_bytes=msg.size_bytes, kv_bytes=msg.kv_bytes)
+            local.fetch = "described"
+        self._touch()
+
+    @handles(ModelFetched)
+    def on_fetched(self, msg: ModelFetched) -> None:
+        local = self.models.get(msg.model)
+        if local is None or local.on_disk:
+            return
+        if msg.error:
+            local.fetch, local.fetch_error = "failed", msg.error
+        else:
+            local.ref = ModelRef(msg.model, Path(msg.path), msg.size_bytes, msg.kv_bytes)
+            local.fetch = ""
+        self._touch()
 
     def _ask_listeners(self, local: LocalModel, workers: tuple[str, ...]) -> None:
         """Ask the transport for tunnel listeners to these workers (empty: close them); the answer
@@ -263,6 +336,7 @@ class Election(MsgpackActor):
 
     def _replan(self) -> None:
         specs: list[ProcessSpec] = []
+        self.free = self.vram_bytes
         for name, local in self.models.items():
             specs += self._plan_model(local)
             if local.mode != "split" and local.listeners_asked:
@@ -283,25 +357,19 @@ class Election(MsgpackActor):
         self.tell("supervisor", DesiredProcesses(specs=desired))
 
     def _log_plan(self, name: str, local: LocalModel) -> None:
-        plan = local.plan
-        summary = (
-            local.mode,
-            plan.host if plan else self.own_id,
-            plan.workers if plan else (),
-            plan.fractions if plan else (),
-            local.detail,
-        )
+        summary = local.summary(self.own_id)
         if self.logged_plan.get(name) == summary:
             return
         self.logged_plan[name] = summary
+        mode, host, workers, fractions, detail = summary
         self.log.info(
             "election.plan",
             model=name,
-            mode=local.mode,
-            host=summary[1],
-            workers=list(summary[2]),
-            fractions=list(summary[3]),
-            detail=local.detail,
+            mode=mode,
+            host=host,
+            workers=list(workers),
+            fractions=list(fractions),
+            detail=detail,
         )
         if local.shortfall is not None:
             self.log.warning(
@@ -357,13 +425,6 @@ class Election(MsgpackActor):
 
     # -- status -----------------------------------------------------------------------------------------
 
-    def _state(self, local: LocalModel) -> str:
-        if local.mode in ("solo", "split"):
-            return {"ready": local.mode, "failed": "failed"}.get(local.server, "starting")
-        if local.mode == "worker":
-            return {"ready": "worker", "failed": "failed"}.get(local.rpc, "starting")
-        return local.mode
-
     @handles(GetPlan)
     def on_plan(self, msg: GetPlan) -> PlanReply:
         names: set[str] = set(self.models)
@@ -378,21 +439,5 @@ class Election(MsgpackActor):
                     ModelStatus(name=name, state="serving" if hosts else "waiting", hosts=tuple(hosts))
                 )
                 continue
-            if local.server == "ready":
-                hosts.insert(0, self.own_id)
-            plan = local.plan
-            out.append(
-                ModelStatus(
-                    name=name,
-                    state=self._state(local),
-                    hosts=tuple(hosts),
-                    host=plan.host if plan else (self.own_id if local.mode == "solo" else ""),
-                    workers=plan.workers if plan else (),
-                    fractions=plan.fractions if plan else (),
-                    size_bytes=local.ref.size_bytes,
-                    needed_bytes=needed_bytes(local.ref.size_bytes),
-                    available_bytes=local.shortfall.available_bytes if local.shortfall else self.vram_bytes,
-                    detail=local.detail,
-                )
-            )
+            out.append(local.status(self.own_id, hosts, self.vram_bytes))
         return PlanReply(models=tuple(out))

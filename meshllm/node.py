@@ -11,13 +11,16 @@ Tests and embedding code use it directly::
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import psutil
 
 from actors.base import Directory
+from actors.downloader import Downloader
 from actors.election import Election
 from actors.heartbeat import Heartbeat
 from actors.passive_router import PassiveRouter
@@ -28,8 +31,10 @@ from actors.transport_bridge import TransportBridge
 from meshllm.config import ConfigError, NodeConfig
 from meshllm.console.server import ConsoleServer
 from meshllm.logsetup import Logger, close_logger, make_logger
-from meshllm.models.capacity import detect_vram
-from meshllm.models.catalog import ModelNotFound, ModelRef, resolve_model
+from meshllm.models.capacity import Capacity, detect_capacity
+from meshllm.models.catalog import HUB, ModelNotFound, ModelRef, resolve_model
+from meshllm.models.hub import Hub
+from meshllm.models.refs import HubRef
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import HttpTunnelServer
 from meshllm.serving.gateway import Gateway
@@ -72,15 +77,25 @@ def local_addresses(host: str, port: int) -> tuple[str, ...]:
     return tuple(outside + loopback) or (f"127.0.0.1:{port}",)
 
 
-def resolve_models(config: NodeConfig) -> tuple[ModelRef, ...]:
+def resolve_models(config: NodeConfig) -> tuple[tuple[ModelRef, ...], tuple[tuple[str, HubRef], ...]]:
+    """Every ``[models] serve`` entry in config order: files on disk as they are, hub models as
+    placeholders (size 0 until the Downloader describes them), plus those hub references by name."""
     base = config.source.parent if config.source is not None else None
-    refs = []
+    refs: list[ModelRef] = []
+    hub: list[tuple[str, HubRef]] = []
     for i, entry in enumerate(config.models.serve):
         try:
-            refs.append(resolve_model(entry, base))
+            resolved = resolve_model(entry, base, config.models.context)
         except ModelNotFound as exc:
             raise ConfigError(f"models.serve[{i}]: {exc}", key="models.serve") from None
-    return tuple(refs)
+        if isinstance(resolved, HubRef):
+            name = entry if entry in HUB else resolved.name
+            hub.append((name, resolved))
+            resolved = ModelRef(name, Path(""), 0)
+        if resolved.name in {r.name for r in refs}:
+            raise ConfigError(f"models.serve[{i}]: {resolved.name!r} is served twice", key="models.serve")
+        refs.append(resolved)
+    return tuple(refs), tuple(hub)
 
 
 def parse_join_tokens(tokens: tuple[str, ...]) -> list[InviteToken]:
@@ -109,6 +124,7 @@ class Node:
         self.tunnel_server: HttpTunnelServer | None = None
         self.addrs: tuple[str, ...] = ()
         self.incarnation = 0
+        self.capacity: Capacity | None = None
         self._started = False
 
     # -- life cycle -------------------------------------------------------------------------------------
@@ -124,7 +140,7 @@ class Node:
             close_logger(self.log)
             self.log = make_logger(cfg.node.name, cfg.log.format, data_dir / "node.log", self._log_stream)
         tokens = parse_join_tokens(cfg.node.join)
-        models = resolve_models(cfg)
+        models, hub_models = resolve_models(cfg)
         binaries = None
         if models:
             try:
@@ -134,7 +150,10 @@ class Node:
         self.identity = NodeIdentity.load_or_create(data_dir)
         self.membership = MeshMembership.resolve(data_dir, tokens)
         self.log = self.log.bind(node_id=self.identity.node_id)
-        vram = detect_vram(cfg.node.vram_gb)
+        vram = detect_capacity(cfg.node.vram_gb, binaries.server if binaries is not None else None)
+        self.capacity = vram
+        if vram.list_error:
+            self.log.warning("capacity.list_devices_failed", reason=vram.list_error)
         self.incarnation = time.time_ns()
 
         listen = cfg.node.quic_listen
@@ -194,7 +213,16 @@ class Node:
                 force_split=cfg.models.force_split,
                 cache_dir=data_dir / "llama-cache",
                 threads=cfg.llama.threads,
+                context=cfg.models.context,
+                pending=tuple(name for name, _ in hub_models),
             )
+            if hub_models:  # after the Election: it is who the Downloader reports to
+                self._spawn(
+                    Downloader,
+                    models=hub_models,
+                    hub=Hub(cache_dir=cfg.models.cache_dir),
+                    context=cfg.models.context,
+                )
         self.tunnel_server = HttpTunnelServer(self.directory, self.log)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)
         self.endpoint.fast.register(TunnelRequest, self.tunnel_server.serve_fast, passive_ok=True)
@@ -325,4 +353,6 @@ class Node:
             "mesh_id": self.membership.mesh_id if self.membership else None,
             "addrs": list(self.addrs),
             "incarnation": self.incarnation,
+            "capacity_source": self.capacity.source if self.capacity else None,
+            "gpus": [dataclasses.asdict(g) for g in self.capacity.gpus] if self.capacity else [],
         }

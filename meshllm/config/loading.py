@@ -213,6 +213,8 @@ def parse_config(
     models = ModelsSection(
         serve=m.get("serve", (), _as_str_tuple),
         force_split=m.get("force_split", False, _as_bool),
+        context=m.get("context", ModelsSection().context, _as_int),
+        cache_dir=m.get("cache_dir", None, to_path),
     )
     if node.role == "client" and models.serve:
         raise fail(

@@ -141,11 +141,18 @@ class ModelsSection:
     """Model names this node loads (alone, or split across the mesh)."""
     force_split: bool = False
     """Split the served models across mesh workers even when they would fit on this node."""
+    context: int = 4096
+    """Context size in tokens llama-server gets (``-c``) and the fit check counts the KV cache for;
+    0 takes the model's own (often far larger) context length."""
+    cache_dir: Path | None = None
+    """Where downloaded models go; ``None``: huggingface_hub's cache (``HF_HUB_CACHE``/``HF_HOME``)."""
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.serve):
             if not isinstance(name, str) or not name.strip():
                 raise fail(f"models.serve[{i}]", "model names must be non-empty strings")
+        if self.context < 0:
+            raise fail("models.context", f"must be 0 (the model's own) or a number of tokens (got {self.context})")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ from aiohttp import web
 from actors.base import AskError, Directory
 from meshllm.net.aio import LoopThread, start_http
 from meshllm.wire.messages import (
+    DownloadsReply,
+    DownloadStatus,
+    GetDownloads,
     GetPlan,
     GetStatus,
     GetTransportStats,
@@ -31,9 +34,11 @@ def status_json(
     transport: TransportStats | None,
     models: tuple[ModelStatus, ...],
     extra: dict[str, Any],
+    downloads: tuple[DownloadStatus, ...] = (),
 ) -> dict[str, Any]:
     body = dataclasses.asdict(status)
-    body["models"] = [dataclasses.asdict(m) for m in models]
+    jobs = {d.model: dataclasses.asdict(d) for d in downloads}
+    body["models"] = [{**dataclasses.asdict(m), "download": jobs.get(m.name)} for m in models]
     body.update(extra)
     if transport is not None:
         body["connections"] = transport.connections
@@ -90,8 +95,17 @@ class ConsoleServer:
                 "transport", GetTransportStats(), TransportStats, ASK_TIMEOUT_S
             )
         with contextlib.suppress(AskError, pykka.Timeout):
-            models = (await self.directory.ask_async(self.plan_from, GetPlan(), PlanReply, ASK_TIMEOUT_S)).models
-        return web.json_response(status_json(status, stats, models, self._extra()))
+            models = (
+                await self.directory.ask_async(self.plan_from, GetPlan(), PlanReply, ASK_TIMEOUT_S)
+            ).models
+        downloads: tuple[DownloadStatus, ...] = ()
+        if self.directory.ref("downloader") is not None:
+            with contextlib.suppress(AskError, pykka.Timeout):
+                reply = await self.directory.ask_async(
+                    "downloader", GetDownloads(), DownloadsReply, ASK_TIMEOUT_S
+                )
+                downloads = reply.jobs
+        return web.json_response(status_json(status, stats, models, self._extra(), downloads))
 
     def stop(self) -> None:
         if self._runner is not None:

@@ -37,18 +37,26 @@ def thread_args(threads: int | None) -> tuple[str, ...]:
     return ("-t", str(threads)) if threads else ()
 
 
-def server_spec(ref: ModelRef, threads: int | None, extra: Sequence[str] = ()) -> ProcessSpec:
-    """llama-server for a model; ``--alias`` makes answers name the model as clients asked for it."""
+def server_spec(
+    ref: ModelRef, threads: int | None, extra: Sequence[str] = (), context: int | None = None
+) -> ProcessSpec:
+    """llama-server for a model; ``--alias`` makes answers name the model as clients asked for it,
+    ``-c`` is the context the fit check counted (None: llama.py's default)."""
+    ctx = ("-c", str(context)) if context is not None else ()
     return ProcessSpec(
         key=server_key(ref.name),
         kind="llama-server",
         model_path=str(ref.path),
-        args=("--alias", ref.name, *thread_args(threads), *extra),
+        args=("--alias", ref.name, *ctx, *thread_args(threads), *extra),
     )
 
 
 def split_server_spec(
-    ref: ModelRef, threads: int | None, rpc_ports: Sequence[int], fractions: Sequence[float]
+    ref: ModelRef,
+    threads: int | None,
+    rpc_ports: Sequence[int],
+    fractions: Sequence[float],
+    context: int | None = None,
 ) -> ProcessSpec:
     """The host's llama-server of a split: its RPC devices (own rpc-server first, then the tunnel
     listeners to the workers, in plan order) and the tensor split that follows the plan."""
@@ -58,7 +66,7 @@ def split_server_spec(
         "--tensor-split",
         ",".join(f"{f:g}" for f in fractions),
     )
-    return server_spec(ref, threads, args + SPLIT_SERVER_ARGS)
+    return server_spec(ref, threads, args + SPLIT_SERVER_ARGS, context)
 
 
 def rpc_spec(model: str, threads: int | None, cache_dir: Path | None = None) -> ProcessSpec:

@@ -699,3 +699,86 @@ class HostFailed(Message):
 
     model: str
     node_id: str
+
+
+# -- models: the downloader and the election --------------------------------------------------------
+
+
+@message(320)
+@dataclass(frozen=True)
+class ModelDescribed(Message):
+    """Downloader -> election: what a hub model needs, from the hub's metadata (no weight fetched),
+    or why it cannot be had (``error``)."""
+
+    model: str
+    size_bytes: int
+    kv_bytes: int
+    error: str = ""
+
+
+@message(321)
+@dataclass(frozen=True)
+class FetchModel(Message):
+    """Election -> downloader: the fit check passed and this node needs the file (solo or split host)."""
+
+    model: str
+
+
+@message(322)
+@dataclass(frozen=True)
+class RefuseModel(Message):
+    """Election -> downloader: the model fits neither here nor in a split: fetch nothing."""
+
+    model: str
+    needed_bytes: int
+    available_bytes: int
+    reason: str
+
+
+@message(323)
+@dataclass(frozen=True)
+class ModelFetched(Message):
+    """Downloader -> election: the model's file(s) are in the cache and verified (or ``error``)."""
+
+    model: str
+    path: str
+    size_bytes: int
+    kv_bytes: int
+    error: str = ""
+
+
+@message(324)
+@dataclass(frozen=True)
+class DownloadProgressed(Message):
+    """A download thread -> the downloader: bytes so far."""
+
+    model: str
+    done_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class DownloadStatus:
+    """One hub model as ``/api/status`` shows its download."""
+
+    model: str
+    ref: str
+    state: str  # resolving | cached | described | downloading | done | refused | failed
+    done_bytes: int = 0
+    total_bytes: int = 0
+    rate_bytes_s: float = 0.0
+    needed_bytes: int = 0
+    available_bytes: int = 0
+    reason: str = ""
+
+
+@message(325)
+@dataclass(frozen=True)
+class GetDownloads(Message):
+    """Console -> downloader."""
+
+
+@message(326)
+@dataclass(frozen=True)
+class DownloadsReply(Message):
+    jobs: tuple[DownloadStatus, ...]
