@@ -29,12 +29,13 @@ def test_ten_nodes_join_through_one_bootstrap(nodes: NodeFactory) -> None:
     )
 
 
-def test_leave_is_seen_within_a_second(nodes: NodeFactory) -> None:
+def test_leave_is_a_leave_not_a_death(nodes: NodeFactory) -> None:
     a = nodes.start("a")
     b = nodes.start("b", join=(a.invite_token,))
     wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="b to join")
     b.stop(leave=True)
-    record = nodes.logs["a"].wait_for("peer.left", timeout=1.0, peer=b.node_id)
+    # The event, not its speed: tests/bench/bench_mesh.py measures how soon it comes.
+    record = nodes.logs["a"].wait_for("peer.left", timeout=10, peer=b.node_id)
     assert record["peer_name"] == "b"
     assert a.peer_ids() == set()
     assert not nodes.logs["a"].find("peer.died")
@@ -48,8 +49,8 @@ def test_silent_node_is_declared_dead_and_can_come_back(nodes: NodeFactory) -> N
     c_id = c.node_id
     c.stop(leave=False)  # vanishes without a word, like kill -9 as far as peers can tell
     for name in ("a", "b"):
-        nodes.logs[name].wait_for("peer.died", timeout=6, peer=c_id)
-    wait_until(lambda: c_id not in a.peer_ids() and c_id not in b.peer_ids(), timeout=2, what="c dropped")
+        nodes.logs[name].wait_for("peer.died", timeout=20, peer=c_id)
+    wait_until(lambda: c_id not in a.peer_ids() and c_id not in b.peer_ids(), timeout=10, what="c dropped")
     # Stale gossip does not bring it back; a restart from the same data dir does.
     c2 = nodes.start("c", join=(a.invite_token,))
     assert c2.node_id == c_id

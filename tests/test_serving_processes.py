@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import openai
@@ -45,10 +44,10 @@ def test_kill_host_and_requests_go_to_survivor(procs: ProcessFactory, tiny_gguf:
     assert ask(front, "tiny") == expected  # both hosts answer the same at temperature 0
 
     a.kill9()
-    started = time.monotonic()
-    for _ in range(4):  # none of these is lost: a failing tunnel is retried on the survivor
+    # None of these is lost: a failing tunnel is retried on the survivor. How soon the front answers
+    # again and drops the dead host is measured by tests/bench/bench_mesh.py, not asserted here.
+    for _ in range(4):
         assert ask(front, "tiny") == expected
-    front.wait_event("peer.died", timeout=10, peer=a.node_id)
-    wait_until(lambda: hosts_seen_by_front() == {b.node_id}, timeout=10, what="front to drop the dead host")
+    front.wait_event("peer.died", timeout=20, peer=a.node_id)
+    wait_until(lambda: hosts_seen_by_front() == {b.node_id}, timeout=20, what="front to drop the dead host")
     assert ask(front, "tiny") == expected
-    assert time.monotonic() - started < 30

@@ -4,7 +4,6 @@ split-group liveness (host or worker killed), and waiting until the group has en
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,8 @@ from typing import Any
 import openai
 import pytest
 
+from meshllm.models.gguf_shape import shape_of_file
 from tests.support import NodeProcess, ProcessFactory, wait_until
-from tests.test_mesh_processes import _epoch
 
 pytestmark = pytest.mark.llama
 
@@ -75,11 +74,10 @@ def test_forced_split_serves_through_both_nodes_and_survives_host_death(
     assert text and complete(b, "tiny4") == text  # b has no llama-server of its own: tunnelled to a
 
     mark = len(b.records())
-    killed_at = time.time()
     a.kill9()
-    died = b.wait_event("peer.died", timeout=10, since=mark, peer=a.node_id)
-    stopped = b.wait_event("llama.stopped", timeout=10, since=mark, key="rpc:tiny4")
-    assert _epoch(died) - killed_at <= 5 and _epoch(stopped) - killed_at <= 5
+    # The events, not their speed: tests/bench/bench_split.py measures host kill -9 -> these.
+    b.wait_event("peer.died", timeout=20, since=mark, peer=a.node_id)
+    b.wait_event("llama.stopped", timeout=20, since=mark, key="rpc:tiny4")
     # The worker is now the only node of the model: it takes over and serves it itself.
     wait_until(lambda: model_status(b, "tiny4").get("state") == "solo", timeout=30, what="b to take over")
     assert complete(b, "tiny4") == text
@@ -91,11 +89,9 @@ def test_worker_death_makes_host_replan(procs: ProcessFactory, layered_gguf: Pat
     wait_split(a, "tiny4", {b.node_id})
     text = complete(a, "tiny4")
     mark = len(a.records())
-    killed_at = time.time()
     b.kill9()
-    died = a.wait_event("peer.died", timeout=10, since=mark, peer=b.node_id)
-    assert _epoch(died) - killed_at <= 5
-    a.wait_event("election.plan", timeout=10, since=mark, mode="solo")
+    a.wait_event("peer.died", timeout=20, since=mark, peer=b.node_id)
+    a.wait_event("election.plan", timeout=20, since=mark, mode="solo")
     wait_until(lambda: model_status(a, "tiny4").get("state") == "solo", timeout=30, what="a to serve solo")
     assert complete(a, "tiny4") == text
     # The restart against a dead worker did not loop: since the kill, at most a couple of
@@ -119,8 +115,9 @@ def test_model_that_fits_is_never_split(procs: ProcessFactory, layered_gguf: Pat
 
 
 def test_three_small_nodes_wait_then_serve_together(procs: ProcessFactory, layered_gguf: Path) -> None:
-    size = layered_gguf.stat().st_size
-    # Each node offers 40% of the model: two are not enough for 1.1x, three are.
+    # What the model takes: its weights plus the KV cache of the 4096-token context it runs with.
+    size = layered_gguf.stat().st_size + shape_of_file(layered_gguf).kv_cache_bytes(4096)
+    # Each node offers 40% of that: two are not enough for 1.1x, three are.
     vram = f"vram_gb = {size * 0.4 / 1024**3:.9f}"
     a = procs.start("a", extra=serve(layered_gguf), node_extra=vram)
     b = procs.start("b", join=(a.token,), extra=serve(layered_gguf), node_extra=vram)

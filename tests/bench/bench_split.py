@@ -6,7 +6,9 @@
    Requests alternate between the two, same prompt, temperature 0, streaming.
 2. Time from the host's ``election.plan`` (mode split) to the first generated token.
 3. Bytes that crossed the RPC tunnel to load the model (host -> worker), from the host's counters.
-4. RPC tunnel bulk throughput against plain loopback TCP (a sink behind each).
+4. After ``kill -9`` of the host: when the worker logs ``peer.died``, stops its rpc-server and has
+   its own llama-server ready (tests/test_split.py checks that these happen, not how soon).
+5. RPC tunnel bulk throughput against plain loopback TCP (a sink behind each).
 
 Run: .venv/bin/python -m tests.bench.bench_split [--rounds 15] [--tokens 64]
 """
@@ -188,6 +190,19 @@ def tokens_figures(tmp: Path, rounds: int, tokens: int) -> None:
         print(
             f"ratio mesh/tcp tokens/s: {med['mesh'][1] / med['tcp'][1]:.3f}   "
             f"added ttft: {(med['mesh'][0] - med['tcp'][0]) * 1000:+.1f} ms"
+        )
+
+        print("== host kill -9: the worker notices, stops its rpc-server and serves the model alone ==")
+        worker = b if host is a else a
+        mark = len(worker.records())
+        killed_at = time.time()
+        host.kill9()
+        died = worker.wait_event("peer.died", timeout=60, since=mark, peer=host.node_id)
+        stopped = worker.wait_event("llama.stopped", timeout=60, since=mark, key=f"rpc:{MODEL}")
+        solo = worker.wait_event("llama.ready", timeout=180, since=mark, kind="llama-server")
+        print(
+            f"peer.died after {_epoch(died) - killed_at:.2f} s, rpc-server stopped after "
+            f"{_epoch(stopped) - killed_at:.2f} s, solo llama-server ready after {_epoch(solo) - killed_at:.2f} s"
         )
     finally:
         for c in children:
