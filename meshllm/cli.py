@@ -1,4 +1,4 @@
-"""The ``meshllm`` command line: run a node, print its invite token."""
+"""The ``meshllm`` command line: run a node, print its invite token, download and list models."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from meshllm.config import ConfigError, HostPort, NodeConfig, default_config, load_config
+from meshllm.models import pull
 from meshllm.node import Node, NodeStartError, local_addresses, parse_join_tokens
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import InviteError, MeshMembership
@@ -137,6 +138,35 @@ def invite(config: ConfigOption = None) -> None:
         else local_addresses(listen.host, listen.port)
     )
     typer.echo(membership.invite(identity.node_id, addrs).encode())
+
+
+@app.command()
+def download(
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="A catalog name (see `meshllm models`), org/repo:file.gguf, org/repo:Q4_K_M (the file or "
+            "split shards carrying that quantisation), hf://org/repo/file.gguf, or a hub resolve URL."
+        ),
+    ],
+    config: ConfigOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Download even when the model does not fit.")] = False,
+) -> None:
+    """Fetch a model into the cache, after the fit check a node runs (weights plus KV cache of
+    [models] context, x1.1, against this node's memory and the split peers a running node knows).
+
+    Exits 0 with the file's path when it is in the cache, 3 when refused (with the numbers), 1 on
+    errors. HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE/HF_HOME and HF_HUB_OFFLINE work as for every hub
+    tool; [models] cache_dir overrides the cache.
+    """
+    raise typer.Exit(pull.download(_load(config), ref, force))
+
+
+@app.command()
+def models(config: ConfigOption = None) -> None:
+    """List the catalog and the models already in the cache, with sizes."""
+    for line in pull.listing(_load(config)):
+        typer.echo(line)
 
 
 def main() -> None:

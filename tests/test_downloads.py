@@ -159,3 +159,31 @@ def test_two_models_that_fit_alone_never_start_together(
     assert waiting["needed_bytes"] == need and waiting["available_bytes"] < need
     assert model(a, "tiny-a")["state"] == "solo" and model(a, "tiny-b")["state"] == "waiting"
     assert len(a.events("llama.starting")) == 1
+
+
+def test_refused_model_is_fetched_once_a_peer_makes_a_split_possible(
+    procs: ProcessFactory, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    from meshllm.models.gguf_shape import shape_of_file
+    from tests.tinymodel import tiny_model
+
+    path = tiny_model(tmp_path, n_layer=4)
+    fake_hub.add_file("org/tiny4-GGUF", "tiny4-F32.gguf", path)
+    need = int((path.stat().st_size + shape_of_file(path).kv_cache_bytes(4096)) * 1.1)
+    # Each node has 60% of what the model needs: alone it is refused, the two of them can split it.
+    vram = f"vram_gb = {need * 0.6 / 1024**3:.9f}"
+    serve = models_toml(["org/tiny4-GGUF:F32"], tmp_path / "cache-a")
+    a = procs.start("a", extra=serve, node_extra=vram)
+    a.wait_event("download.refused", 30, model="tiny4-F32")
+    assert fake_hub.body_bytes_served("org/tiny4-GGUF", "tiny4-F32.gguf") < path.stat().st_size
+    b = procs.start(
+        "b", join=(a.token,), extra=models_toml(["org/tiny4-GGUF:F32"], tmp_path / "cache-b"), node_extra=vram
+    )
+    host = min((a, b), key=lambda p: p.node_id)  # equal memory: the lowest node id hosts
+    host.wait_event("download.done", 60, model="tiny4-F32")
+    wait_until(lambda: model(host, "tiny4-F32").get("state") == "split", 60, what="the split")
+    assert complete(host, "tiny4-F32")
+    worker = b if host is a else a
+    assert not worker.events(
+        "download.started"
+    )  # a worker needs no file: its rpc-server gets tensors from the host

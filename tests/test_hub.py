@@ -11,7 +11,8 @@ import pytest
 from meshllm.models.hub import PARTIAL, Hub, HubError
 from meshllm.models.refs import HubRef
 from meshllm.serving.gguf_layout import gguf_tensors
-from tests.fake_hub import FakeHub, fake_hub  # noqa: F401  (fixture)
+from tests.fake_hub import FakeHub
+from tests.fake_hub import fake_hub as fake_hub_fixture  # noqa: F401  (the fixture)
 
 
 def smollm2() -> Path:
@@ -25,12 +26,12 @@ FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture
-def hub(fake_hub: FakeHub, tmp_path: Path) -> Hub:  # noqa: F811
+def hub(fake_hub: FakeHub, tmp_path: Path) -> Hub:
     fake_hub.add_file(REPO, FILE, smollm2())
     return Hub(cache_dir=tmp_path / "cache", endpoint=fake_hub.url)
 
 
-def test_describe_reads_metadata_and_shape_but_no_weights(hub: Hub, fake_hub: FakeHub) -> None:  # noqa: F811
+def test_describe_reads_metadata_and_shape_but_no_weights(hub: Hub, fake_hub: FakeHub) -> None:
     model = hub.describe(HubRef(REPO, quant="Q4_1"))
     assert [f.path for f in model.files] == [FILE]
     assert model.size_bytes == smollm2().stat().st_size
@@ -41,7 +42,7 @@ def test_describe_reads_metadata_and_shape_but_no_weights(hub: Hub, fake_hub: Fa
     assert 0 < fake_hub.body_bytes_served(REPO, FILE) <= first_weight
 
 
-def test_fetch_then_cached_offline(hub: Hub, fake_hub: FakeHub, tmp_path: Path) -> None:  # noqa: F811
+def test_fetch_then_cached_offline(hub: Hub, fake_hub: FakeHub, tmp_path: Path) -> None:
     ref = HubRef(REPO, filename=FILE)
     assert hub.cached(ref) is None
     seen: list[int] = []
@@ -57,7 +58,7 @@ def test_fetch_then_cached_offline(hub: Hub, fake_hub: FakeHub, tmp_path: Path) 
     assert Path(str(try_to_load_from_cache(REPO, FILE, cache_dir=tmp_path / "cache"))) == path
 
 
-def test_interrupted_fetch_resumes_where_it_stopped(hub: Hub, fake_hub: FakeHub) -> None:  # noqa: F811
+def test_interrupted_fetch_resumes_where_it_stopped(hub: Hub, fake_hub: FakeHub) -> None:
     model = hub.describe(HubRef(REPO, filename=FILE))
     served_for_head = fake_hub.body_bytes_served(REPO, FILE)
     size = model.size_bytes
@@ -75,7 +76,7 @@ def test_interrupted_fetch_resumes_where_it_stopped(hub: Hub, fake_hub: FakeHub)
     assert fake_hub.body_bytes_served(REPO, FILE) - served_for_head <= size + (size // 3 - kept) + 1
 
 
-def test_bytes_that_do_not_match_the_checksum_are_never_used(hub: Hub, fake_hub: FakeHub) -> None:  # noqa: F811
+def test_bytes_that_do_not_match_the_checksum_are_never_used(hub: Hub, fake_hub: FakeHub) -> None:
     model = hub.describe(HubRef(REPO, filename=FILE))
     fake_hub.corrupt(REPO, FILE)
     with pytest.raises(HubError, match="checksum"):
@@ -95,7 +96,7 @@ def test_corrupted_cache_file_is_detected_and_removed(hub: Hub) -> None:
     assert not blob.exists() and hub.cached(ref) is None
 
 
-def test_errors_name_the_reference_and_what_to_do(fake_hub: FakeHub, tmp_path: Path) -> None:  # noqa: F811
+def test_errors_name_the_reference_and_what_to_do(fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_file("org/gated", "m.gguf", b"GGUF" + bytes(100), gated_token="secret")
     hub = Hub(cache_dir=tmp_path, endpoint=fake_hub.url)
     with pytest.raises(HubError, match=r"org/missing:m\.gguf: no repository org/missing"):
@@ -106,3 +107,13 @@ def test_errors_name_the_reference_and_what_to_do(fake_hub: FakeHub, tmp_path: P
         hub.describe(HubRef("org/gated", filename="m.gguf"))
     with pytest.raises(HubError, match=r"cannot reach http://127\.0\.0\.1:9"):
         Hub(cache_dir=tmp_path, endpoint="http://127.0.0.1:9").describe(HubRef("org/x", filename="m.gguf"))
+
+
+def test_hf_token_opens_a_gated_repo(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add_file("org/gated", "m-Q8_0.gguf", smollm2(), gated_token="secret")
+    monkeypatch.setenv("HF_TOKEN", "secret")  # as users set it; huggingface_hub reads it per request
+    hub = Hub(cache_dir=tmp_path, endpoint=fake_hub.url)
+    model = hub.describe(HubRef("org/gated", quant="Q8_0"))
+    assert hub.fetch(model).read_bytes() == smollm2().read_bytes()
