@@ -159,6 +159,9 @@ def test_two_models_that_fit_alone_never_start_together(
     assert waiting["needed_bytes"] == need and waiting["available_bytes"] < need
     assert model(a, "tiny-a")["state"] == "solo" and model(a, "tiny-b")["state"] == "waiting"
     assert len(a.events("llama.starting")) == 1
+    body = status(a)
+    assert body["capacity_source"] == "config" and body["vram_bytes"] == int(need * 1.5)
+    assert body["gpus"] == []  # no NVIDIA GPU here; on a GPU node each has index, uuid, total and free bytes
 
 
 def test_refused_model_is_fetched_once_a_peer_makes_a_split_possible(
@@ -187,3 +190,30 @@ def test_refused_model_is_fetched_once_a_peer_makes_a_split_possible(
     assert not worker.events(
         "download.started"
     )  # a worker needs no file: its rpc-server gets tensors from the host
+
+
+def test_split_gguf_shards_are_fetched_and_served_together(
+    procs: ProcessFactory, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from meshllm.serving.llama import find_binaries
+    from tests.tinymodel import tiny_model
+
+    whole = tiny_model(tmp_path, n_layer=4)
+    split = find_binaries(None).server.parent / "llama-gguf-split"
+    out = tmp_path / "shards" / "tiny4-F32"
+    out.parent.mkdir()
+    subprocess.run(
+        [str(split), "--split-max-tensors", "16", str(whole), str(out)], check=True, capture_output=True
+    )
+    shards = sorted(out.parent.glob("*.gguf"))
+    assert len(shards) >= 2 and shards[0].name.endswith(f"-00001-of-{len(shards):05d}.gguf")
+    for shard in shards:
+        fake_hub.add_file("org/split-GGUF", f"F32/{shard.name}", shard)
+    a = procs.start("a", extra=models_toml(["org/split-GGUF:F32"], tmp_path / "cache"))
+    done = a.wait_event("download.done", 60, model="split-F32")
+    assert Path(done["path"]).name == shards[0].name
+    assert sorted(p.name for p in Path(done["path"]).parent.iterdir()) == [s.name for s in shards]
+    a.wait_event("llama.ready", 60)
+    assert complete(a, "split-F32")

@@ -138,7 +138,9 @@ def _abandoned_ping_reports(
 
 
 def test_quiet_ping_leaves_no_unretrieved_exception(tmp_path: Path) -> None:
-    assert _abandoned_ping_reports(tmp_path / "quiet", internals.quiet_ping) == []
+    # (Other callbacks may complain about the closed socket; only an unretrieved ping matters here.)
+    quiet = _abandoned_ping_reports(tmp_path / "quiet", internals.quiet_ping)
+    assert not [r for r in quiet if "never retrieved" in r], quiet
     # What the patch is for: aioquic's own ping reports one.
     own = _abandoned_ping_reports(tmp_path / "own", QuicConnectionProtocol.ping)
     assert any("never retrieved" in r for r in own), own
