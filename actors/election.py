@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -288,26 +289,31 @@ class Election(MsgpackActor):
 
     @handles(ModelDescribed)
     def on_described(self, msg: ModelDescribed) -> None:
-        local = self.models.get(msg.model)
-        if local is None or local.on_disk:
-            return
-        if msg.error:
-            local.fetch, local.fetch_error = "failed", msg.error
-        else:
-            local.ref = replace(local.ref, size_bytes=msg.size_bytes, kv_bytes=msg.kv_bytes)
-            local.fetch = "described"
-        self._touch()
+        self._file_news(
+            msg.model,
+            msg.error,
+            lambda ref: replace(ref, size_bytes=msg.size_bytes, kv_bytes=msg.kv_bytes),
+            "described",
+        )
 
     @handles(ModelFetched)
     def on_fetched(self, msg: ModelFetched) -> None:
-        local = self.models.get(msg.model)
+        self._file_news(
+            msg.model,
+            msg.error,
+            lambda ref: ModelRef(ref.name, Path(msg.path), msg.size_bytes, msg.kv_bytes),
+            "",
+        )
+
+    def _file_news(self, name: str, error: str, new_ref: Callable[[ModelRef], ModelRef], fetch: str) -> None:
+        """The Downloader's news of a hub model: what it needs (``described``), or its file (on disk)."""
+        local = self.models.get(name)
         if local is None or local.on_disk:
             return
-        if msg.error:
-            local.fetch, local.fetch_error = "failed", msg.error
+        if error:
+            local.fetch, local.fetch_error = "failed", error
         else:
-            local.ref = ModelRef(msg.model, Path(msg.path), msg.size_bytes, msg.kv_bytes)
-            local.fetch = ""
+            local.ref, local.fetch = new_ref(local.ref), fetch
         self._touch()
 
     def _ask_listeners(self, local: LocalModel, workers: tuple[str, ...]) -> None:

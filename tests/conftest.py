@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.actor_dummies import Harness
 from tests.support import NodeFactory, ProcessFactory
 
 
@@ -48,3 +49,13 @@ def two_tiny_models(tiny_gguf: Path) -> tuple[Path, Path]:
         if not path.exists():
             shutil.copyfile(tiny_gguf, path)
     return a, b
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    """A single-actor test's harness (tests/actor_dummies.py): dummies, log capture, clean stop."""
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()

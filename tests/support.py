@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -300,3 +301,15 @@ def iter_json(text: str) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         except ValueError:
             continue
+
+
+def console_status(console_url: str) -> dict[str, Any]:
+    """A node's ``/api/status`` (``node.console_url`` of a Node or a NodeProcess)."""
+    with urllib.request.urlopen(console_url + "/api/status", timeout=5) as resp:
+        body: dict[str, Any] = json.loads(resp.read())
+    return body
+
+
+def model_status(console_url: str, name: str) -> dict[str, Any]:
+    """One model's entry in a node's status; empty when the node does not know it (yet)."""
+    return next((m for m in console_status(console_url)["models"] if m["name"] == name), {})

@@ -146,7 +146,9 @@ def test_raw_reply_is_msgpack_bytes(actor: pykka.ActorRef[Any]) -> None:
 def test_ask_async(directory: Directory, actor: pykka.ActorRef[Any]) -> None:
     async def go() -> list[Any]:
         return list(
-            await asyncio.gather(*(directory.ask_async("recorder", GetStatus(), StatusReply, WAIT) for _ in range(3)))
+            await asyncio.gather(
+                *(directory.ask_async("recorder", GetStatus(), StatusReply, WAIT) for _ in range(3))
+            )
         )
 
     replies = asyncio.run(go())

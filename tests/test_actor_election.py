@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,15 +66,6 @@ def peer(node_id: str, vram: int, models: tuple[str, ...] = ("big",), **fields: 
         node_id=node_id, name=f"n-{node_id}", role="active", addrs=(f"{node_id}.test:1",), vram_bytes=vram
     )
     return replace(base, models=models, **fields)
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ ticks and moves time by hand, so the windows are checked exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 import actors.heartbeat as heartbeat_module
@@ -49,15 +47,6 @@ def ann(node_id: str, *addrs: str) -> PeerAnnouncement:
         addrs=addrs or (f"{node_id}.test:1",),
         vram_bytes=1,
     )
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 def start(

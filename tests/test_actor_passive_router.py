@@ -8,8 +8,6 @@ ticks themselves (a timer tick landing in between sees the same clock and does t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 import actors.passive_router as passive_module
@@ -54,15 +52,6 @@ TABLE = RouteTable(
     unserved=("later",),
     actives=(Seed("host-0", ("host-0.test:1",)), Seed("host-1", ("host-1.test:1",))),
 )
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture

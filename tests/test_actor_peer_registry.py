@@ -8,7 +8,6 @@ by the test.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -73,15 +72,6 @@ def ann(node_id: str, version: int = 0, incarnation: int = 1, **fields: Any) -> 
         version=version,
     )
     return replace(base, **fields)
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 def start(h: Harness, timing: TimingSection = QUIET, subscribe: tuple[str, ...] = SUBSCRIBERS) -> None:

@@ -5,7 +5,6 @@ cache, and several models against one memory budget."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from meshllm.models.hub import PARTIAL
 from meshllm.serving.gguf_layout import gguf_tensors
 from tests.fake_hub import FakeHub
 from tests.fake_hub import fake_hub as fake_hub_fixture  # noqa: F401
-from tests.support import NodeProcess, ProcessFactory, wait_until
+from tests.support import NodeProcess, ProcessFactory, console_status, model_status, wait_until
 from tests.test_hub import smollm2
 
 pytestmark = pytest.mark.llama
@@ -32,13 +31,11 @@ def models_toml(serve: list[str], cache: Path, context: int = 4096) -> str:
 
 
 def status(proc: NodeProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(proc.console_url + "/api/status", timeout=5) as resp:
-        body: dict[str, Any] = json.loads(resp.read())
-    return body
+    return console_status(proc.console_url)
 
 
 def model(proc: NodeProcess, name: str) -> dict[str, Any]:
-    return next((m for m in status(proc)["models"] if m["name"] == name), {})
+    return model_status(proc.console_url, name)
 
 
 def complete(proc: NodeProcess, name: str) -> str:

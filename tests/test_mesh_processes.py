@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import datetime
-import json
 import signal
-import urllib.request
 from typing import Any
 
-from tests.support import NodeProcess, ProcessFactory, wait_until
+from tests.support import NodeProcess, ProcessFactory, console_status, wait_until
 
 
 def _status(proc: NodeProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(proc.console_url + "/api/status", timeout=5) as resp:
-        body: dict[str, Any] = json.loads(resp.read())
-    return body
+    return console_status(proc.console_url)
 
 
 def _peer_ids(proc: NodeProcess) -> set[str]:

@@ -3,8 +3,6 @@ split-group liveness (host or worker killed), and waiting until the group has en
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,8 @@ import openai
 import pytest
 
 from meshllm.models.gguf_shape import shape_of_file
-from tests.support import NodeProcess, ProcessFactory, wait_until
+from tests.support import NodeProcess, ProcessFactory, console_status, wait_until
+from tests.support import model_status as support_model_status
 
 pytestmark = pytest.mark.llama
 
@@ -34,13 +33,11 @@ def serve(model: Path | str, force: bool = False) -> str:
 
 
 def status(proc: NodeProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(proc.console_url + "/api/status", timeout=5) as resp:
-        body: dict[str, Any] = json.loads(resp.read())
-    return body
+    return console_status(proc.console_url)
 
 
 def model_status(proc: NodeProcess, name: str) -> dict[str, Any]:
-    return next((m for m in status(proc)["models"] if m["name"] == name), {})
+    return support_model_status(proc.console_url, name)
 
 
 def complete(proc: NodeProcess, model: str, prompt: str = "Once upon a time", tokens: int = 12) -> str:
