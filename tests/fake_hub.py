@@ -496,6 +496,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small JSON replies in two writes: Nagle held the second ~40 ms
     server: _Server
     timeout = 60  # an idle keep-alive connection's thread ends after this
 
@@ -817,9 +818,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if corrupt and offset <= hub_file.size - 1 < offset + len(chunk):
                     i = hub_file.size - 1 - offset
                     chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
+                # Counted before the write: a client that has the bytes must see them counted.
+                hub._count(key, len(chunk))
                 self.wfile.write(chunk)
                 sent += len(chunk)
-                hub._count(key, len(chunk))
                 if rate is not None:
                     time.sleep(len(chunk) / rate)  # pacing the body, not waiting on a condition
         finally:
