@@ -117,3 +117,15 @@ def test_hf_token_opens_a_gated_repo(
     hub = Hub(cache_dir=tmp_path, endpoint=fake_hub.url)
     model = hub.describe(HubRef("org/gated", quant="Q8_0"))
     assert hub.fetch(model).read_bytes() == smollm2().read_bytes()
+
+
+def test_a_token_taken_away_mid_way_is_a_clear_error(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add_file("org/gated", "m-Q8_0.gguf", smollm2(), gated_token="secret")
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    hub = Hub(cache_dir=tmp_path, endpoint=fake_hub.url)
+    model = hub.describe(HubRef("org/gated", quant="Q8_0"))
+    monkeypatch.setenv("HF_TOKEN", "another")
+    with pytest.raises(HubError, match=r"refused the file \(HTTP 403 GatedRepo\); set HF_TOKEN"):
+        hub.fetch(model)

@@ -1,9 +1,12 @@
 """Models on the Hugging Face hub: what a reference names (files, sizes, checksums, shape), whether
 it is already in the local cache, and fetching it - resumably, verified, into the cache.
 
-huggingface_hub does the talking: its ``HfApi`` for metadata, its URLs, headers (``HF_TOKEN``) and
-HTTP client, its endpoint (``HF_ENDPOINT``), cache location (``HF_HUB_CACHE``/``HF_HOME``) and offline
-switch (``HF_HUB_OFFLINE``). Its own downloader is not used for the bytes: huggingface_hub 2.4.0
+huggingface_hub does the talking: its ``HfApi`` for metadata, its URLs, headers (``HF_TOKEN``), its
+endpoint (``HF_ENDPOINT``), cache location (``HF_HUB_CACHE``/``HF_HOME``) and offline switch
+(``HF_HUB_OFFLINE``), and its HTTP client for the metadata and the ranged read of a file's head. The
+bulk bytes go through the standard library's client with the same URL and headers (the token only to
+the hub, never to the storage it redirects to): huggingface_hub's httpx2 client reached a third of its
+throughput on loopback (tests/bench/bench_download.py). Its own downloader is not used: huggingface_hub 2.4.0
 writes each process's partial download to a new random name, so a node killed mid-download would
 start again at byte 0 (see DESIGN.md). Here the partial file has a stable name per blob
 (``blobs/<sha256>.meshllm-partial``), a restart continues it with a ranged request, and the finished
@@ -17,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +131,16 @@ class Hub:
         if isinstance(exc, (httpx2.HTTPError, OSError)):
             return HubError(f"{what}: cannot reach {self.endpoint}: {type(exc).__name__}: {exc}")
         return HubError(f"{what}: {type(exc).__name__}: {exc}")
+
+    def _explain_status(self, ref: HubRef, status: int, code: str) -> HubError:
+        """An HTTP error on the bulk transfer (which does not go through huggingface_hub's client)."""
+        if status in (401, 403):
+            return HubError(
+                f"{ref.text}: the hub refused the file (HTTP {status} {code}); set HF_TOKEN to a token with access"
+            )
+        if status == 404:
+            return HubError(f"{ref.text}: the file is gone from the hub (HTTP 404 {code})")
+        return HubError(f"{ref.text}: the hub answered HTTP {status} {code}".rstrip())
 
     # -- metadata -------------------------------------------------------------------------------------
 
@@ -287,15 +302,19 @@ class Hub:
             # as they come (re-chunking them to 1 MiB cost a third of the throughput, bench_download).
             wanted = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
             headers = self._headers(wanted)
+            request = urllib.request.Request(self._url(model, remote.path))
+            for key, value in headers.items():
+                # The token goes to the hub only, not to the storage it redirects to (as huggingface_hub).
+                if key.lower() == "authorization":
+                    request.add_unredirected_header(key, value)
+                else:
+                    request.add_header(key, value)
             try:
-                with get_session().stream(
-                    "GET", self._url(model, remote.path), headers=headers, follow_redirects=True, timeout=60.0
-                ) as response:
-                    hf_raise_for_status(response)
-                    if have and response.status_code != 206:  # the server ignored the range: start over
+                with urllib.request.urlopen(request, timeout=60.0) as response:
+                    if have and response.status != 206:  # the server ignored the range: start over
                         have, digest = 0, hashlib.sha256()
                     with partial.open("ab" if have else "wb") as out:
-                        for data in response.iter_raw():
+                        while data := response.read1(CHUNK):
                             if stop is not None and stop.is_set():
                                 raise DownloadStopped()
                             out.write(data)
@@ -303,10 +322,17 @@ class Hub:
                             have += len(data)
                             if progress is not None:
                                 progress(done_before + have, total)
+            except urllib.error.HTTPError as exc:
+                raise self._explain_status(model.ref, exc.code, exc.headers.get("X-Error-Code", "")) from None
             except (DownloadStopped, HubError):
                 raise
             except Exception as exc:
                 raise self._explain(model.ref, exc) from None
+        if have < remote.size:  # the connection ended early: keep what came, the next try continues
+            raise HubError(
+                f"{model.ref.text}: the transfer of {remote.path} stopped at {have} of {remote.size} bytes "
+                f"(cannot reach the rest now); it continues from there next time"
+            )
         if have != remote.size or digest.hexdigest() != remote.sha256:
             partial.unlink(missing_ok=True)
             raise HubError(
