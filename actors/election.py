@@ -83,6 +83,7 @@ class Election(MsgpackActor):
         threads: int | None = None,
         context: int | None = None,
         pending: tuple[str, ...] = (),
+        promoted_for: str = "",
     ) -> None:
         super().__init__(directory, logger)
         self.cache_dir = cache_dir
@@ -100,6 +101,7 @@ class Election(MsgpackActor):
         self.suspects: dict[str, float] = {}
         self.desired: tuple[ProcessSpec, ...] | None = None
         self.free = vram_bytes  # what the models planned so far leave of this node's memory
+        self.promoted_for = promoted_for  # a standby promoted to serve this: say so once it serves
         self.logged_plan: dict[str, tuple[object, ...]] = {}
         self.dirty = True
         self.last_change = 0.0
@@ -417,6 +419,10 @@ class Election(MsgpackActor):
     @handles(LlamaReady)
     def on_ready(self, msg: LlamaReady) -> None:
         self._set(msg.key, "ready", msg.port)
+        kind, model = parse_key(msg.key)
+        if self.promoted_for and model == self.promoted_for and kind == "server":
+            self.log.info("standby.promoted", model=model, port=msg.port)
+            self.promoted_for = ""  # said once
 
     @handles(LlamaFailed)
     def on_failed(self, msg: LlamaFailed) -> None:

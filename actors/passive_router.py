@@ -17,23 +17,29 @@ from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.placement import rank_hosts
 from meshllm.routing import available, hosts_of, model_list
+from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     GetPlan,
     GetStatus,
     HostFailed,
+    HostsLost,
     ListModels,
     ModelList,
     ModelStatus,
     PeerDownReceived,
+    PeerLeavingReceived,
     PlanReply,
+    RefreshNow,
     RefreshRoutes,
     Route,
     RouteReply,
+    RoutesChanged,
     RoutesFailed,
     RoutesReceived,
     RouteTable,
     Seed,
     StatusReply,
+    Subscribe,
     Tick,
 )
 
@@ -70,6 +76,7 @@ class PassiveRouter(MsgpackActor):
         self.failures = 0
         self.refreshed = False
         self.last_refresh = 0.0
+        self.subscribers: list[str] = []
 
     def on_start(self) -> None:
         self.every(1.0, "refresh", first_after=0.0)
@@ -86,12 +93,28 @@ class PassiveRouter(MsgpackActor):
             return
         if now >= self.next_refresh:
             self.in_flight_since = now
-            self.tell("transport", RefreshRoutes(actives=self._actives()))
+            self.tell("transport", RefreshRoutes(actives=self._actives(), every=self.role == "standby"))
 
     def _refresh_soon(self, spread_s: float = 0.0) -> None:
         """Refresh now, or within ``spread_s``: a death notice reaches every passive node at once, and
         a thousand refreshes in the same instant is a burst the active nodes need not take."""
         self.next_refresh = min(self.next_refresh, time.monotonic() + random.uniform(0, spread_s))
+
+    @handles(Subscribe)
+    def on_subscribe(self, msg: Subscribe) -> None:
+        if msg.subscriber not in self.subscribers:
+            self.subscribers.append(msg.subscriber)
+        if self.refreshed:
+            self.tell(msg.subscriber, RoutesChanged(table=self.table))
+
+    def _publish(self, event: Message) -> None:
+        for name in self.subscribers:
+            self.tell(name, event)
+
+    @handles(RefreshNow)
+    def on_refresh_now(self, msg: RefreshNow) -> None:
+        self._refresh_soon()
+        self.on_tick(Tick("refresh"))  # now, not at the next tick
 
     @handles(RoutesReceived)
     def on_routes(self, msg: RoutesReceived) -> None:
@@ -109,6 +132,7 @@ class PassiveRouter(MsgpackActor):
                 unserved=list(msg.table.unserved),
             )
         self.refreshed = True
+        self._publish(RoutesChanged(table=self.table))
 
     @handles(RoutesFailed)
     def on_failed(self, msg: RoutesFailed) -> None:
@@ -141,7 +165,18 @@ class PassiveRouter(MsgpackActor):
     @handles(PeerDownReceived)
     def on_peer_down(self, msg: PeerDownReceived) -> None:
         self.log.info("routes.host_died", host=msg.notice.node_id, reporter=msg.notice.reporter)
-        self._drop_host(msg.notice.node_id)
+        self._host_gone(msg.notice.node_id, "death")
+
+    @handles(PeerLeavingReceived)
+    def on_peer_leaving(self, msg: PeerLeavingReceived) -> None:
+        self.log.info("routes.host_left", host=msg.notice.node_id)
+        self._host_gone(msg.notice.node_id, "leave")
+
+    def _host_gone(self, node_id: str, reason: str) -> None:
+        models = tuple(m.name for m in self.table.models if any(h.node_id == node_id for h in m.hosts))
+        self._drop_host(node_id)
+        self._publish(HostsLost(node_id=node_id, reason=reason, models=models))
+        self._publish(RoutesChanged(table=self.table, fresh=False))
         self._refresh_soon(NOTICE_SPREAD_S)
 
     @handles(Route)

@@ -37,11 +37,17 @@ class Router(MsgpackActor):
     name = "router"
 
     def __init__(
-        self, directory: Directory, logger: Logger, own: HostInfo, own_models: tuple[str, ...]
+        self,
+        directory: Directory,
+        logger: Logger,
+        own: HostInfo,
+        own_models: tuple[str, ...],
+        own_claims: tuple[str, ...] = (),
     ) -> None:
         super().__init__(directory, logger)
         self.own = own
         self.own_models = own_models
+        self.own_claims = own_claims  # what this node was promoted for (it was a standby)
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
         self.local_rpc_ports: dict[str, int] = {}
@@ -52,7 +58,7 @@ class Router(MsgpackActor):
         self.tell("transport", RouteSnapshot(table=self.table))
 
     def _build(self) -> RouteTable:
-        return build_table(self.own, self.own_models, self.local_ports, self.peers.values())
+        return build_table(self.own, self.own_models, self.local_ports, self.peers.values(), self.own_claims)
 
     def _rebuild(self) -> None:
         table = self._build()

@@ -70,7 +70,7 @@ class TransportBridge(MsgpackActor):
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
-        self._thread.submit(self.endpoint.refresh_routes(msg.actives, CONTROL_TIMEOUT_S))
+        self._thread.submit(self.endpoint.refresh_routes(msg.actives, CONTROL_TIMEOUT_S, msg.every))
 
     @handles(ExchangeGossip)
     def on_exchange(self, msg: ExchangeGossip) -> None:

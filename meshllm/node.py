@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -26,9 +27,10 @@ from actors.heartbeat import Heartbeat
 from actors.passive_router import PassiveRouter
 from actors.peer_registry import PeerRegistry
 from actors.router import Router
+from actors.standby import Standby
 from actors.supervisor import Supervisor
 from actors.transport_bridge import TransportBridge
-from meshllm.config import ConfigError, NodeConfig
+from meshllm.config import ConfigError, HostPort, NodeConfig
 from meshllm.console.server import ConsoleServer
 from meshllm.logsetup import Logger, close_logger, make_logger
 from meshllm.models.capacity import Capacity, detect_capacity
@@ -37,6 +39,8 @@ from meshllm.models.hub import Hub
 from meshllm.models.refs import HubRef
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import HttpTunnelServer
+from meshllm.placement import needed_bytes
+from meshllm.promotion import Offer
 from meshllm.serving.gateway import Gateway
 from meshllm.serving.llama import LlamaNotFound, find_binaries
 from meshllm.wire.framing import StreamKind
@@ -126,6 +130,13 @@ class Node:
         self.incarnation = 0
         self.capacity: Capacity | None = None
         self._started = False
+        # Standby promotion: the config this node was started with (a standby's), what it was promoted
+        # for, and models it may not take again before a time (no promotion/demotion cycle is faster
+        # than [standby] demote_after_s).
+        self.base_config = config
+        self.promoted_for = ""
+        self.blocked: dict[str, float] = {}
+        self._extra_seeds: tuple[Seed, ...] = ()
 
     # -- life cycle -------------------------------------------------------------------------------------
 
@@ -181,11 +192,16 @@ class Node:
             incarnation=self.incarnation,
             version=0,
             force_split=cfg.models.force_split,
+            promoted_for=(self.promoted_for,) if self.promoted_for else (),
         )
         self._started = True
         self._spawn(TransportBridge, endpoint=self.endpoint)
         seeds = tuple(
             Seed(node_id=t.node_id, addrs=t.addrs) for t in tokens if t.node_id != self.identity.node_id
+        )
+        known = {s.node_id for s in seeds}
+        seeds += tuple(
+            s for s in self._extra_seeds if s.node_id not in known and s.node_id != self.identity.node_id
         )
         if self.passive:
             self._spawn(
@@ -196,11 +212,16 @@ class Node:
                 seeds=seeds,
                 refresh_s=cfg.timing.route_refresh_s,
             )
+            if cfg.node.role == "standby":
+                self._spawn(Standby, **self._standby_args(cfg, models, vram.bytes))
         else:
             self._spawn(PeerRegistry, own=own, timing=cfg.timing)
             self._spawn(Heartbeat, timing=cfg.timing)
             own_host = HostInfo(node_id=own.node_id, addrs=own.addrs, vram_bytes=own.vram_bytes)
-            self._spawn(Router, own=own_host, own_models=own.models)
+            claims = (self.promoted_for,) if self.promoted_for else ()
+            self._spawn(Router, own=own_host, own_models=own.models, own_claims=claims)
+            if self.promoted_for:
+                self._spawn(Standby, **self._standby_args(self.base_config, models, vram.bytes))
             if binaries is not None:
                 self._spawn(
                     Supervisor, binaries=binaries, subscriber=Election.name, log_dir=data_dir / "llama-logs"
@@ -215,6 +236,7 @@ class Node:
                 threads=cfg.llama.threads,
                 context=cfg.models.context,
                 pending=tuple(name for name, _ in hub_models),
+                promoted_for=self.promoted_for,
             )
             if hub_models:  # after the Election: it is who the Downloader reports to
                 self._spawn(
@@ -272,6 +294,73 @@ class Node:
             if seeds:
                 self.directory.tell("registry", JoinMesh(seeds=seeds))
         return self
+
+    # -- standby promotion ----------------------------------------------------------------------------
+
+    def _standby_args(self, cfg: NodeConfig, models: tuple[ModelRef, ...], vram_bytes: int) -> dict[str, Any]:
+        """The Standby actor's arguments: the models on disk it could serve, with what each needs."""
+        offers = tuple(
+            Offer(m.name, needed_bytes(m.footprint_bytes), on_disk=True) for m in models if m.path != Path("")
+        )
+        return {
+            "own_id": self.node_id,
+            "offers": offers,
+            "capacity_bytes": vram_bytes,
+            "window_s": cfg.standby.promote_window_s,
+            "demote_after_s": cfg.standby.demote_after_s,
+            "promote": self._promote,
+            "demote": self._demote,
+            "promoted_for": self.promoted_for,
+            "blocked": {m: t for m, t in self.blocked.items() if t > time.monotonic()},
+        }
+
+    def _serve_entry(self, model: str) -> str:
+        """The ``[models] serve`` entry of the base config that names ``model``."""
+        models, _ = resolve_models(self.base_config)
+        for entry, ref in zip(self.base_config.models.serve, models, strict=True):
+            if ref.name == model:
+                return entry
+        raise KeyError(model)
+
+    def _promote(self, model: str, reason: str, seeds: tuple[Seed, ...]) -> None:
+        """Called by the Standby actor: restart this node as an active member serving ``model``."""
+        base = self.base_config
+        cfg = dataclasses.replace(
+            self._pinned(base).with_node(role="active"),
+            models=dataclasses.replace(base.models, serve=(self._serve_entry(model),)),
+        )
+        self._restart(cfg, model, seeds, leave=False)
+
+    def _demote(self, model: str, reason: str, seeds: tuple[Seed, ...]) -> None:
+        """Called by the Standby actor of a promoted node: back to standby, peers told it leaves."""
+        self.blocked[model] = time.monotonic() + self.base_config.standby.demote_after_s
+        self._restart(self._pinned(self.base_config), "", seeds, leave=True)
+
+    def _pinned(self, cfg: NodeConfig) -> NodeConfig:
+        """``cfg`` on the ports this node has bound now, so clients and peers find it again."""
+        assert self.gateway is not None and self.console is not None and self.endpoint is not None
+        return dataclasses.replace(
+            cfg.with_node(quic_listen=HostPort(cfg.node.quic_listen.host, self.endpoint.port)),
+            api=dataclasses.replace(cfg.api, listen=HostPort(cfg.api.listen.host, self.gateway.port)),
+            console=dataclasses.replace(
+                cfg.console, listen=HostPort(cfg.console.listen.host, self.console.port)
+            ),
+        )
+
+    def _restart(self, cfg: NodeConfig, promoted_for: str, seeds: tuple[Seed, ...], leave: bool) -> None:
+        """Stop and start again as ``cfg``, on a thread of its own: the caller is one of the actors
+        that stopping stops."""
+
+        def run() -> None:
+            self.log.info("node.restarting", role=cfg.node.role, promoted_for=promoted_for)
+            self.stop(leave=leave)
+            self.config, self.promoted_for, self._extra_seeds = cfg, promoted_for, seeds
+            try:
+                self.start()
+            except (NodeStartError, ConfigError, InviteError) as exc:
+                self.log.error("node.restart_failed", reason=str(exc))
+
+        threading.Thread(target=run, name="node-restart", daemon=True).start()
 
     def _spawn(self, actor_cls: Any, **kwargs: Any) -> None:
         actor_cls.start(self.directory, self.log, **kwargs)  # it registers its own name

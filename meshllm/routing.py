@@ -18,6 +18,7 @@ def build_table(
     own_models: Iterable[str],
     local_ports: Mapping[str, int],
     peers: Iterable[PeerAnnouncement],
+    own_claims: Iterable[str] = (),
 ) -> RouteTable:
     """The table of an active node: this node first for what it serves, then its peers by node id."""
     peers = sorted(peers, key=lambda a: a.node_id)
@@ -36,7 +37,15 @@ def build_table(
         ]
         models.append(ModelRoute(name=name, hosts=tuple(hosts)))
     actives = (Seed(own.node_id, own.addrs), *(Seed(a.node_id, a.addrs) for a in peers))
-    return RouteTable(models=tuple(models), unserved=tuple(sorted(wanted - served)), actives=actives)
+    claimed = set(own_claims)
+    for ann in peers:
+        claimed.update(ann.promoted_for)
+    return RouteTable(
+        models=tuple(models),
+        unserved=tuple(sorted(wanted - served)),
+        actives=actives,
+        claimed=tuple(sorted(claimed)),
+    )
 
 
 def hosts_of(table: RouteTable, model: str) -> tuple[HostInfo, ...]:

@@ -235,11 +235,6 @@ def test_capacities_below_the_rate_floor_race_alike() -> None:
     assert race_key("m", "n", GIB // 500) < race_key("m", "n", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="promotion_delay reaches window_s itself when the key passes ~36.7 (1 - exp(-k) rounds to 1.0); "
-    "possible for any capacity under ~1.2 GiB, and most delays of a 1 MiB standby",
-)
 def test_small_capacities_keep_the_delay_inside_the_window() -> None:
     for capacity in (1, GIB // 1024, 64 * 1024**2):
         for i in range(200):

@@ -27,6 +27,7 @@ from meshllm.config.sections import (
     ModelsSection,
     NodeConfig,
     NodeSection,
+    StandbySection,
     TimingSection,
     check_name,
     check_positive,
@@ -46,6 +47,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "llama": LlamaSection,
     "log": LogSection,
     "timing": TimingSection,
+    "standby": StandbySection,
 }
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in _SECTIONS.items()
@@ -236,8 +238,17 @@ def parse_config(
         **{key: t.get(key, getattr(defaults, key), _as_positive_float) for key in _SECTION_KEYS["timing"]}
     )
 
+    sb = tables["standby"]
+    standby = StandbySection(
+        **{
+            key: sb.get(key, getattr(StandbySection(), key), _as_positive_float)
+            for key in _SECTION_KEYS["standby"]
+        }
+    )
+
     return NodeConfig(
         node=node,
+        standby=standby,
         api=api,
         console=console,
         models=models,

@@ -206,6 +206,20 @@ class TimingSection:
             )
 
 
+@dataclass(frozen=True)
+class StandbySection:
+    """``[standby]``: how a standby node takes over a model the mesh lost, and gives it back."""
+
+    promote_window_s: float = 2.0
+    """Standbys spread their promotions over this many seconds (weighted by capacity), so one takes each gap."""
+    demote_after_s: float = 300.0
+    """A promoted node steps back after being unneeded this long; no model cycles faster than this."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_positive(f"standby.{f.name}", getattr(self, f.name))
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     """The whole ``node.toml``. Build variants with :meth:`with_node` or :func:`dataclasses.replace`."""
@@ -217,6 +231,7 @@ class NodeConfig:
     llama: LlamaSection = LlamaSection()
     log: LogSection = LogSection()
     timing: TimingSection = TimingSection()
+    standby: StandbySection = StandbySection()
     source: Path | None = None
     """The file this config was loaded from, if any."""
 

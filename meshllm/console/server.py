@@ -18,10 +18,12 @@ from meshllm.wire.messages import (
     DownloadStatus,
     GetDownloads,
     GetPlan,
+    GetStandby,
     GetStatus,
     GetTransportStats,
     ModelStatus,
     PlanReply,
+    StandbyReply,
     StatusReply,
     TransportStats,
 )
@@ -43,6 +45,7 @@ def status_json(
     if transport is not None:
         body["connections"] = transport.connections
         body["passive_connections"] = transport.passive_connections
+        body["standby_connections"] = transport.standby_connections
         body["rpc_bytes"] = {
             "to_workers": transport.rpc_bytes_to_workers,
             "from_workers": transport.rpc_bytes_from_workers,
@@ -105,7 +108,12 @@ class ConsoleServer:
                     "downloader", GetDownloads(), DownloadsReply, ASK_TIMEOUT_S
                 )
                 downloads = reply.jobs
-        return web.json_response(status_json(status, stats, models, self._extra(), downloads))
+        body = status_json(status, stats, models, self._extra(), downloads)
+        if self.directory.ref("standby") is not None:
+            with contextlib.suppress(AskError, pykka.Timeout):
+                standby = await self.directory.ask_async("standby", GetStandby(), StandbyReply, ASK_TIMEOUT_S)
+                body["standby"] = dataclasses.asdict(standby)
+        return web.json_response(body)
 
     def stop(self) -> None:
         if self._runner is not None:

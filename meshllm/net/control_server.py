@@ -116,7 +116,10 @@ class ControlServer:
         if conn.peer_id is not None and conn.peer_id != hello.node_id:
             raise AuthError("connection already belongs to another node")
         conn.peer_id = hello.node_id
-        conn.peer_role = "passive" if kind == StreamKind.ROUTE_REQUEST else hello.role
+        if kind == StreamKind.ROUTE_REQUEST:  # a passive node, whatever it says; "client" or "standby" kept
+            conn.peer_role = hello.role if hello.role in ("client", "standby") else "passive"
+        else:
+            conn.peer_role = hello.role
         conn.authenticated.set()
         return make_hello(ep.identity, ep.membership, ep.role, hello.node_id)
 
@@ -165,7 +168,7 @@ class ControlServer:
                 raise FrameError(f"expected PeerLeaving, got {type(body).__name__}")
             if body.node_id != peer:
                 raise AuthError("a node can only announce its own leaving")
-            ep.directory.tell("registry", PeerLeavingReceived(notice=body))
+            ep.directory.tell(ep.notice_target, PeerLeavingReceived(notice=body))
             writer.write(pack_frame(Ack()))
         else:
             raise FrameError(f"{kind.name} streams are not served by this node")

@@ -74,6 +74,7 @@ SERVER_RCVBUF = 4 * 1024 * 1024
 overflowed the default 208 KiB and turned into QUIC loss recovery (hundreds of ms)."""
 IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
 
+
 @dataclass
 class Published:
     """What the endpoint answers with, published by the actors that own it: the registry's gossip
@@ -343,20 +344,37 @@ class MeshEndpoint:
         else:
             await self._exchange_routes(node_id, addrs)
 
-    async def refresh_routes(self, actives: tuple[Seed, ...], timeout: float) -> None:
-        """Passive side: ask the first active node that answers for the routing table."""
+    async def refresh_routes(self, actives: tuple[Seed, ...], timeout: float, every: bool = False) -> None:
+        """Passive side: ask the first active node that answers for the routing table; with ``every``,
+        ask all of them at once (each answer is told to the router), which keeps a connection to each,
+        so their death and leaving notices reach this node."""
+        if every and len(actives) > 1:
+            results = await asyncio.gather(
+                *(self._routes_from(seed, timeout) for seed in actives), return_exceptions=False
+            )
+            errors = [e for e in results if e]
+            if len(errors) == len(actives):
+                self.directory.tell("router", RoutesFailed(reason="; ".join(errors)))
+            return
         errors = []
         for seed in random.sample(list(actives), len(actives)):
-            try:
-                await asyncio.wait_for(self._exchange_routes(seed.node_id, seed.addrs), timeout)
+            error = await self._routes_from(seed, timeout)
+            if not error:
                 return
-            except (PeerRefused, AuthError) as exc:
-                reason = exc.reason if isinstance(exc, PeerRefused) else str(exc)
-                self.log.warning("auth.refused", peer=seed.node_id, reason=reason, side="dialler")
-                errors.append(f"{seed.node_id[:12]}: refused: {reason}")
-            except (OSError, ConnectionError, TimeoutError, CodecError) as exc:
-                errors.append(f"{seed.node_id[:12]}: {type(exc).__name__}: {exc}".rstrip(": "))
+            errors.append(error)
         self.directory.tell("router", RoutesFailed(reason="; ".join(errors) or "no active node known"))
+
+    async def _routes_from(self, seed: Seed, timeout: float) -> str:
+        """One route request; "" when the table came (and was told to the router), else why not."""
+        try:
+            await asyncio.wait_for(self._exchange_routes(seed.node_id, seed.addrs), timeout)
+            return ""
+        except (PeerRefused, AuthError) as exc:
+            reason = exc.reason if isinstance(exc, PeerRefused) else str(exc)
+            self.log.warning("auth.refused", peer=seed.node_id, reason=reason, side="dialler")
+            return f"{seed.node_id[:12]}: refused: {reason}"
+        except (OSError, ConnectionError, TimeoutError, CodecError) as exc:
+            return f"{seed.node_id[:12]}: {type(exc).__name__}: {exc}".rstrip(": ")
 
     async def open_tunnel(
         self, node_id: str, addrs: tuple[str, ...], kind: StreamKind, header: Message, timeout: float
@@ -425,6 +443,7 @@ class MeshEndpoint:
         return TransportStats(
             connections=len(auth),
             passive_connections=sum(1 for c in auth if c.passive),
+            standby_connections=sum(1 for c in auth if c.peer_role == "standby"),
             bytes_sent=dict(self.counters.bytes_sent),
             frames_sent=dict(self.counters.frames_sent),
             frames_received=dict(self.counters.frames_received),

@@ -31,6 +31,7 @@ class PeerAnnouncement:
     version: int = 0
     rpc_ready: tuple[str, ...] = ()  # models whose rpc-server (split worker share) is up here
     force_split: bool = False  # this node asks for its models to be split even when they fit
+    promoted_for: tuple[str, ...] = ()  # a standby that promoted itself to serve these models
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
@@ -224,7 +225,7 @@ class PeerDownReceived(Message):
 @message(112)
 @dataclass(frozen=True)
 class PeerLeavingReceived(Message):
-    """Transport -> registry: a leaving notice arrived."""
+    """Transport -> registry (on a passive node: the passive router): a leaving notice arrived."""
 
     notice: PeerLeaving
 
@@ -360,6 +361,7 @@ class TransportStats(Message):
     rpc_bytes_from_workers: int = 0
     rpc_bytes_served_in: int = 0  # worker side: bytes a remote host sent to our rpc-server
     rpc_bytes_served_out: int = 0
+    standby_connections: int = 0  # passive connections whose Hello said "standby"
 
 
 @message(303)
@@ -657,6 +659,7 @@ class RouteTable(Message):
     models: tuple[ModelRoute, ...]
     unserved: tuple[str, ...]
     actives: tuple[Seed, ...]
+    claimed: tuple[str, ...] = ()  # models a promoted standby has taken (served or not yet)
 
 
 @message(240)
@@ -670,9 +673,11 @@ class RouteSnapshot(Message):
 @message(241)
 @dataclass(frozen=True)
 class RefreshRoutes(Message):
-    """Passive router -> transport: fetch the routing table from one of these active nodes."""
+    """Passive router -> transport: fetch the routing table from one of these active nodes, or from
+    all of them (``every``: a standby, which must hear every survivor's death notices)."""
 
     actives: tuple[Seed, ...]
+    every: bool = False
 
 
 @message(242)
@@ -782,3 +787,49 @@ class GetDownloads(Message):
 @dataclass(frozen=True)
 class DownloadsReply(Message):
     jobs: tuple[DownloadStatus, ...]
+
+
+# -- standby promotion -------------------------------------------------------------------------------
+
+
+@message(330)
+@dataclass(frozen=True)
+class RoutesChanged(Message):
+    """Passive router -> subscribers (the standby): the table after every refresh or notice."""
+
+    table: RouteTable
+    fresh: bool = True  # from an active node just now (False: after a notice, before the refresh)
+
+
+@message(331)
+@dataclass(frozen=True)
+class HostsLost(Message):
+    """Passive router -> subscribers: a host died or left, with the models it served."""
+
+    node_id: str
+    reason: str  # death | leave
+    models: tuple[str, ...]
+
+
+@message(332)
+@dataclass(frozen=True)
+class RefreshNow(Message):
+    """Standby -> passive router: fetch the table now (a fresh look before promoting)."""
+
+
+@message(333)
+@dataclass(frozen=True)
+class GetStandby(Message):
+    """Console -> standby."""
+
+
+@message(334)
+@dataclass(frozen=True)
+class StandbyReply(Message):
+    """What a standby (or a promoted node) would take, is taking, or took."""
+
+    offers: tuple[str, ...]
+    capacity_bytes: int
+    pending: str = ""  # the model it is about to take
+    pending_reason: str = ""
+    promoted_for: str = ""

@@ -1,0 +1,210 @@
+"""Standby actor: owns a standby node's readiness to take over - what it could serve, the gap it is
+about to take - and, once promoted, whether it is still needed.
+
+On a standby (passive) node it follows the passive router's table and its death and leave notices.
+When a model loses its last host, or an active node wants a model nobody serves, it runs the pure
+:func:`~meshllm.promotion.pick_model_assignment`, waits its :func:`~meshllm.promotion.promotion_delay`
+(so that one standby in the common case takes each gap), looks at a fresh table, and, if the gap is
+still open and unclaimed, promotes: ``standby.promoting``, then the node restarts itself as an active
+member with the same identity serving that model (the ``promote`` callback of its owner, the Node).
+
+On a promoted node it follows the registry: when the model's own host is back, or another promoted
+node wins the race for it (:func:`~meshllm.promotion.keeps_promotion`), for ``demote_after_s`` on end,
+it steps back to standby (``standby.demoted``). A promotion is never undone sooner than that, and a
+demoted node does not promote again for the same model within it, so nothing flaps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from actors.base import Directory, MsgpackActor, handles
+from meshllm.logsetup import Logger
+from meshllm.promotion import Offer, gaps_in, keeps_promotion, pick_model_assignment, promotion_delay
+from meshllm.wire.messages import (
+    GetStandby,
+    HostsLost,
+    PeerAnnouncement,
+    PeerDied,
+    PeerJoined,
+    PeerLeft,
+    PeerUpdated,
+    RefreshNow,
+    RoutesChanged,
+    RouteTable,
+    Seed,
+    StandbyReply,
+    Subscribe,
+    Tick,
+)
+
+TICK_S = 0.2
+
+Callback = Callable[[str, str, tuple[Seed, ...]], None]
+"""(model, reason, active nodes to join through): the node's owner restarts it as what it becomes."""
+
+
+@dataclass
+class _Pending:
+    model: str
+    reason: str
+    due: float
+    refresh_asked: float = 0.0
+
+
+class Standby(MsgpackActor):
+    """Decides when this standby takes a gap, and when a promoted node steps back."""
+
+    name = "standby"
+
+    def __init__(
+        self,
+        directory: Directory,
+        logger: Logger,
+        own_id: str,
+        offers: tuple[Offer, ...],
+        capacity_bytes: int,
+        window_s: float,
+        demote_after_s: float,
+        promote: Callback,
+        demote: Callback,
+        promoted_for: str = "",
+        blocked: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__(directory, logger)
+        self.own_id = own_id
+        self.offers = offers
+        self.capacity = capacity_bytes
+        self.window_s = window_s
+        self.demote_after_s = demote_after_s
+        self.promote = promote
+        self.demote = demote
+        self.promoted_for = promoted_for
+        self.blocked = dict(blocked or {})  # model -> monotonic time before which it is not taken again
+        self.table: RouteTable | None = None
+        self.lost: dict[str, str] = {}
+        self.pending: _Pending | None = None
+        self.told_cannot_fit: set[str] = set()
+        self.done = False
+        self.started = time.monotonic()
+        self.peers: dict[str, PeerAnnouncement] = {}
+        self.unneeded_since: float | None = None
+
+    def on_start(self) -> None:
+        self.tell("registry" if self.promoted_for else "router", Subscribe(subscriber=self.name))
+        self.every(TICK_S, "standby")
+
+    # -- standby: taking a gap -------------------------------------------------------------------------
+
+    @handles(HostsLost)
+    def on_hosts_lost(self, msg: HostsLost) -> None:
+        for model in msg.models:
+            self.lost[model] = msg.reason
+
+    @handles(RoutesChanged)
+    def on_routes(self, msg: RoutesChanged) -> None:
+        self.table = msg.table
+        served = {m.name for m in msg.table.models if m.hosts}
+        for model in served:
+            self.lost.pop(model, None)
+        gaps = gaps_in(
+            {o.name for o in self.offers}, served, set(msg.table.unserved), set(msg.table.claimed), self.lost
+        )
+        now = time.monotonic()
+        for gap in gaps:
+            offer = next(o for o in self.offers if o.name == gap.name)
+            if offer.need_bytes > self.capacity and gap.name not in self.told_cannot_fit:
+                self.told_cannot_fit.add(gap.name)
+                self.log.warning(
+                    "standby.cannot_fit",
+                    model=gap.name,
+                    reason=gap.reason,
+                    needed_bytes=offer.need_bytes,
+                    available_bytes=self.capacity,
+                )
+        offers = tuple(o for o in self.offers if self.blocked.get(o.name, 0.0) <= now)
+        choice = pick_model_assignment(offers, self.capacity, gaps)
+        if choice is None:
+            if self.pending is not None:
+                self.log.info(
+                    "standby.stood_down", model=self.pending.model, reason="the gap was filled or claimed"
+                )
+            self.pending = None
+            return
+        offer, gap = choice
+        pending = self.pending
+        if pending is None or pending.model != offer.name:
+            delay = promotion_delay(offer.name, self.own_id, self.capacity, self.window_s)
+            self.pending = _Pending(offer.name, gap.reason, now + delay)
+            return
+        if msg.fresh and pending.refresh_asked and not self.done:
+            self.done = True
+            self.log.info("standby.promoting", model=pending.model, reason=pending.reason)
+            self.promote(pending.model, pending.reason, msg.table.actives)
+
+    # -- promoted: still needed? ---------------------------------------------------------------------
+
+    def _follow(self, ann: PeerAnnouncement) -> None:
+        self.peers[ann.node_id] = ann
+
+    @handles(PeerJoined)
+    def on_joined(self, msg: PeerJoined) -> None:
+        self._follow(msg.peer)
+
+    @handles(PeerUpdated)
+    def on_updated(self, msg: PeerUpdated) -> None:
+        self._follow(msg.peer)
+
+    @handles(PeerDied)
+    def on_died(self, msg: PeerDied) -> None:
+        self.peers.pop(msg.node_id, None)
+
+    @handles(PeerLeft)
+    def on_left(self, msg: PeerLeft) -> None:
+        self.peers.pop(msg.node_id, None)
+
+    def _check_needed(self, now: float) -> None:
+        model = self.promoted_for
+        hosts = {
+            a.node_id: (a.vram_bytes, model in a.promoted_for)
+            for a in self.peers.values()
+            if model in a.serving
+        }
+        if keeps_promotion(model, self.own_id, self.capacity, hosts):
+            self.unneeded_since = None
+            return
+        if self.unneeded_since is None:
+            self.unneeded_since = now
+            self.log.info("standby.unneeded", model=model, hosts=sorted(hosts))
+        quiet = now - self.unneeded_since >= self.demote_after_s
+        if quiet and now - self.started >= self.demote_after_s and not self.done:
+            self.done = True
+            self.log.info(
+                "standby.demoted", model=model, reason="another node serves it", hosts=sorted(hosts)
+            )
+            self.demote(model, "unneeded", ())
+
+    # -- both ---------------------------------------------------------------------------------------------
+
+    @handles(Tick)
+    def on_tick(self, msg: Tick) -> None:
+        now = time.monotonic()
+        if self.promoted_for:
+            self._check_needed(now)
+            return
+        pending = self.pending
+        if pending is not None and now >= pending.due and not pending.refresh_asked:
+            pending.refresh_asked = now
+            self.tell("router", RefreshNow())  # a fresh look before taking it
+
+    @handles(GetStandby)
+    def on_get(self, msg: GetStandby) -> StandbyReply:
+        return StandbyReply(
+            offers=tuple(o.name for o in self.offers),
+            capacity_bytes=self.capacity,
+            pending=self.pending.model if self.pending else "",
+            pending_reason=self.pending.reason if self.pending else "",
+            promoted_for=self.promoted_for,
+        )

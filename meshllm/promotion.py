@@ -1,0 +1,100 @@
+"""Pure standby decisions: which gap in the mesh a standby node takes, when, and when a promoted node
+steps back. No I/O: every standby computes the same answers from the same routing table.
+
+- A *gap* is a model the mesh wants or had and no host now serves: its last host died or left, or an
+  active node wants it and nobody serves it.
+- :func:`pick_model_assignment` chooses what one standby takes: only what fits its memory, files
+  already on disk first, then the most demand per host, then the name.
+- :func:`promotion_delay` spreads standbys out so that in the common case exactly one takes each
+  gap: an exponential race weighted by capacity (a standby with twice the memory wins twice as
+  often), deterministic per (model, node). Before promoting, a standby looks at a fresh table and
+  stands down if another node has already claimed the model.
+- :func:`keeps_promotion` settles two promoted nodes for one model without flapping: the one whose
+  race key is smaller keeps it, and a node that serves the model by its own configuration always
+  outranks a promoted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A model a standby can serve."""
+
+    name: str
+    need_bytes: int
+    on_disk: bool
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A model without a host, and why (death, leave, gap, demand)."""
+
+    name: str
+    reason: str
+    demand_per_host: float = 0.0
+
+
+def pick_model_assignment(
+    offers: Sequence[Offer], capacity_bytes: int, gaps: Sequence[Gap]
+) -> tuple[Offer, Gap] | None:
+    """The gap this standby takes, with the offer that fills it; None when it can fill none."""
+    by_name = {g.name: g for g in gaps}
+    fitting = [o for o in offers if o.name in by_name and o.need_bytes <= capacity_bytes]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda o: (not o.on_disk, -by_name[o.name].demand_per_host, o.name))
+    return best, by_name[best.name]
+
+
+def race_key(model: str, node_id: str, capacity_bytes: int) -> float:
+    """An exponential clock with rate = capacity in GiB: among standbys the smallest key wins, each
+    with probability proportional to its capacity."""
+    digest = hashlib.blake2b(f"{model}\0{node_id}".encode(), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 1) / 2**64  # (0, 1]
+    rate = max(capacity_bytes / GIB, 1e-3)
+    return -math.log(u) / rate
+
+
+def promotion_delay(model: str, node_id: str, capacity_bytes: int, window_s: float) -> float:
+    """Seconds this standby waits before taking a gap: its race key mapped into [0, window_s)."""
+    delay = window_s * -math.expm1(-race_key(model, node_id, capacity_bytes))
+    return min(delay, math.nextafter(window_s, 0.0))  # a huge key rounds to the window itself
+
+
+def gaps_in(
+    offered: set[str], served: set[str], wanted_unserved: set[str], claimed: set[str], lost: Mapping[str, str]
+) -> list[Gap]:
+    """The gaps a standby could fill: models it offers that nobody serves and nobody has claimed,
+    either lost (``lost``: model -> death | leave) or wanted by an active node (reason gap)."""
+    out = []
+    for name in sorted(offered - served - claimed):
+        if name in lost:
+            out.append(Gap(name, lost[name]))
+        elif name in wanted_unserved:
+            out.append(Gap(name, "gap"))
+    return out
+
+
+def keeps_promotion(
+    model: str, own_id: str, own_capacity: int, hosts: Mapping[str, tuple[int, bool]]
+) -> bool:
+    """Whether a node promoted for ``model`` is still needed, given the other nodes that serve it
+    (node id -> (capacity, promoted)). Needed when no other node serves it, or when every other
+    server is promoted too and this node wins their race."""
+    if not hosts:
+        return True
+    if any(not promoted for _, promoted in hosts.values()):
+        return False  # the model's own host (by configuration) is back
+    mine = race_key(model, own_id, own_capacity)
+    return all(
+        mine < race_key(model, node, cap) or (mine == race_key(model, node, cap) and own_id < node)
+        for node, (cap, _) in hosts.items()
+    )
