@@ -20,6 +20,7 @@ from meshllm.routing import available, hosts_of, model_list
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     GetPlan,
+    GetRouteTable,
     GetStatus,
     HostFailed,
     HostsLost,
@@ -110,6 +111,10 @@ class PassiveRouter(MsgpackActor):
     def _publish(self, event: Message) -> None:
         for name in self.subscribers:
             self.tell(name, event)
+
+    @handles(GetRouteTable)
+    def on_get_table(self, msg: GetRouteTable) -> RouteTable:
+        return self.table
 
     @handles(RefreshNow)
     def on_refresh_now(self, msg: RefreshNow) -> None:

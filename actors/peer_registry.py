@@ -38,6 +38,7 @@ from meshllm.wire.messages import (
     PeerLeft,
     PeerStatus,
     PeerUpdated,
+    SetDemand,
     SetLocalAnnouncement,
     StatusReply,
     Subscribe,
@@ -205,6 +206,14 @@ class PeerRegistry(MsgpackActor):
         self._push_snapshot()
         for node_id, ann in self.view.peers.items():
             self._exchange(node_id, ann.addrs)
+
+    @handles(SetDemand)
+    def on_demand(self, msg: SetDemand) -> None:
+        """This node's request counts travel in its announcement (standbys promote on them)."""
+        if msg.demand == self.own.demand:
+            return
+        self.own = replace(self.own, demand=dict(msg.demand), version=self.own.version + 1)
+        self._push_snapshot()
 
     @handles(GetStatus)
     def on_status(self, msg: GetStatus) -> StatusReply:

@@ -13,6 +13,7 @@ from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.routing import available, build_table, hosts_of, model_list
 from meshllm.wire.messages import (
+    GetRouteTable,
     HostFailed,
     HostInfo,
     ListModels,
@@ -27,6 +28,7 @@ from meshllm.wire.messages import (
     RouteReply,
     RouteSnapshot,
     RouteTable,
+    SetDemand,
     Subscribe,
 )
 
@@ -48,6 +50,7 @@ class Router(MsgpackActor):
         self.own = own
         self.own_models = own_models
         self.own_claims = own_claims  # what this node was promoted for (it was a standby)
+        self.own_demand: dict[str, float] = {}
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
         self.local_rpc_ports: dict[str, int] = {}
@@ -58,7 +61,9 @@ class Router(MsgpackActor):
         self.tell("transport", RouteSnapshot(table=self.table))
 
     def _build(self) -> RouteTable:
-        return build_table(self.own, self.own_models, self.local_ports, self.peers.values(), self.own_claims)
+        return build_table(
+            self.own, self.own_models, self.local_ports, self.peers.values(), self.own_claims, self.own_demand
+        )
 
     def _rebuild(self) -> None:
         table = self._build()
@@ -98,6 +103,15 @@ class Router(MsgpackActor):
         else:
             ports.pop(msg.model, None)
         self._rebuild()
+
+    @handles(SetDemand)
+    def on_demand(self, msg: SetDemand) -> None:
+        self.own_demand = dict(msg.demand)
+        self._rebuild()
+
+    @handles(GetRouteTable)
+    def on_get_table(self, msg: GetRouteTable) -> RouteTable:
+        return self.table
 
     @handles(Route)
     def on_route(self, msg: Route) -> RouteReply:

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.promotion import Offer, gaps_in, keeps_promotion, pick_model_assignment, promotion_delay
+from meshllm.promotion import (
+    Offer,
+    demand_gaps,
+    demand_needs,
+    gaps_in,
+    keeps_promotion,
+    pick_model_assignment,
+    promotion_delay,
+)
 from meshllm.wire.messages import (
     GetStandby,
     HostsLost,
@@ -35,6 +43,7 @@ from meshllm.wire.messages import (
     RoutesChanged,
     RouteTable,
     Seed,
+    SetDemand,
     StandbyReply,
     Subscribe,
     Tick,
@@ -72,6 +81,9 @@ class Standby(MsgpackActor):
         demote: Callback,
         promoted_for: str = "",
         blocked: dict[str, float] | None = None,
+        promoted_reason: str = "",
+        demand_ratio: float = 3.0,
+        demand_min_per_min: float = 10.0,
     ) -> None:
         super().__init__(directory, logger)
         self.own_id = own_id
@@ -82,6 +94,10 @@ class Standby(MsgpackActor):
         self.promote = promote
         self.demote = demote
         self.promoted_for = promoted_for
+        self.promoted_reason = promoted_reason
+        self.demand_ratio = demand_ratio
+        self.demand_min = demand_min_per_min
+        self.own_demand: dict[str, float] = {}
         self.blocked = dict(blocked or {})  # model -> monotonic time before which it is not taken again
         self.table: RouteTable | None = None
         self.lost: dict[str, str] = {}
@@ -109,8 +125,12 @@ class Standby(MsgpackActor):
         served = {m.name for m in msg.table.models if m.hosts}
         for model in served:
             self.lost.pop(model, None)
-        gaps = gaps_in(
-            {o.name for o in self.offers}, served, set(msg.table.unserved), set(msg.table.claimed), self.lost
+        offered, claimed = {o.name for o in self.offers}, set(msg.table.claimed)
+        gaps = gaps_in(offered, served, set(msg.table.unserved), claimed, self.lost)
+        host_counts = {m.name: len(m.hosts) for m in msg.table.models}
+        nodes = len(msg.table.actives) + 1
+        gaps += demand_gaps(
+            offered - claimed, host_counts, msg.table.demand, nodes, self.demand_ratio, self.demand_min
         )
         now = time.monotonic()
         for gap in gaps:
@@ -172,7 +192,9 @@ class Standby(MsgpackActor):
             for a in self.peers.values()
             if model in a.serving
         }
-        if keeps_promotion(model, self.own_id, self.capacity, hosts):
+        demand = self.own_demand.get(model, 0.0) + sum(a.demand.get(model, 0.0) for a in self.peers.values())
+        busy = self.promoted_reason == "demand" and demand_needs(demand, len(hosts) + 1, self.demand_min)
+        if busy or keeps_promotion(model, self.own_id, self.capacity, hosts):
             self.unneeded_since = None
             return
         if self.unneeded_since is None:
@@ -181,9 +203,8 @@ class Standby(MsgpackActor):
         quiet = now - self.unneeded_since >= self.demote_after_s
         if quiet and now - self.started >= self.demote_after_s and not self.done:
             self.done = True
-            self.log.info(
-                "standby.demoted", model=model, reason="another node serves it", hosts=sorted(hosts)
-            )
+            why = "demand fell" if self.promoted_reason == "demand" else "another node serves it"
+            self.log.info("standby.demoted", model=model, reason=why, hosts=sorted(hosts))
             self.demote(model, "unneeded", ())
 
     # -- both ---------------------------------------------------------------------------------------------
@@ -198,6 +219,10 @@ class Standby(MsgpackActor):
         if pending is not None and now >= pending.due and not pending.refresh_asked:
             pending.refresh_asked = now
             self.tell("router", RefreshNow())  # a fresh look before taking it
+
+    @handles(SetDemand)
+    def on_demand(self, msg: SetDemand) -> None:
+        self.own_demand = dict(msg.demand)
 
     @handles(GetStandby)
     def on_get(self, msg: GetStandby) -> StandbyReply:

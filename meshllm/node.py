@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +29,7 @@ from actors.router import Router
 from actors.standby import Standby
 from actors.supervisor import Supervisor
 from actors.transport_bridge import TransportBridge
-from meshllm.config import ConfigError, HostPort, NodeConfig
+from meshllm.config import ConfigError, NodeConfig
 from meshllm.console.server import ConsoleServer
 from meshllm.logsetup import Logger, close_logger, make_logger
 from meshllm.models.capacity import Capacity, detect_capacity
@@ -39,10 +38,10 @@ from meshllm.models.hub import Hub
 from meshllm.models.refs import HubRef
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import HttpTunnelServer
-from meshllm.placement import needed_bytes
-from meshllm.promotion import Offer
+from meshllm.serving.demand import DemandCounter
 from meshllm.serving.gateway import Gateway
 from meshllm.serving.llama import LlamaNotFound, find_binaries
+from meshllm.standby_roles import StandbyRoles
 from meshllm.wire.framing import StreamKind
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
@@ -112,7 +111,7 @@ def parse_join_tokens(tokens: tuple[str, ...]) -> list[InviteToken]:
     return parsed
 
 
-class Node:
+class Node(StandbyRoles):
     """One meshllm node in this process."""
 
     def __init__(self, config: NodeConfig, log_stream: IO[str] | None = None) -> None:
@@ -135,6 +134,7 @@ class Node:
         # than [standby] demote_after_s).
         self.base_config = config
         self.promoted_for = ""
+        self.promoted_reason = ""
         self.blocked: dict[str, float] = {}
         self._extra_seeds: tuple[Seed, ...] = ()
 
@@ -245,7 +245,8 @@ class Node:
                     hub=Hub(cache_dir=cfg.models.cache_dir),
                     context=cfg.models.context,
                 )
-        self.tunnel_server = HttpTunnelServer(self.directory, self.log)
+        demand = DemandCounter()  # shared by the two places that serve requests, read by the gateway
+        self.tunnel_server = HttpTunnelServer(self.directory, self.log, demand)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)
         self.endpoint.fast.register(TunnelRequest, self.tunnel_server.serve_fast, passive_ok=True)
 
@@ -259,7 +260,7 @@ class Node:
             plan_from,
         )
         self.gateway = Gateway(
-            self.directory, self.endpoint, cfg.api.listen.host, cfg.api.listen.port, self.log
+            self.directory, self.endpoint, cfg.api.listen.host, cfg.api.listen.port, self.log, demand
         )
         try:
             console_port = self.console.start()
@@ -294,73 +295,6 @@ class Node:
             if seeds:
                 self.directory.tell("registry", JoinMesh(seeds=seeds))
         return self
-
-    # -- standby promotion ----------------------------------------------------------------------------
-
-    def _standby_args(self, cfg: NodeConfig, models: tuple[ModelRef, ...], vram_bytes: int) -> dict[str, Any]:
-        """The Standby actor's arguments: the models on disk it could serve, with what each needs."""
-        offers = tuple(
-            Offer(m.name, needed_bytes(m.footprint_bytes), on_disk=True) for m in models if m.path != Path("")
-        )
-        return {
-            "own_id": self.node_id,
-            "offers": offers,
-            "capacity_bytes": vram_bytes,
-            "window_s": cfg.standby.promote_window_s,
-            "demote_after_s": cfg.standby.demote_after_s,
-            "promote": self._promote,
-            "demote": self._demote,
-            "promoted_for": self.promoted_for,
-            "blocked": {m: t for m, t in self.blocked.items() if t > time.monotonic()},
-        }
-
-    def _serve_entry(self, model: str) -> str:
-        """The ``[models] serve`` entry of the base config that names ``model``."""
-        models, _ = resolve_models(self.base_config)
-        for entry, ref in zip(self.base_config.models.serve, models, strict=True):
-            if ref.name == model:
-                return entry
-        raise KeyError(model)
-
-    def _promote(self, model: str, reason: str, seeds: tuple[Seed, ...]) -> None:
-        """Called by the Standby actor: restart this node as an active member serving ``model``."""
-        base = self.base_config
-        cfg = dataclasses.replace(
-            self._pinned(base).with_node(role="active"),
-            models=dataclasses.replace(base.models, serve=(self._serve_entry(model),)),
-        )
-        self._restart(cfg, model, seeds, leave=False)
-
-    def _demote(self, model: str, reason: str, seeds: tuple[Seed, ...]) -> None:
-        """Called by the Standby actor of a promoted node: back to standby, peers told it leaves."""
-        self.blocked[model] = time.monotonic() + self.base_config.standby.demote_after_s
-        self._restart(self._pinned(self.base_config), "", seeds, leave=True)
-
-    def _pinned(self, cfg: NodeConfig) -> NodeConfig:
-        """``cfg`` on the ports this node has bound now, so clients and peers find it again."""
-        assert self.gateway is not None and self.console is not None and self.endpoint is not None
-        return dataclasses.replace(
-            cfg.with_node(quic_listen=HostPort(cfg.node.quic_listen.host, self.endpoint.port)),
-            api=dataclasses.replace(cfg.api, listen=HostPort(cfg.api.listen.host, self.gateway.port)),
-            console=dataclasses.replace(
-                cfg.console, listen=HostPort(cfg.console.listen.host, self.console.port)
-            ),
-        )
-
-    def _restart(self, cfg: NodeConfig, promoted_for: str, seeds: tuple[Seed, ...], leave: bool) -> None:
-        """Stop and start again as ``cfg``, on a thread of its own: the caller is one of the actors
-        that stopping stops."""
-
-        def run() -> None:
-            self.log.info("node.restarting", role=cfg.node.role, promoted_for=promoted_for)
-            self.stop(leave=leave)
-            self.config, self.promoted_for, self._extra_seeds = cfg, promoted_for, seeds
-            try:
-                self.start()
-            except (NodeStartError, ConfigError, InviteError) as exc:
-                self.log.error("node.restart_failed", reason=str(exc))
-
-        threading.Thread(target=run, name="node-restart", daemon=True).start()
 
     def _spawn(self, actor_cls: Any, **kwargs: Any) -> None:
         actor_cls.start(self.directory, self.log, **kwargs)  # it registers its own name

@@ -98,3 +98,31 @@ def keeps_promotion(
         mine < race_key(model, node, cap) or (mine == race_key(model, node, cap) and own_id < node)
         for node, (cap, _) in hosts.items()
     )
+
+
+def demand_gaps(
+    offered: set[str],
+    hosts: Mapping[str, int],
+    demand: Mapping[str, float],
+    nodes: int,
+    ratio: float,
+    min_per_min: float,
+) -> list[Gap]:
+    """Served models that one more host would help: demand per host at least ``ratio`` times the
+    mesh's average per node (``nodes`` counts the active nodes and this standby) and at least
+    ``min_per_min`` requests a minute."""
+    average = sum(demand.values()) / max(nodes, 1)
+    out = []
+    for name in sorted(offered):
+        count = hosts.get(name, 0)
+        if not count:
+            continue
+        per_host = demand.get(name, 0.0) / count
+        if per_host >= min_per_min and per_host >= ratio * average:
+            out.append(Gap(name, "demand", per_host))
+    return out
+
+
+def demand_needs(demand_per_min: float, hosts: int, min_per_min: float) -> bool:
+    """Whether a model's demand still warrants the hosts it has (a demand-promoted node among them)."""
+    return hosts > 0 and demand_per_min / hosts >= min_per_min

@@ -19,6 +19,7 @@ def build_table(
     local_ports: Mapping[str, int],
     peers: Iterable[PeerAnnouncement],
     own_claims: Iterable[str] = (),
+    own_demand: Mapping[str, float] | None = None,
 ) -> RouteTable:
     """The table of an active node: this node first for what it serves, then its peers by node id."""
     peers = sorted(peers, key=lambda a: a.node_id)
@@ -38,13 +39,17 @@ def build_table(
         models.append(ModelRoute(name=name, hosts=tuple(hosts)))
     actives = (Seed(own.node_id, own.addrs), *(Seed(a.node_id, a.addrs) for a in peers))
     claimed = set(own_claims)
+    demand: dict[str, float] = dict(own_demand or {})
     for ann in peers:
         claimed.update(ann.promoted_for)
+        for model, count in ann.demand.items():
+            demand[model] = demand.get(model, 0.0) + count
     return RouteTable(
         models=tuple(models),
         unserved=tuple(sorted(wanted - served)),
         actives=actives,
         claimed=tuple(sorted(claimed)),
+        demand=demand,
     )
 
 

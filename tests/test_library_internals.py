@@ -144,3 +144,37 @@ def test_quiet_ping_leaves_no_unretrieved_exception(tmp_path: Path) -> None:
     # What the patch is for: aioquic's own ping reports one.
     own = _abandoned_ping_reports(tmp_path / "own", QuicConnectionProtocol.ping)
     assert any("never retrieved" in r for r in own), own
+
+
+def _abandoned_dial_reports(wait: Callable[[QuicConnectionProtocol], Coroutine[Any, Any, None]]) -> list[str]:
+    """Dial a UDP port where nothing answers, give up on the handshake, close the connection (which
+    fails the waiter) and collect what the loop reports as never retrieved."""
+    reports: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, ctx: reports.append(ctx["message"]))
+        silent, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        port = silent.get_extra_info("sockname")[1]
+        config = QuicConfiguration(is_client=True, alpn_protocols=["t"])
+        client = QuicConnectionProtocol(QuicConnection(configuration=config))
+        transport, _ = await loop.create_datagram_endpoint(lambda: client, local_addr=("127.0.0.1", 0))
+        client.connect(("127.0.0.1", port))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(wait(client), 0.2)
+        client.close()
+        await asyncio.wait_for(client.wait_closed(), 10)
+        transport.close()
+        silent.close()
+        gc.collect()
+
+    asyncio.run(main())
+    return reports
+
+
+def test_quiet_wait_connected_leaves_no_unretrieved_exception() -> None:
+    quiet = _abandoned_dial_reports(internals.quiet_wait_connected)
+    assert not [r for r in quiet if "never retrieved" in r], quiet
+    # What the patch is for: aioquic's own wait reports one.
+    own = _abandoned_dial_reports(QuicConnectionProtocol.wait_connected)
+    assert any("never retrieved" in r for r in own), own

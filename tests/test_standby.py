@@ -122,3 +122,27 @@ def test_the_original_host_coming_back_does_not_flap(procs: ProcessFactory, tiny
     assert wait_until(lambda: answers(b), 30, what="b to answer after the demotion")
     assert not [r for r in s.records()[mark:] if r.get("event") == "standby.promoting"]
     assert hosts(c) == [a2.node_id]
+
+
+def test_a_standby_promotes_for_demand(procs: ProcessFactory, tiny_gguf: Path) -> None:
+    a = procs.start("a", extra=serve(tiny_gguf))
+    c = procs.start("c", join=(a.token,))
+    demand = "[standby]\npromote_window_s = 1.0\ndemand_ratio = 1.0\ndemand_min_per_min = 10\n"
+    s = procs.start(
+        "s",
+        join=(a.token, c.token),
+        extra=serve(tiny_gguf) + demand + "[timing]\nroute_refresh_s = 2\n",
+        node_extra='role = "standby"',
+    )
+    a.wait_event("llama.ready", 60)
+    for _ in range(25):  # 25 requests a minute on one host, 25/3 per node on average
+        assert ask(a)
+    wait_until(
+        lambda: model_status(c.console_url, "tiny").get("demand_per_min", 0) >= 25,
+        30,
+        what="demand to travel",
+    )
+    promoting = s.wait_event("standby.promoting", 40, model="tiny")
+    assert promoting["reason"] == "demand"
+    s.wait_event("standby.promoted", 60, model="tiny")
+    wait_until(lambda: sorted(hosts(c)) == sorted([a.node_id, s.node_id]), 30, what="two hosts")

@@ -152,7 +152,9 @@ class ModelsSection:
             if not isinstance(name, str) or not name.strip():
                 raise fail(f"models.serve[{i}]", "model names must be non-empty strings")
         if self.context < 0:
-            raise fail("models.context", f"must be 0 (the model's own) or a number of tokens (got {self.context})")
+            raise fail(
+                "models.context", f"must be 0 (the model's own) or a number of tokens (got {self.context})"
+            )
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,10 @@ class StandbySection:
     """Standbys spread their promotions over this many seconds (weighted by capacity), so one takes each gap."""
     demote_after_s: float = 300.0
     """A promoted node steps back after being unneeded this long; no model cycles faster than this."""
+    demand_ratio: float = 3.0
+    """Promote for a served model whose requests per host reach this many times the mesh's average per node..."""
+    demand_min_per_min: float = 10.0
+    """...and at least this many requests a minute per host."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -18,11 +18,13 @@ from meshllm.wire.messages import (
     DownloadStatus,
     GetDownloads,
     GetPlan,
+    GetRouteTable,
     GetStandby,
     GetStatus,
     GetTransportStats,
     ModelStatus,
     PlanReply,
+    RouteTable,
     StandbyReply,
     StatusReply,
     TransportStats,
@@ -37,10 +39,15 @@ def status_json(
     models: tuple[ModelStatus, ...],
     extra: dict[str, Any],
     downloads: tuple[DownloadStatus, ...] = (),
+    demand: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     body = dataclasses.asdict(status)
     jobs = {d.model: dataclasses.asdict(d) for d in downloads}
-    body["models"] = [{**dataclasses.asdict(m), "download": jobs.get(m.name)} for m in models]
+    demand = demand or {}
+    body["models"] = [
+        {**dataclasses.asdict(m), "download": jobs.get(m.name), "demand_per_min": demand.get(m.name, 0.0)}
+        for m in models
+    ]
     body.update(extra)
     if transport is not None:
         body["connections"] = transport.connections
@@ -108,7 +115,10 @@ class ConsoleServer:
                     "downloader", GetDownloads(), DownloadsReply, ASK_TIMEOUT_S
                 )
                 downloads = reply.jobs
-        body = status_json(status, stats, models, self._extra(), downloads)
+        demand: dict[str, float] = {}
+        with contextlib.suppress(AskError, pykka.Timeout):
+            demand = (await self.directory.ask_async("router", GetRouteTable(), RouteTable, ASK_TIMEOUT_S)).demand
+        body = status_json(status, stats, models, self._extra(), downloads, demand)
         if self.directory.ref("standby") is not None:
             with contextlib.suppress(AskError, pykka.Timeout):
                 standby = await self.directory.ask_async("standby", GetStandby(), StandbyReply, ASK_TIMEOUT_S)

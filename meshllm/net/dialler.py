@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from aioquic.quic.connection import QuicConnection
 
 from meshllm.net.connection import MeshConnection
+from meshllm.net.library_internals import quiet_wait_connected
 from meshllm.wire.admission import AuthError
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ async def dial(
             endpoint.track(conn)
             conn.connect(sockaddr)
             try:
-                await asyncio.wait_for(conn.wait_connected(), timeout)
+                await asyncio.wait_for(quiet_wait_connected(conn), timeout)
             except BaseException:
                 endpoint.drop(conn)
                 raise

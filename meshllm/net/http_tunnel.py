@@ -17,6 +17,7 @@ import aiohttp
 from actors.base import Directory
 from meshllm.logsetup import Logger
 from meshllm.net.local_route import local_route
+from meshllm.serving.demand import DemandCounter
 from meshllm.wire.framing import pack_frame, read_frame_as
 from meshllm.wire.messages import Hello, Refused, TunnelRequest, TunnelResponse
 
@@ -55,8 +56,9 @@ async def open_local(
 class HttpTunnelServer:
     """Serves HTTP tunnel streams on the host: forwards each to the local llama-server of its model."""
 
-    def __init__(self, directory: Directory, logger: Logger) -> None:
+    def __init__(self, directory: Directory, logger: Logger, demand: DemandCounter | None = None) -> None:
         self.directory = directory
+        self.demand = demand or DemandCounter()
         self.log = logger.bind(actor="http-tunnel")
         self._session: aiohttp.ClientSession | None = None
 
@@ -85,6 +87,8 @@ class HttpTunnelServer:
         body = await (reader.readexactly(request.body_bytes) if request.body_bytes >= 0 else reader.read())
         route = await local_route(self.directory, request.model, self.log)
         port = route.local_port if route is not None else 0
+        if port:
+            self.demand.hit(request.model)
         if not port:
             writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))
             return

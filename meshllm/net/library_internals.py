@@ -5,8 +5,9 @@ aioquic 1.7.2 has no public way to do four things we need:
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
 - tell a stream's reader about a reset and forget finished readers (``_stream_readers``);
-- a ping whose waiter can be abandoned without an "exception never retrieved" report
-  (``_ping_waiters`` with the connection's ``send_ping``);
+- a ping, and a wait for the handshake, that can be abandoned (a dial's timeout) without an
+  "exception never retrieved" report when the connection later fails (``_ping_waiters`` with the
+  connection's ``send_ping``; ``_connected_waiter`` and ``_connected``);
 - read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``).
 
 The versions are checked when this module is imported: on any other aioquic the node refuses to
@@ -73,6 +74,19 @@ async def quiet_ping(protocol: QuicConnectionProtocol) -> None:
     protocol._ping_waiters[uid] = waiter
     protocol._quic.send_ping(uid)
     protocol.transmit()
+    await asyncio.shield(waiter)
+
+
+async def quiet_wait_connected(protocol: QuicConnectionProtocol) -> None:
+    """aioquic's ``wait_connected()``, but when the caller gives up on the handshake and the connection
+    fails afterwards, its waiter is not reported as an unretrieved ``ConnectionError``."""
+    if protocol._connected:
+        return
+    if protocol._connected_waiter is not None:
+        raise RuntimeError("Already awaiting connected")
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+    protocol._connected_waiter = waiter
     await asyncio.shield(waiter)
 
 

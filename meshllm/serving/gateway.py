@@ -27,6 +27,7 @@ from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
+from meshllm.serving.demand import DemandCounter
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError
 from meshllm.wire.framing import PeerRefused, StreamKind, read_frame_as
@@ -37,11 +38,13 @@ from meshllm.wire.messages import (
     ModelList,
     Route,
     RouteReply,
+    SetDemand,
     TunnelRequest,
     TunnelResponse,
 )
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+DEMAND_EVERY_S = 10.0
 ASK_TIMEOUT_S = 5.0
 TUNNEL_OPEN_TIMEOUT_S = 10.0
 LIVENESS_S = 2.0
@@ -93,9 +96,18 @@ class Gateway:
     """aiohttp server on the endpoint's loop."""
 
     def __init__(
-        self, directory: Directory, endpoint: MeshEndpoint, host: str, port: int, logger: Logger
+        self,
+        directory: Directory,
+        endpoint: MeshEndpoint,
+        host: str,
+        port: int,
+        logger: Logger,
+        demand: DemandCounter | None = None,
     ) -> None:
         self.directory = directory
+        self.demand = demand or DemandCounter()
+        self._published: dict[str, float] = {}
+        self._publisher: asyncio.Task[None] | None = None
         self.endpoint = endpoint
         self.host = host
         self.port = port
@@ -117,10 +129,23 @@ class Gateway:
         app.router.add_get("/health", self.health)
         self._runner, self.port = await start_http(app, self.host, self.port)
         self._session = new_session()
+        self._publisher = asyncio.ensure_future(self._publish_demand())
         return self.port
+
+    async def _publish_demand(self) -> None:
+        """Every few seconds, tell the actors that use demand what this node counted, when it changed."""
+        while True:
+            await asyncio.sleep(DEMAND_EVERY_S)
+            counts = self.demand.per_minute()
+            if counts != self._published:
+                self._published = counts
+                for name in ("registry", "router", "standby"):
+                    self.directory.tell(name, SetDemand(demand=counts))
 
     def stop(self) -> None:
         async def stop() -> None:
+            if self._publisher is not None:
+                self._publisher.cancel()
             if self._runner is not None:
                 await self._runner.cleanup()
             if self._session is not None:
@@ -173,6 +198,7 @@ class Gateway:
         if isinstance(route, web.Response):
             return route
         if not route.known:
+            self.demand.hit(model)  # asked for, and nobody serves it: demand a standby may answer
             available = ", ".join(route.available) or "none"
             return openai_error(
                 404,
@@ -182,6 +208,7 @@ class Gateway:
             )
         targets = self._targets(route)
         if not targets:
+            self.demand.hit(model)
             return openai_error(
                 503,
                 f"model {model!r} has no host ready yet",
@@ -219,6 +246,7 @@ class Gateway:
     ) -> web.StreamResponse:
         if target.host is None:
             assert self._session is not None
+            self.demand.hit(model)
             upstream = await open_local(
                 self._session, target.local_port, request.method, request.path, headers, body
             )

@@ -32,6 +32,7 @@ class PeerAnnouncement:
     rpc_ready: tuple[str, ...] = ()  # models whose rpc-server (split worker share) is up here
     force_split: bool = False  # this node asks for its models to be split even when they fit
     promoted_for: tuple[str, ...] = ()  # a standby that promoted itself to serve these models
+    demand: dict[str, float] = field(default_factory=dict)  # requests/min this node counted, per model
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
@@ -525,6 +526,7 @@ class ModelStatus:
     needed_bytes: int = 0
     available_bytes: int = 0
     detail: str = ""
+    demand_per_min: float = 0.0
 
 
 @message(226)
@@ -660,6 +662,7 @@ class RouteTable(Message):
     unserved: tuple[str, ...]
     actives: tuple[Seed, ...]
     claimed: tuple[str, ...] = ()  # models a promoted standby has taken (served or not yet)
+    demand: dict[str, float] = field(default_factory=dict)  # requests/min across the active mesh
 
 
 @message(240)
@@ -833,3 +836,18 @@ class StandbyReply(Message):
     pending: str = ""  # the model it is about to take
     pending_reason: str = ""
     promoted_for: str = ""
+
+
+@message(335)
+@dataclass(frozen=True)
+class SetDemand(Message):
+    """Gateway -> registry, router, standby: this node's requests per minute per model (every 10 s
+    when they changed)."""
+
+    demand: dict[str, float]
+
+
+@message(336)
+@dataclass(frozen=True)
+class GetRouteTable(Message):
+    """Console -> router (active or passive): the routing table as it stands."""
