@@ -39,6 +39,8 @@ __all__ = ["load_config", "parse_config"]
 
 _T = TypeVar("_T")
 
+S = TypeVar("S")
+
 _SECTIONS: dict[str, type[Any]] = {
     "node": NodeSection,
     "api": ApiSection,
@@ -134,6 +136,14 @@ def _as_str_tuple(key: str, value: object) -> tuple[str, ...]:
             raise fail(item_key, "must not be empty")
         out.append(text)
     return tuple(out)
+
+
+def _seconds_section(cls: type[S], table: _Table, section: str) -> S:
+    """A section whose every key is a positive number, each defaulting to the dataclass's value."""
+    defaults = cls()
+    return cls(
+        **{key: table.get(key, getattr(defaults, key), _as_positive_float) for key in _SECTION_KEYS[section]}
+    )
 
 
 def _as_hostport(key: str, value: object) -> HostPort:
@@ -232,19 +242,8 @@ def parse_config(
     lg = tables["log"]
     log = LogSection(format=lg.get("format", "json", _as_str), file=lg.get("file", False, _as_bool))
 
-    t = tables["timing"]
-    defaults = TimingSection()
-    timing = TimingSection(
-        **{key: t.get(key, getattr(defaults, key), _as_positive_float) for key in _SECTION_KEYS["timing"]}
-    )
-
-    sb = tables["standby"]
-    standby = StandbySection(
-        **{
-            key: sb.get(key, getattr(StandbySection(), key), _as_positive_float)
-            for key in _SECTION_KEYS["standby"]
-        }
-    )
+    timing = _seconds_section(TimingSection, tables["timing"], "timing")
+    standby = _seconds_section(StandbySection, tables["standby"], "standby")
 
     return NodeConfig(
         node=node,

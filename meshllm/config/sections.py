@@ -185,6 +185,11 @@ class LogSection:
             raise fail("log.format", f"must be one of {', '.join(LOG_FORMATS)} (got {self.format!r})")
 
 
+def check_all_positive(section: str, values: Any) -> None:
+    for f in dataclasses.fields(values):
+        check_positive(f"{section}.{f.name}", getattr(values, f.name))
+
+
 @dataclass(frozen=True)
 class TimingSection:
     """``[timing]``: mesh timing knobs, in seconds, all > 0."""
@@ -198,8 +203,7 @@ class TimingSection:
     route_refresh_s: float = 45.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check_positive(f"timing.{f.name}", getattr(self, f.name))
+        check_all_positive("timing", self)
         if self.dead_after_s <= self.probe_interval_s:
             raise fail(
                 "timing.dead_after_s",
@@ -222,8 +226,7 @@ class StandbySection:
     """...and at least this many requests a minute per host."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check_positive(f"standby.{f.name}", getattr(self, f.name))
+        check_all_positive("standby", self)
 
 
 @dataclass(frozen=True, kw_only=True)

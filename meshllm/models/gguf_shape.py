@@ -183,18 +183,24 @@ HEAD_BYTES = 4 << 20
 MAX_HEAD_BYTES = 64 << 20
 
 
-def shape_of_file(path: Path) -> ModelShape:
-    """The shape of a local GGUF, reading only as much of its head as the metadata needs."""
-    size = HEAD_BYTES
+def head_of_file(path: Path, start: int = HEAD_BYTES) -> tuple[bytes, ModelShape]:
+    """The shortest head of a local GGUF (``start`` bytes, x4 while the metadata runs on) that gives
+    its shape, and the shape."""
+    size = start
     with path.open("rb") as f:
         while True:
             f.seek(0)
             head = f.read(size)
             try:
-                return model_shape(head)
+                return head, model_shape(head)
             except NeedMoreBytes:
                 if len(head) < size or size >= MAX_HEAD_BYTES:
                     raise GGUFError(
                         f"{path.name}: metadata not readable in its first {len(head)} bytes"
                     ) from None
                 size *= 4
+
+
+def shape_of_file(path: Path) -> ModelShape:
+    """The shape of a local GGUF, reading only as much of its head as the metadata needs."""
+    return head_of_file(path)[1]

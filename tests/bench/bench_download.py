@@ -44,7 +44,7 @@ from pathlib import Path
 
 from huggingface_hub import get_session, hf_hub_url
 
-from meshllm.models.gguf_shape import NeedMoreBytes, model_shape
+from meshllm.models.gguf_shape import head_of_file, model_shape
 from meshllm.models.hub import CHUNK, REMOTE_HEAD_BYTES, Hub, RemoteModel
 from meshllm.models.refs import HubRef
 from meshllm.serving.gguf_layout import gguf_tensors
@@ -131,18 +131,7 @@ def repeat(fn: Callable[[], object], n: int) -> list[float]:
 
 def head_for_shape(path: Path) -> bytes:
     """The head bytes describe() ends up parsing: REMOTE_HEAD_BYTES, x4 while the metadata runs on."""
-    want = REMOTE_HEAD_BYTES
-    with path.open("rb") as f:
-        while True:
-            f.seek(0)
-            head = f.read(want)
-            try:
-                model_shape(head)
-                return head
-            except NeedMoreBytes:
-                if len(head) < want:
-                    raise
-                want *= 4
+    return head_of_file(path, REMOTE_HEAD_BYTES)[0]
 
 
 def download_figures(hub: FakeHub, src: Path, rounds: int, warmup: int, tmp: Path) -> None:
