@@ -146,3 +146,15 @@ def test_a_standby_promotes_for_demand(procs: ProcessFactory, tiny_gguf: Path) -
     assert promoting["reason"] == "demand"
     s.wait_event("standby.promoted", 60, model="tiny")
     wait_until(lambda: sorted(hosts(c)) == sorted([a.node_id, s.node_id]), 30, what="two hosts")
+
+
+def test_a_standby_fills_a_gap_an_active_node_cannot(procs: ProcessFactory, tiny_gguf: Path) -> None:
+    # c wants tiny but has far too little memory for it: the model is wanted and nobody serves it.
+    c = procs.start("c", extra=serve(tiny_gguf), node_extra="vram_gb = 0.0001")
+    c.wait_event("election.waiting", 30, model="tiny")
+    b = procs.start("b", join=(c.token,), node_extra='role = "client"')
+    s = procs.start("s", join=(c.token,), extra=standby(tiny_gguf), node_extra='role = "standby"')
+    assert s.wait_event("standby.promoting", 30, model="tiny")["reason"] == "gap"
+    s.wait_event("standby.promoted", 60, model="tiny")
+    assert wait_until(lambda: answers(b), 30, what="b to answer through s")
+    assert hosts(c) == [s.node_id]
