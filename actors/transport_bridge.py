@@ -14,7 +14,7 @@ import dataclasses
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.net.control_server import CONTROL_TIMEOUT_S
+from meshllm.net.control_server import CONTROL_TIMEOUT_S, ROUTE_REQUEST_TIMEOUT_S
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.rpc_tunnel import RpcTunnels
 from meshllm.wire.framing import pack_frame
@@ -70,7 +70,7 @@ class TransportBridge(MsgpackActor):
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
-        self._thread.submit(self.endpoint.refresh_routes(msg.actives, CONTROL_TIMEOUT_S, msg.every))
+        self._thread.submit(self.endpoint.refresh_routes(msg.actives, ROUTE_REQUEST_TIMEOUT_S, msg.every))
 
     @handles(ExchangeGossip)
     def on_exchange(self, msg: ExchangeGossip) -> None:

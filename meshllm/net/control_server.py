@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from meshllm.net.endpoint import MeshEndpoint
 
 CONTROL_TIMEOUT_S = 10.0
+ROUTE_REQUEST_TIMEOUT_S = 3.0
+"""A passive node's route request: a live active node answers in milliseconds; one that does not
+answer in this time is likely dead, and the next one is asked (a client whose only contact died must
+not wait the whole control timeout before it learns the new host)."""
 TunnelHandler = Callable[[MeshConnection, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 HELLO_KINDS = (StreamKind.GOSSIP, StreamKind.ROUTE_REQUEST)
 """The only streams that may open a connection with a Hello."""
