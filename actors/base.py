@@ -107,7 +107,9 @@ class Directory:
             return reply
         if isinstance(reply, Refused):
             raise AskError(f"{name} refused {type(msg).__name__}: {reply.reason}")
-        raise AskError(f"{name} answered {type(msg).__name__} with {type(reply).__name__}, not {reply_type.__name__}")
+        raise AskError(
+            f"{name} answered {type(msg).__name__} with {type(reply).__name__}, not {reply_type.__name__}"
+        )
 
     async def ask_async(
         self, name: str, msg: Message, reply_type: type[ReplyT], timeout: float = 5.0

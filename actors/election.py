@@ -103,6 +103,7 @@ class Election(MsgpackActor):
         self.free = vram_bytes  # what the models planned so far leave of this node's memory
         self.promoted_for = promoted_for  # a standby promoted to serve this: say so once it serves
         self.logged_plan: dict[str, tuple[object, ...]] = {}
+        self.announced_stuck: tuple[str, ...] = ()
         self.dirty = True
         self.last_change = 0.0
 
@@ -350,6 +351,9 @@ class Election(MsgpackActor):
             if local.mode != "split" and local.listeners_asked:
                 self._ask_listeners(local, ())
             self._log_plan(name, local)
+        if self._stuck() != self.announced_stuck:
+            self.announced_stuck = self._stuck()
+            self._announce()
         desired = tuple(specs)
         if desired == self.desired:
             return
@@ -398,9 +402,18 @@ class Election(MsgpackActor):
         serving = tuple(sorted(n for n, m in self.models.items() if m.server == "ready"))
         rpc_ready = tuple(sorted(n for n, m in self.models.items() if m.rpc == "ready"))
         msg = SetLocalAnnouncement(
-            models=tuple(self.models), serving=serving, vram_bytes=self.vram_bytes, rpc_ready=rpc_ready
+            models=tuple(self.models),
+            serving=serving,
+            vram_bytes=self.vram_bytes,
+            rpc_ready=rpc_ready,
+            stuck=self._stuck(),
         )
         self.tell("registry", msg)
+        self.tell("router", msg)
+
+    def _stuck(self) -> tuple[str, ...]:
+        """Models this node wants but cannot serve now: what a standby may take (a gap)."""
+        return tuple(sorted(n for n, m in self.models.items() if m.mode in ("waiting", "refused", "failed")))
 
     def _set(self, key: str, state: str, port: int) -> None:
         local, kind = self._model_of(key)

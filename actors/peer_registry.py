@@ -198,6 +198,7 @@ class PeerRegistry(MsgpackActor):
             serving=msg.serving,
             vram_bytes=msg.vram_bytes,
             rpc_ready=msg.rpc_ready,
+            stuck=msg.stuck,
             version=self.own.version + 1,
         )
         if replace(updated, version=self.own.version) == self.own:

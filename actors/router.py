@@ -29,6 +29,7 @@ from meshllm.wire.messages import (
     RouteSnapshot,
     RouteTable,
     SetDemand,
+    SetLocalAnnouncement,
     Subscribe,
 )
 
@@ -51,6 +52,7 @@ class Router(MsgpackActor):
         self.own_models = own_models
         self.own_claims = own_claims  # what this node was promoted for (it was a standby)
         self.own_demand: dict[str, float] = {}
+        self.own_stuck: tuple[str, ...] = ()
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
         self.local_rpc_ports: dict[str, int] = {}
@@ -62,7 +64,13 @@ class Router(MsgpackActor):
 
     def _build(self) -> RouteTable:
         return build_table(
-            self.own, self.own_models, self.local_ports, self.peers.values(), self.own_claims, self.own_demand
+            self.own,
+            self.own_models,
+            self.local_ports,
+            self.peers.values(),
+            self.own_claims,
+            self.own_demand,
+            self.own_stuck,
         )
 
     def _rebuild(self) -> None:
@@ -102,6 +110,12 @@ class Router(MsgpackActor):
             ports[msg.model] = msg.port
         else:
             ports.pop(msg.model, None)
+        self._rebuild()
+
+    @handles(SetLocalAnnouncement)
+    def on_local_announcement(self, msg: SetLocalAnnouncement) -> None:
+        """What this node's election says it cannot serve now (the rest of it the router knows)."""
+        self.own_stuck = msg.stuck
         self._rebuild()
 
     @handles(SetDemand)

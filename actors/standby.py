@@ -126,7 +126,7 @@ class Standby(MsgpackActor):
         for model in served:
             self.lost.pop(model, None)
         offered, claimed = {o.name for o in self.offers}, set(msg.table.claimed)
-        gaps = gaps_in(offered, served, set(msg.table.unserved), claimed, self.lost)
+        gaps = gaps_in(offered, served, set(msg.table.stuck), claimed, self.lost)
         host_counts = {m.name: len(m.hosts) for m in msg.table.models}
         nodes = len(msg.table.actives) + 1
         gaps += demand_gaps(

@@ -20,6 +20,7 @@ def build_table(
     peers: Iterable[PeerAnnouncement],
     own_claims: Iterable[str] = (),
     own_demand: Mapping[str, float] | None = None,
+    own_stuck: Iterable[str] = (),
 ) -> RouteTable:
     """The table of an active node: this node first for what it serves, then its peers by node id."""
     peers = sorted(peers, key=lambda a: a.node_id)
@@ -40,6 +41,13 @@ def build_table(
     actives = (Seed(own.node_id, own.addrs), *(Seed(a.node_id, a.addrs) for a in peers))
     claimed = set(own_claims)
     demand: dict[str, float] = dict(own_demand or {})
+    wanting: dict[str, list[bool]] = {}  # model -> for each active node wanting it: is it stuck?
+    mine = set(own_stuck)
+    for model in own_models:
+        wanting.setdefault(model, []).append(model in mine)
+    for ann in peers:
+        for model in ann.models:
+            wanting.setdefault(model, []).append(model in ann.stuck)
     for ann in peers:
         claimed.update(ann.promoted_for)
         for model, count in ann.demand.items():
@@ -50,6 +58,7 @@ def build_table(
         actives=actives,
         claimed=tuple(sorted(claimed)),
         demand=demand,
+        stuck=tuple(sorted(m for m in wanted - served if all(wanting.get(m, [False])))),
     )
 
 

@@ -33,6 +33,7 @@ class PeerAnnouncement:
     force_split: bool = False  # this node asks for its models to be split even when they fit
     promoted_for: tuple[str, ...] = ()  # a standby that promoted itself to serve these models
     demand: dict[str, float] = field(default_factory=dict)  # requests/min this node counted, per model
+    stuck: tuple[str, ...] = ()  # models it wants but cannot serve now (waiting for memory, refused, failed)
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
@@ -276,6 +277,7 @@ class SetLocalAnnouncement(Message):
     serving: tuple[str, ...]
     vram_bytes: int
     rpc_ready: tuple[str, ...] = ()
+    stuck: tuple[str, ...] = ()
 
 
 @message(118)
@@ -663,6 +665,7 @@ class RouteTable(Message):
     actives: tuple[Seed, ...]
     claimed: tuple[str, ...] = ()  # models a promoted standby has taken (served or not yet)
     demand: dict[str, float] = field(default_factory=dict)  # requests/min across the active mesh
+    stuck: tuple[str, ...] = ()  # unserved models that every node wanting them cannot serve now
 
 
 @message(240)
