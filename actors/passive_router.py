@@ -78,6 +78,7 @@ class PassiveRouter(MsgpackActor):
         self.refreshed = False
         self.last_refresh = 0.0
         self.subscribers: list[str] = []
+        self.claim: tuple[str, float] = ("", 0.0)  # sent with the next refresh (a standby's)
 
     def on_start(self) -> None:
         self.every(1.0, "refresh", first_after=0.0)
@@ -94,7 +95,12 @@ class PassiveRouter(MsgpackActor):
             return
         if now >= self.next_refresh:
             self.in_flight_since = now
-            self.tell("transport", RefreshRoutes(actives=self._actives(), every=self.role == "standby"))
+            claim, key = self.claim
+            self.claim = ("", 0.0)
+            refresh = RefreshRoutes(
+                actives=self._actives(), every=self.role == "standby", claim=claim, claim_key=key
+            )
+            self.tell("transport", refresh)
 
     def _refresh_soon(self, spread_s: float = 0.0) -> None:
         """Refresh now, or within ``spread_s``: a death notice reaches every passive node at once, and
@@ -118,6 +124,7 @@ class PassiveRouter(MsgpackActor):
 
     @handles(RefreshNow)
     def on_refresh_now(self, msg: RefreshNow) -> None:
+        self.claim = (msg.claim, msg.claim_key)
         self._refresh_soon()
         self.on_tick(Tick("refresh"))  # now, not at the next tick
 

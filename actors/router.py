@@ -9,10 +9,14 @@ Route and ListModels from the same table; it never waits on anyone.
 
 from __future__ import annotations
 
+import time
+
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.routing import available, build_table, hosts_of, model_list
 from meshllm.wire.messages import (
+    Claim,
+    ClaimSeen,
     GetRouteTable,
     HostFailed,
     HostInfo,
@@ -32,6 +36,8 @@ from meshllm.wire.messages import (
     SetLocalAnnouncement,
     Subscribe,
 )
+
+CLAIM_TTL_S = 15.0
 
 
 class Router(MsgpackActor):
@@ -53,6 +59,7 @@ class Router(MsgpackActor):
         self.own_claims = own_claims  # what this node was promoted for (it was a standby)
         self.own_demand: dict[str, float] = {}
         self.own_stuck: tuple[str, ...] = ()
+        self.claims: dict[tuple[str, str], tuple[Claim, float]] = {}  # (model, node) -> (claim, expiry)
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
         self.local_rpc_ports: dict[str, int] = {}
@@ -71,6 +78,7 @@ class Router(MsgpackActor):
             self.own_claims,
             self.own_demand,
             self.own_stuck,
+            [claim for claim, until in self.claims.values() if until > time.monotonic()],
         )
 
     def _rebuild(self) -> None:
@@ -116,6 +124,15 @@ class Router(MsgpackActor):
     def on_local_announcement(self, msg: SetLocalAnnouncement) -> None:
         """What this node's election says it cannot serve now (the rest of it the router knows)."""
         self.own_stuck = msg.stuck
+        self._rebuild()
+
+    @handles(ClaimSeen)
+    def on_claim(self, msg: ClaimSeen) -> None:
+        """A standby about to promote: its claim stays in the table a while, so the next standby
+        looking at the same gap sees it was first."""
+        now = time.monotonic()
+        self.claims = {k: v for k, v in self.claims.items() if v[1] > now}
+        self.claims[(msg.claim.model, msg.claim.node_id)] = (msg.claim, now + CLAIM_TTL_S)
         self._rebuild()
 
     @handles(SetDemand)

@@ -30,6 +30,7 @@ from meshllm.promotion import (
     keeps_promotion,
     pick_model_assignment,
     promotion_delay,
+    race_key,
 )
 from meshllm.wire.messages import (
     GetStandby,
@@ -101,6 +102,7 @@ class Standby(MsgpackActor):
         self.blocked = dict(blocked or {})  # model -> monotonic time before which it is not taken again
         self.table: RouteTable | None = None
         self.lost: dict[str, str] = {}
+        self.yielded: dict[str, float] = {}  # model -> until when another standby's claim is left alone
         self.pending: _Pending | None = None
         self.told_cannot_fit: set[str] = set()
         self.done = False
@@ -144,7 +146,11 @@ class Standby(MsgpackActor):
                     needed_bytes=offer.need_bytes,
                     available_bytes=self.capacity,
                 )
-        offers = tuple(o for o in self.offers if self.blocked.get(o.name, 0.0) <= now)
+        offers = tuple(
+            o
+            for o in self.offers
+            if self.blocked.get(o.name, 0.0) <= now and self.yielded.get(o.name, 0.0) <= now
+        )
         choice = pick_model_assignment(offers, self.capacity, gaps)
         if choice is None:
             if self.pending is not None:
@@ -160,6 +166,21 @@ class Standby(MsgpackActor):
             self.pending = _Pending(offer.name, gap.reason, now + delay)
             return
         if msg.fresh and pending.refresh_asked and not self.done:
+            mine = (race_key(pending.model, self.own_id, self.capacity), self.own_id)
+            first = [
+                c
+                for c in msg.table.claims
+                if c.model == pending.model and c.node_id != self.own_id and (c.key, c.node_id) < mine
+            ]
+            if first:
+                self.log.info(
+                    "standby.stood_down",
+                    model=pending.model,
+                    reason=f"{first[0].node_id[:12]} claimed it first",
+                )
+                self.yielded[pending.model] = now + 3 * self.window_s
+                self.pending = None
+                return
             self.done = True
             self.log.info("standby.promoting", model=pending.model, reason=pending.reason)
             self.promote(pending.model, pending.reason, msg.table.actives)
@@ -218,7 +239,8 @@ class Standby(MsgpackActor):
         pending = self.pending
         if pending is not None and now >= pending.due and not pending.refresh_asked:
             pending.refresh_asked = now
-            self.tell("router", RefreshNow())  # a fresh look before taking it
+            key = race_key(pending.model, self.own_id, self.capacity)
+            self.tell("router", RefreshNow(claim=pending.model, claim_key=key))  # a fresh look, and a claim
 
     @handles(SetDemand)
     def on_demand(self, msg: SetDemand) -> None:

@@ -29,6 +29,7 @@ from meshllm.wire.messages import (
     Leave,
     ProbePeer,
     RefreshRoutes,
+    RouteRequest,
     RouteSnapshot,
     RpcListeners,
     TransportStats,
@@ -70,7 +71,10 @@ class TransportBridge(MsgpackActor):
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
-        self._thread.submit(self.endpoint.refresh_routes(msg.actives, ROUTE_REQUEST_TIMEOUT_S, msg.every))
+        request = RouteRequest(claim=msg.claim, claim_key=msg.claim_key)
+        self._thread.submit(
+            self.endpoint.refresh_routes(msg.actives, ROUTE_REQUEST_TIMEOUT_S, msg.every, request)
+        )
 
     @handles(ExchangeGossip)
     def on_exchange(self, msg: ExchangeGossip) -> None:

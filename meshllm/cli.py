@@ -150,7 +150,9 @@ def download(
         ),
     ],
     config: ConfigOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Download even when the model does not fit.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Download even when the model does not fit.")
+    ] = False,
 ) -> None:
     """Fetch a model into the cache, after the fit check a node runs (weights plus KV cache of
     [models] context, x1.1, against this node's memory and the split peers a running node knows).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from meshllm.wire.messages import HostInfo, ModelList, ModelRoute, PeerAnnouncement, RouteTable, Seed
+from meshllm.wire.messages import Claim, HostInfo, ModelList, ModelRoute, PeerAnnouncement, RouteTable, Seed
 
 
 def build_table(
@@ -21,6 +21,7 @@ def build_table(
     own_claims: Iterable[str] = (),
     own_demand: Mapping[str, float] | None = None,
     own_stuck: Iterable[str] = (),
+    claims: Iterable[Claim] = (),
 ) -> RouteTable:
     """The table of an active node: this node first for what it serves, then its peers by node id."""
     peers = sorted(peers, key=lambda a: a.node_id)
@@ -59,6 +60,7 @@ def build_table(
         claimed=tuple(sorted(claimed)),
         demand=demand,
         stuck=tuple(sorted(m for m in wanted - served if all(wanting.get(m, [False])))),
+        claims=tuple(sorted(claims, key=lambda c: (c.model, c.key, c.node_id))),
     )
 
 

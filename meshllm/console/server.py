@@ -117,7 +117,9 @@ class ConsoleServer:
                 downloads = reply.jobs
         demand: dict[str, float] = {}
         with contextlib.suppress(AskError, pykka.Timeout):
-            demand = (await self.directory.ask_async("router", GetRouteTable(), RouteTable, ASK_TIMEOUT_S)).demand
+            demand = (
+                await self.directory.ask_async("router", GetRouteTable(), RouteTable, ASK_TIMEOUT_S)
+            ).demand
         body = status_json(status, stats, models, self._extra(), downloads, demand)
         if self.directory.ref("standby") is not None:
             with contextlib.suppress(AskError, pykka.Timeout):

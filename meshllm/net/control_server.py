@@ -26,6 +26,8 @@ from meshllm.wire.codec import CodecError, Message
 from meshllm.wire.framing import FrameError, StreamKind, pack_frame, parse_kind, read_frame
 from meshllm.wire.messages import (
     Ack,
+    Claim,
+    ClaimSeen,
     Gossip,
     GossipReceived,
     Hello,
@@ -159,6 +161,9 @@ class ControlServer:
                 raise FrameError(f"expected RouteRequest, got {type(body).__name__}")
             if ep.role != "active":
                 raise AuthError("this node is passive: ask an active node for routes")
+            if body.claim:
+                claim = Claim(model=body.claim, node_id=peer, key=body.claim_key)
+                ep.directory.tell("router", ClaimSeen(claim=claim))
             self._answer(writer, kind, reply_hello, ep.published.route_frame)
         elif kind == StreamKind.PEER_DOWN:
             if not isinstance(body, PeerDown):

@@ -331,9 +331,11 @@ class MeshEndpoint:
         reply = await self._control_exchange(node_id, addrs, StreamKind.GOSSIP, gossip, Gossip)
         self.directory.tell("registry", GossipReceived(peer_id=node_id, announcements=reply.announcements))
 
-    async def _exchange_routes(self, node_id: str, addrs: tuple[str, ...]) -> None:
+    async def _exchange_routes(
+        self, node_id: str, addrs: tuple[str, ...], request: RouteRequest | None = None
+    ) -> None:
         reply = await self._control_exchange(
-            node_id, addrs, StreamKind.ROUTE_REQUEST, RouteRequest(), RouteTable
+            node_id, addrs, StreamKind.ROUTE_REQUEST, request or RouteRequest(), RouteTable
         )
         self.directory.tell("router", RoutesReceived(source=node_id, table=reply))
 
@@ -344,13 +346,19 @@ class MeshEndpoint:
         else:
             await self._exchange_routes(node_id, addrs)
 
-    async def refresh_routes(self, actives: tuple[Seed, ...], timeout: float, every: bool = False) -> None:
+    async def refresh_routes(
+        self,
+        actives: tuple[Seed, ...],
+        timeout: float,
+        every: bool = False,
+        request: RouteRequest | None = None,
+    ) -> None:
         """Passive side: ask the first active node that answers for the routing table; with ``every``,
         ask all of them at once (each answer is told to the router), which keeps a connection to each,
         so their death and leaving notices reach this node."""
         if every and len(actives) > 1:
             results = await asyncio.gather(
-                *(self._routes_from(seed, timeout) for seed in actives), return_exceptions=False
+                *(self._routes_from(seed, timeout, request) for seed in actives), return_exceptions=False
             )
             errors = [e for e in results if e]
             if len(errors) == len(actives):
@@ -358,16 +366,16 @@ class MeshEndpoint:
             return
         errors = []
         for seed in random.sample(list(actives), len(actives)):
-            error = await self._routes_from(seed, timeout)
+            error = await self._routes_from(seed, timeout, request)
             if not error:
                 return
             errors.append(error)
         self.directory.tell("router", RoutesFailed(reason="; ".join(errors) or "no active node known"))
 
-    async def _routes_from(self, seed: Seed, timeout: float) -> str:
+    async def _routes_from(self, seed: Seed, timeout: float, request: RouteRequest | None) -> str:
         """One route request; "" when the table came (and was told to the router), else why not."""
         try:
-            await asyncio.wait_for(self._exchange_routes(seed.node_id, seed.addrs), timeout)
+            await asyncio.wait_for(self._exchange_routes(seed.node_id, seed.addrs, request), timeout)
             return ""
         except (PeerRefused, AuthError) as exc:
             reason = exc.reason if isinstance(exc, PeerRefused) else str(exc)

@@ -651,7 +651,20 @@ class ModelRoute:
 @message(10)
 @dataclass(frozen=True)
 class RouteRequest(Message):
-    """A passive node asks an active node for the routing table (instead of gossiping)."""
+    """A passive node asks an active node for the routing table (instead of gossiping). A standby about
+    to promote names the model it ``claim``s, with its race key: the first claim wins."""
+
+    claim: str = ""
+    claim_key: float = 0.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A standby's claim on a gap, as active nodes saw it (kept a short while)."""
+
+    model: str
+    node_id: str
+    key: float
 
 
 @message(11)
@@ -666,6 +679,7 @@ class RouteTable(Message):
     claimed: tuple[str, ...] = ()  # models a promoted standby has taken (served or not yet)
     demand: dict[str, float] = field(default_factory=dict)  # requests/min across the active mesh
     stuck: tuple[str, ...] = ()  # unserved models that every node wanting them cannot serve now
+    claims: tuple[Claim, ...] = ()  # recent claims of standbys about to promote
 
 
 @message(240)
@@ -684,6 +698,8 @@ class RefreshRoutes(Message):
 
     actives: tuple[Seed, ...]
     every: bool = False
+    claim: str = ""
+    claim_key: float = 0.0
 
 
 @message(242)
@@ -820,7 +836,10 @@ class HostsLost(Message):
 @message(332)
 @dataclass(frozen=True)
 class RefreshNow(Message):
-    """Standby -> passive router: fetch the table now (a fresh look before promoting)."""
+    """Standby -> passive router: fetch the table now (a fresh look before promoting), claiming a model."""
+
+    claim: str = ""
+    claim_key: float = 0.0
 
 
 @message(333)
@@ -854,3 +873,11 @@ class SetDemand(Message):
 @dataclass(frozen=True)
 class GetRouteTable(Message):
     """Console -> router (active or passive): the routing table as it stands."""
+
+
+@message(337)
+@dataclass(frozen=True)
+class ClaimSeen(Message):
+    """Transport -> router: a standby claimed a model in its route request."""
+
+    claim: Claim
