@@ -109,8 +109,10 @@ def demand_gaps(
     min_per_min: float,
 ) -> list[Gap]:
     """Served models that one more host would help: demand per host at least ``ratio`` times the
-    mesh's average per node (``nodes`` counts the active nodes and this standby) and at least
-    ``min_per_min`` requests a minute."""
+    mesh's average per node - its requests per minute over the nodes that could share them, the active
+    nodes and this standby (``nodes``) - and at least ``min_per_min`` requests a minute. With a single
+    served model the ratio test only asks for at least ``ratio`` such nodes, so ``min_per_min`` decides
+    (bench_promotion --demand: promotion once the one-minute count reached 10)."""
     average = sum(demand.values()) / max(nodes, 1)
     out = []
     for name in sorted(offered):
