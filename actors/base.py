@@ -15,6 +15,7 @@ actor's reason when it answered ``Refused``) instead of handing the caller somet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 from collections.abc import Callable
@@ -179,6 +180,17 @@ class MsgpackActor(pykka.ThreadingActor):
 
     def tell(self, name: str, msg: Message) -> bool:
         return self.directory.tell(name, msg)
+
+    def teller(self) -> Callable[[Message], None]:
+        """A function other threads (this actor's workers) call to tell this actor a message; after
+        the actor stopped, what they tell is dropped."""
+        ref = self.actor_ref
+
+        def tell(msg: Message) -> None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(encode(msg))
+
+        return tell
 
     def every(
         self, interval_s: float, tick: str, jitter: float = 0.0, first_after: float | None = None

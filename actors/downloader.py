@@ -14,14 +14,11 @@ Events: ``download.started``, ``download.progress`` (at most once a second), ``d
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import pykka
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
@@ -29,7 +26,7 @@ from meshllm.models.gguf_shape import shape_of_file
 from meshllm.models.hub import DownloadStopped, Hub, HubError, RemoteModel
 from meshllm.models.refs import HubRef
 from meshllm.serving.gguf_layout import GGUFError
-from meshllm.wire.codec import Message, encode
+from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     DownloadProgressed,
     DownloadsReply,
@@ -82,13 +79,7 @@ class Downloader(MsgpackActor):
             name: _Job(ref, DownloadStatus(model=name, ref=ref.text, state="resolving"))
             for name, ref in models
         }
-        me = self.actor_ref
-
-        def tell(msg: Message) -> None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                me.tell(encode(msg))
-
-        self.reports = _Reports(tell)
+        self.reports = _Reports(self.teller())
 
     def on_start(self) -> None:
         for name in self.jobs:

@@ -15,13 +15,10 @@ It never waits on another actor: a split host's tunnel listeners are asked of th
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-
-import pykka
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
@@ -31,7 +28,6 @@ from meshllm.placement import Candidate, Shortfall, fits_solo, needed_bytes, pla
 from meshllm.serving.cache_fill import fill_in_background
 from meshllm.serving.local_model import LocalModel
 from meshllm.serving.process_specs import parse_key, rpc_spec, server_spec, split_server_spec
-from meshllm.wire.codec import encode
 from meshllm.wire.messages import (
     DesiredProcesses,
     EnsureRpcListeners,
@@ -178,13 +174,7 @@ class Election(MsgpackActor):
             return [rpc_spec(name, self.threads)]
         if local.cache == "empty":
             local.cache = "filling"
-            me = self.actor_ref
-
-            def report(msg: RpcCacheFilled) -> None:
-                with contextlib.suppress(pykka.ActorDeadError):
-                    me.tell(encode(msg))
-
-            fill_in_background(local.ref, self.cache_dir, report)
+            fill_in_background(local.ref, self.cache_dir, self.teller())
         if local.cache != "filled":
             return []
         return [rpc_spec(name, None, self.cache_dir)]
@@ -370,27 +360,9 @@ class Election(MsgpackActor):
 
     def _log_plan(self, name: str, local: LocalModel) -> None:
         summary = local.summary(self.own_id)
-        if self.logged_plan.get(name) == summary:
-            return
-        self.logged_plan[name] = summary
-        mode, host, workers, fractions, detail = summary
-        self.log.info(
-            "election.plan",
-            model=name,
-            mode=mode,
-            host=host,
-            workers=list(workers),
-            fractions=list(fractions),
-            detail=detail,
-        )
-        if local.shortfall is not None:
-            self.log.warning(
-                "election.waiting",
-                model=name,
-                needed_bytes=local.shortfall.needed_bytes,
-                available_bytes=local.shortfall.available_bytes,
-                reason=local.detail,
-            )
+        if self.logged_plan.get(name) != summary:
+            self.logged_plan[name] = summary
+            local.log_plan(self.log, summary)
 
     # -- supervisor reports ---------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer
@@ -37,6 +36,7 @@ from meshllm.net.connection import MeshConnection
 from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelHandler
 from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
+from meshllm.net.published import Counters, Published
 from meshllm.wire.admission import AuthError, make_hello, verify_hello
 from meshllm.wire.codec import CodecError, M, Message
 from meshllm.wire.framing import (
@@ -75,24 +75,6 @@ overflowed the default 208 KiB and turned into QUIC loss recovery (hundreds of m
 IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
 
 
-@dataclass
-class Published:
-    """What the endpoint answers with, published by the actors that own it: the registry's gossip
-    (PeerRegistry owns the view) and the router's table (Router owns it), the latter encoded once
-    per change because thousands of passive nodes ask for it. The endpoint only sends these."""
-
-    gossip: Gossip
-    route_frame: bytes
-
-
-@dataclass
-class _Counters:
-    bytes_sent: Counter[str]
-    frames_sent: Counter[str]
-    frames_received: Counter[str]
-    probes_sent: int = 0
-
-
 class MeshEndpoint:
     """A node's QUIC endpoint. Public methods are coroutines meant to run on :attr:`loop`."""
 
@@ -129,7 +111,7 @@ class MeshEndpoint:
         self.control = ControlServer(self)
         self.fast = FastPath(identity, membership, role, self.log)
         self.notice_target = "registry" if role == "active" else "router"
-        self.counters = _Counters(Counter(), Counter(), Counter())
+        self.counters = Counters(Counter(), Counter(), Counter())
         cert = identity.certificate()
         self._cert = cert
         self._key_pem = identity.private_key.private_bytes(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshllm.logsetup import Logger
 from meshllm.models.catalog import ModelRef
 from meshllm.placement import Shortfall, SplitPlan, needed_bytes
 from meshllm.wire.messages import ModelStatus
@@ -49,6 +50,27 @@ class LocalModel:
             plan.fractions if plan else (),
             self.detail,
         )
+
+    def log_plan(self, log: Logger, summary: PlanSummary) -> None:
+        """``election.plan`` (and ``election.waiting`` with the shortfall) for a plan that changed."""
+        mode, host, workers, fractions, detail = summary
+        log.info(
+            "election.plan",
+            model=self.ref.name,
+            mode=mode,
+            host=host,
+            workers=list(workers),
+            fractions=list(fractions),
+            detail=detail,
+        )
+        if self.shortfall is not None:
+            log.warning(
+                "election.waiting",
+                model=self.ref.name,
+                needed_bytes=self.shortfall.needed_bytes,
+                available_bytes=self.shortfall.available_bytes,
+                reason=self.detail,
+            )
 
     def state(self) -> str:
         """The state ``/api/status`` shows: the plan's mode, or how far its process has come."""
