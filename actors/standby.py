@@ -16,12 +16,17 @@ demoted node does not promote again for the same model within it, so nothing fla
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
+from meshllm.models.fit import model_need
+from meshllm.models.gguf_shape import shape_of_file
+from meshllm.models.hub import Hub, HubError
+from meshllm.models.refs import HubRef
 from meshllm.promotion import (
     Offer,
     demand_gaps,
@@ -32,9 +37,12 @@ from meshllm.promotion import (
     promotion_delay,
     race_key,
 )
+from meshllm.serving.gguf_layout import GGUFError
 from meshllm.wire.messages import (
     GetStandby,
     HostsLost,
+    ModelDescribed,
+    ModelFetched,
     PeerAnnouncement,
     PeerDied,
     PeerJoined,
@@ -85,6 +93,9 @@ class Standby(MsgpackActor):
         promoted_reason: str = "",
         demand_ratio: float = 3.0,
         demand_min_per_min: float = 10.0,
+        hub_models: tuple[tuple[str, HubRef], ...] = (),
+        hub: Hub | None = None,
+        context: int = 0,
     ) -> None:
         super().__init__(directory, logger)
         self.own_id = own_id
@@ -103,6 +114,7 @@ class Standby(MsgpackActor):
         self.table: RouteTable | None = None
         self.lost: dict[str, str] = {}
         self.yielded: dict[str, float] = {}  # model -> until when another standby's claim is left alone
+        self.hub_models, self.hub, self.context = hub_models, hub, context
         self.pending: _Pending | None = None
         self.told_cannot_fit: set[str] = set()
         self.done = False
@@ -113,6 +125,45 @@ class Standby(MsgpackActor):
     def on_start(self) -> None:
         self.tell("registry" if self.promoted_for else "router", Subscribe(subscriber=self.name))
         self.every(TICK_S, "standby")
+        if not self.promoted_for and self.hub is not None and self.hub_models:
+            threading.Thread(target=self._learn_hub_offers, name="standby-hub", daemon=True).start()
+
+    def _learn_hub_offers(self) -> None:
+        """What each hub model would need here: from the cache when it is there (on disk), else from
+        the hub's metadata (fetched only if this standby promotes for it). Runs on its own thread."""
+        assert self.hub is not None
+        tell = self.teller()
+        for name, ref in self.hub_models:
+            try:
+                files = self.hub.cached_files(ref)
+                if files:
+                    shape = shape_of_file(files[0])
+                    size = sum(p.stat().st_size for p in files)
+                    tell(
+                        ModelFetched(
+                            model=name,
+                            path=str(files[0]),
+                            size_bytes=size,
+                            kv_bytes=shape.kv_cache_bytes(self.context),
+                        )
+                    )
+                    continue
+                remote = self.hub.describe(ref)
+                kv = remote.shape.kv_cache_bytes(self.context) if remote.shape is not None else 0
+                tell(ModelDescribed(model=name, size_bytes=remote.size_bytes, kv_bytes=kv))
+            except (HubError, GGUFError, OSError) as exc:
+                tell(ModelDescribed(model=name, size_bytes=0, kv_bytes=0, error=str(exc)))
+
+    @handles(ModelFetched)
+    def on_cached(self, msg: ModelFetched) -> None:
+        self.offers += (Offer(msg.model, model_need(msg.size_bytes, msg.kv_bytes), on_disk=True),)
+
+    @handles(ModelDescribed)
+    def on_described(self, msg: ModelDescribed) -> None:
+        if msg.error:
+            self.log.warning("standby.cannot_offer", model=msg.model, reason=msg.error)
+            return
+        self.offers += (Offer(msg.model, model_need(msg.size_bytes, msg.kv_bytes), on_disk=False),)
 
     # -- standby: taking a gap -------------------------------------------------------------------------
 

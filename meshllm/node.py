@@ -213,7 +213,7 @@ class Node(StandbyRoles):
                 refresh_s=cfg.timing.route_refresh_s,
             )
             if cfg.node.role == "standby":
-                self._spawn(Standby, **self._standby_args(cfg, models, vram.bytes))
+                self._spawn(Standby, **self._standby_args(cfg, models, vram.bytes, hub_models))
         else:
             self._spawn(PeerRegistry, own=own, timing=cfg.timing)
             self._spawn(Heartbeat, timing=cfg.timing)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from meshllm.config import ConfigError, HostPort, NodeConfig
 from meshllm.models.catalog import ModelRef
+from meshllm.models.hub import Hub
+from meshllm.models.refs import HubRef
 from meshllm.placement import needed_bytes
 from meshllm.promotion import Offer
 from meshllm.wire.invite import InviteError
@@ -50,8 +52,15 @@ class StandbyRoles:
     def stop(self, leave: bool = True) -> None:
         raise NotImplementedError
 
-    def _standby_args(self, cfg: NodeConfig, models: tuple[ModelRef, ...], vram_bytes: int) -> dict[str, Any]:
-        """The Standby actor's arguments: the models on disk it could serve, with what each needs."""
+    def _standby_args(
+        self,
+        cfg: NodeConfig,
+        models: tuple[ModelRef, ...],
+        vram_bytes: int,
+        hub_models: tuple[tuple[str, HubRef], ...] = (),
+    ) -> dict[str, Any]:
+        """The Standby actor's arguments: the models on disk it could serve, with what each needs, and
+        the hub models it could fetch (their needs come from the hub, on the actor's threads)."""
         offers = tuple(
             Offer(m.name, needed_bytes(m.footprint_bytes), on_disk=True) for m in models if m.path != Path("")
         )
@@ -68,6 +77,9 @@ class StandbyRoles:
             "demand_ratio": cfg.standby.demand_ratio,
             "demand_min_per_min": cfg.standby.demand_min_per_min,
             "blocked": {m: t for m, t in self.blocked.items() if t > time.monotonic()},
+            "hub_models": hub_models,
+            "hub": Hub(cache_dir=cfg.models.cache_dir) if hub_models else None,
+            "context": cfg.models.context,
         }
 
     def _serve_entry(self, model: str) -> str:

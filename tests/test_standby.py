@@ -11,6 +11,8 @@ import openai
 import pytest
 
 from meshllm.models.gguf_shape import shape_of_file
+from tests.fake_hub import FakeHub
+from tests.fake_hub import fake_hub as fake_hub_fixture  # noqa: F401
 from tests.support import NodeProcess, ProcessFactory, console_status, model_status, wait_until
 
 pytestmark = pytest.mark.llama
@@ -158,3 +160,37 @@ def test_a_standby_fills_a_gap_an_active_node_cannot(procs: ProcessFactory, tiny
     s.wait_event("standby.promoted", 60, model="tiny")
     assert wait_until(lambda: answers(b), 30, what="b to answer through s")
     assert hosts(c) == [s.node_id]
+
+
+def test_a_standby_takes_a_hub_model_it_has_to_download(
+    procs: ProcessFactory, fake_hub: FakeHub, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    fake_hub.add_file("org/tiny-GGUF", "tiny-F32.gguf", tiny_gguf)
+
+    def hub_model(cache: str) -> str:
+        return f'[models]\nserve = ["org/tiny-GGUF:F32"]\ncache_dir = "{tmp_path / cache}"\n'
+
+    a = procs.start("a", extra=hub_model("cache-a"))
+    c = procs.start("c", join=(a.token,))
+    s = procs.start(
+        "s",
+        join=(a.token, c.token),
+        extra=hub_model("cache-s") + "[standby]\npromote_window_s = 1.0\n",
+        node_extra='role = "standby"',
+    )
+    b = procs.start("b", join=(a.token, c.token), node_extra='role = "client"')
+    a.wait_event("llama.ready", 60)
+    wait_until(lambda: answers_model(b, "tiny-F32"), 30, what="b to answer through a")
+    assert not list((tmp_path / "cache-s").rglob("*.gguf"))  # the standby has not fetched it
+    a.kill9()
+    assert s.wait_event("standby.promoting", 30, model="tiny-F32")["reason"] == "death"
+    s.wait_event("download.done", 60, model="tiny-F32")
+    s.wait_event("standby.promoted", 60, model="tiny-F32")
+    assert wait_until(lambda: answers_model(b, "tiny-F32"), 30, what="b to answer through s")
+
+
+def answers_model(proc: NodeProcess, model: str) -> str | None:
+    try:
+        return ask(proc, model)
+    except openai.APIError:
+        return None
