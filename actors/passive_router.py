@@ -79,6 +79,7 @@ class PassiveRouter(MsgpackActor):
         self.last_refresh = 0.0
         self.subscribers: list[str] = []
         self.claim: tuple[str, float] = ("", 0.0)  # sent with the next refresh (a standby's)
+        self.asked: dict[str, int] = {}  # requests for models with no host, told at the next refresh
 
     def on_start(self) -> None:
         self.every(1.0, "refresh", first_after=0.0)
@@ -97,8 +98,9 @@ class PassiveRouter(MsgpackActor):
             self.in_flight_since = now
             claim, key = self.claim
             self.claim = ("", 0.0)
+            asked, self.asked = self.asked, {}
             refresh = RefreshRoutes(
-                actives=self._actives(), every=self.role == "standby", claim=claim, claim_key=key
+                actives=self._actives(), every=self.role == "standby", claim=claim, claim_key=key, asked=asked
             )
             self.tell("transport", refresh)
 
@@ -194,6 +196,8 @@ class PassiveRouter(MsgpackActor):
     @handles(Route)
     def on_route(self, msg: Route) -> RouteReply:
         hosts = hosts_of(self.table, msg.model)
+        if not hosts:
+            self.asked[msg.model] = self.asked.get(msg.model, 0) + 1
         if not hosts and time.monotonic() - self.last_refresh >= EAGER_REFRESH_S:
             self._refresh_soon()  # the table may simply be older than the host
         by_id = {h.node_id: h for h in hosts}

@@ -15,6 +15,7 @@ from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.routing import available, build_table, hosts_of, model_list
 from meshllm.wire.messages import (
+    AskedFor,
     Claim,
     ClaimSeen,
     GetRouteTable,
@@ -38,6 +39,7 @@ from meshllm.wire.messages import (
 )
 
 CLAIM_TTL_S = 15.0
+DEMAND_WINDOW_S = 60.0
 
 
 class Router(MsgpackActor):
@@ -58,6 +60,7 @@ class Router(MsgpackActor):
         self.own_models = own_models
         self.own_claims = own_claims  # what this node was promoted for (it was a standby)
         self.own_demand: dict[str, float] = {}
+        self.asked: list[tuple[float, str, int]] = []  # (when, model, count) from passive nodes' misses
         self.own_stuck: tuple[str, ...] = ()
         self.claims: dict[tuple[str, str], tuple[Claim, float]] = {}  # (model, node) -> (claim, expiry)
         self.peers: dict[str, PeerAnnouncement] = {}
@@ -76,7 +79,7 @@ class Router(MsgpackActor):
             self.local_ports,
             self.peers.values(),
             self.own_claims,
-            self.own_demand,
+            self._demand(),
             self.own_stuck,
             [claim for claim, until in self.claims.values() if until > time.monotonic()],
         )
@@ -133,6 +136,21 @@ class Router(MsgpackActor):
         now = time.monotonic()
         self.claims = {k: v for k, v in self.claims.items() if v[1] > now}
         self.claims[(msg.claim.model, msg.claim.node_id)] = (msg.claim, now + CLAIM_TTL_S)
+        self._rebuild()
+
+    def _demand(self) -> dict[str, float]:
+        """This node's counts, plus what passive nodes asked for in the last minute and found no host."""
+        cutoff = time.monotonic() - DEMAND_WINDOW_S
+        self.asked = [a for a in self.asked if a[0] > cutoff]
+        demand = dict(self.own_demand)
+        for _, model, count in self.asked:
+            demand[model] = demand.get(model, 0.0) + count
+        return demand
+
+    @handles(AskedFor)
+    def on_asked(self, msg: AskedFor) -> None:
+        now = time.monotonic()
+        self.asked += [(now, model, count) for model, count in msg.asked.items()]
         self._rebuild()
 
     @handles(SetDemand)

@@ -71,7 +71,7 @@ class TransportBridge(MsgpackActor):
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
-        request = RouteRequest(claim=msg.claim, claim_key=msg.claim_key)
+        request = RouteRequest(claim=msg.claim, claim_key=msg.claim_key, asked=msg.asked)
         self._thread.submit(
             self.endpoint.refresh_routes(msg.actives, ROUTE_REQUEST_TIMEOUT_S, msg.every, request)
         )

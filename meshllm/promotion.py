@@ -117,7 +117,9 @@ def demand_gaps(
     out = []
     for name in sorted(offered):
         count = hosts.get(name, 0)
-        if not count:
+        if not count:  # asked for, and nobody serves it: the demand alone decides
+            if demand.get(name, 0.0) >= min_per_min:
+                out.append(Gap(name, "demand", demand[name]))
             continue
         per_host = demand.get(name, 0.0) / count
         if per_host >= min_per_min and per_host >= ratio * average:

@@ -194,3 +194,27 @@ def answers_model(proc: NodeProcess, model: str) -> str | None:
         return ask(proc, model)
     except openai.APIError:
         return None
+
+
+def test_a_client_asking_for_a_model_nobody_serves_brings_a_standby(
+    procs: ProcessFactory, tiny_gguf: Path
+) -> None:
+    c = procs.start("c")
+    s = procs.start(
+        "s",
+        join=(c.token,),
+        extra=serve(tiny_gguf) + "[standby]\npromote_window_s = 1.0\n[timing]\nroute_refresh_s = 2\n",
+        node_extra='role = "standby"',
+    )
+    b = procs.start("b", join=(c.token,), node_extra='role = "client"')
+    wait_until(lambda: console_status(c.console_url)["standby_connections"] == 1, 20, what="s to be counted")
+
+    def asked_enough() -> bool:  # every 404 at the client counts as demand at the active node
+        answers(b)
+        return model_status(c.console_url, "tiny").get("demand_per_min", 0) >= 10 or bool(
+            s.events("standby.promoting")
+        )
+
+    wait_until(asked_enough, 60, interval=0.3, what="the client's demand to reach c")
+    assert s.wait_event("standby.promoting", 30, model="tiny")["reason"] == "demand"
+    assert wait_until(lambda: answers(b), 60, what="b to answer through s")

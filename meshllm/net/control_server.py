@@ -26,6 +26,7 @@ from meshllm.wire.codec import CodecError, Message
 from meshllm.wire.framing import FrameError, StreamKind, pack_frame, parse_kind, read_frame
 from meshllm.wire.messages import (
     Ack,
+    AskedFor,
     Claim,
     ClaimSeen,
     Gossip,
@@ -161,6 +162,8 @@ class ControlServer:
                 raise FrameError(f"expected RouteRequest, got {type(body).__name__}")
             if ep.role != "active":
                 raise AuthError("this node is passive: ask an active node for routes")
+            if body.asked:
+                ep.directory.tell("router", AskedFor(asked=body.asked))
             if body.claim:
                 claim = Claim(model=body.claim, node_id=peer, key=body.claim_key)
                 ep.directory.tell("router", ClaimSeen(claim=claim))

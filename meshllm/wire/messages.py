@@ -656,6 +656,9 @@ class RouteRequest(Message):
 
     claim: str = ""
     claim_key: float = 0.0
+    asked: dict[str, int] = field(
+        default_factory=dict
+    )  # requests since the last refresh for models with no host
 
 
 @dataclass(frozen=True)
@@ -700,6 +703,7 @@ class RefreshRoutes(Message):
     every: bool = False
     claim: str = ""
     claim_key: float = 0.0
+    asked: dict[str, int] = field(default_factory=dict)
 
 
 @message(242)
@@ -881,3 +885,12 @@ class ClaimSeen(Message):
     """Transport -> router: a standby claimed a model in its route request."""
 
     claim: Claim
+
+
+@message(338)
+@dataclass(frozen=True)
+class AskedFor(Message):
+    """Transport -> router: a passive node's requests for models it found no host for (demand that
+    would otherwise be answered 404 at the client and counted nowhere)."""
+
+    asked: dict[str, int]
