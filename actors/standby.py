@@ -114,6 +114,7 @@ class Standby(MsgpackActor):
         self.table: RouteTable | None = None
         self.lost: dict[str, str] = {}
         self.yielded: dict[str, float] = {}  # model -> until when another standby's claim is left alone
+        self.was_served: dict[str, set[str]] = {}  # model -> its hosts in the last fresh table
         self.hub_models, self.hub, self.context = hub_models, hub, context
         self.pending: _Pending | None = None
         self.told_cannot_fit: set[str] = set()
@@ -178,6 +179,15 @@ class Standby(MsgpackActor):
         served = {m.name for m in msg.table.models if m.hosts}
         for model in served:
             self.lost.pop(model, None)
+        if msg.fresh:
+            # Hosts that vanished without a notice reaching us (one lost on the way): a model whose
+            # hosts in the last fresh table are no longer active nodes at all is lost too. (A host that
+            # is still there but restarting its llama-server is not; if it gives up, it says "stuck".)
+            actives = {s.node_id for s in msg.table.actives}
+            for model, hosts in self.was_served.items():
+                if model not in served and not hosts & actives:
+                    self.lost.setdefault(model, "gap")
+            self.was_served = {m.name: {h.node_id for h in m.hosts} for m in msg.table.models if m.hosts}
         offered, claimed = {o.name for o in self.offers}, set(msg.table.claimed)
         gaps = gaps_in(offered, served, set(msg.table.stuck), claimed, self.lost)
         host_counts = {m.name: len(m.hosts) for m in msg.table.models}

@@ -59,6 +59,7 @@ from meshllm.wire.messages import (
 )
 
 LEAVE_TIMEOUT_S = 1.0
+STANDBY_REFRESH_S = 10.0
 
 
 class NodeStartError(RuntimeError):
@@ -210,7 +211,10 @@ class Node(StandbyRoles):
                 own_name=cfg.node.name,
                 role=cfg.node.role,
                 seeds=seeds,
-                refresh_s=cfg.timing.route_refresh_s,
+                # A standby refreshes more often: its tables decide takeovers, and standbys are few.
+                refresh_s=min(cfg.timing.route_refresh_s, STANDBY_REFRESH_S)
+                if cfg.node.role == "standby"
+                else cfg.timing.route_refresh_s,
             )
             if cfg.node.role == "standby":
                 self._spawn(Standby, **self._standby_args(cfg, models, vram.bytes, hub_models))

@@ -143,6 +143,8 @@ def test_smollm2_split_gives_the_same_text_as_solo(procs: ProcessFactory) -> Non
     worker = b if host is a else a
     model = wait_split(host, "smollm2-135m", {worker.node_id}, timeout=120)
     assert model["fractions"] == [0.5, 0.5]
+    # The host says "split" as soon as its llama-server is up; a learns that from its next gossip.
+    wait_until(lambda: model_status(a, "smollm2-135m").get("hosts"), timeout=30, what="a to know the host")
     prompt = "The capital of France is"
     assert complete(a, "smollm2-135m", prompt, 16) == complete(solo, "smollm2-135m", prompt, 16)
 
