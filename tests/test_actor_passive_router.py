@@ -19,21 +19,26 @@ from meshllm.wire.messages import (
     GetStatus,
     HostFailed,
     HostInfo,
+    HostsLost,
     ListModels,
     ModelList,
     ModelRoute,
     ModelStatus,
     PeerDown,
     PeerDownReceived,
+    PeerLeaving,
+    PeerLeavingReceived,
     PlanReply,
     RefreshRoutes,
     Route,
     RouteReply,
+    RoutesChanged,
     RoutesFailed,
     RoutesReceived,
     RouteTable,
     Seed,
     StatusReply,
+    Subscribe,
     Tick,
 )
 from tests.actor_dummies import FakeClock, Harness
@@ -236,3 +241,15 @@ def test_a_request_for_a_model_without_hosts_refreshes_early(h: Harness, clock: 
     assert tick(h) == 1
     route(h, "new-model")
     assert tick(h) == 2
+
+
+def test_a_leaving_notice_tells_subscribers_what_the_host_served(h: Harness, clock: FakeClock) -> None:
+    standby = h.dummy("standby")
+    start(h)
+    say(h, RoutesReceived(source="host-0", table=TABLE), Subscribe(subscriber="standby"))
+    say(h, PeerLeavingReceived(notice=PeerLeaving(node_id="host-1", incarnation=1)))
+    lost = standby.wait_for(HostsLost)
+    assert lost.node_id == "host-1" and lost.reason == "leave" and "small" in lost.models
+    changed = standby.messages(RoutesChanged)
+    assert changed[0].fresh and not changed[-1].fresh  # the notice's table is not a fresh one
+    assert route(h, "small").hosts == ()
