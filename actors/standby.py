@@ -35,7 +35,6 @@ from meshllm.promotion import (
     keeps_promotion,
     pick_model_assignment,
     promotion_delay,
-    race_key,
 )
 from meshllm.serving.gguf_layout import GGUFError
 from meshllm.wire.messages import (
@@ -59,6 +58,7 @@ from meshllm.wire.messages import (
 )
 
 TICK_S = 0.2
+CONFIRM_S = 0.4
 
 Callback = Callable[[str, str, tuple[Seed, ...]], None]
 """(model, reason, active nodes to join through): the node's owner restarts it as what it becomes."""
@@ -69,7 +69,9 @@ class _Pending:
     model: str
     reason: str
     due: float
-    refresh_asked: float = 0.0
+    refresh_asked: float = 0.0  # when it claimed the model and asked for a fresh table
+    confirm_at: float = 0.0  # when to look once more (claims that crossed ours are in by then)
+    confirm_asked: float = 0.0
 
 
 class Standby(MsgpackActor):
@@ -227,7 +229,8 @@ class Standby(MsgpackActor):
             self.pending = _Pending(offer.name, gap.reason, now + delay)
             return
         if msg.fresh and pending.refresh_asked and not self.done:
-            mine = (race_key(pending.model, self.own_id, self.capacity), self.own_id)
+            # Claims are ranked by delay: the standby that looked first claimed first.
+            mine = (promotion_delay(pending.model, self.own_id, self.capacity, self.window_s), self.own_id)
             first = [
                 c
                 for c in msg.table.claims
@@ -241,6 +244,11 @@ class Standby(MsgpackActor):
                 )
                 self.yielded[pending.model] = now + 3 * self.window_s
                 self.pending = None
+                return
+            if not pending.confirm_asked:
+                # Two claims can cross on the wire: one more look a moment later sees both, and the
+                # standby that claimed second stands down.
+                pending.confirm_at = pending.confirm_at or now + CONFIRM_S
                 return
             self.done = True
             self.log.info("standby.promoting", model=pending.model, reason=pending.reason)
@@ -300,8 +308,17 @@ class Standby(MsgpackActor):
         pending = self.pending
         if pending is not None and now >= pending.due and not pending.refresh_asked:
             pending.refresh_asked = now
-            key = race_key(pending.model, self.own_id, self.capacity)
+            key = promotion_delay(pending.model, self.own_id, self.capacity, self.window_s)
             self.tell("router", RefreshNow(claim=pending.model, claim_key=key))  # a fresh look, and a claim
+        elif (
+            pending is not None
+            and pending.confirm_at
+            and now >= pending.confirm_at
+            and not pending.confirm_asked
+        ):
+            pending.confirm_asked = now
+            key = promotion_delay(pending.model, self.own_id, self.capacity, self.window_s)
+            self.tell("router", RefreshNow(claim=pending.model, claim_key=key))
 
     @handles(SetDemand)
     def on_demand(self, msg: SetDemand) -> None:

@@ -54,19 +54,31 @@ def pick_model_assignment(
     return best, by_name[best.name]
 
 
+def _unit(model: str, node_id: str) -> float:
+    """A number in (0, 1], fixed per (model, node)."""
+    digest = hashlib.blake2b(f"{model}\0{node_id}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") + 1) / 2**64
+
+
 def race_key(model: str, node_id: str, capacity_bytes: int) -> float:
     """An exponential clock with rate = capacity in GiB: among standbys the smallest key wins, each
     with probability proportional to its capacity."""
-    digest = hashlib.blake2b(f"{model}\0{node_id}".encode(), digest_size=8).digest()
-    u = (int.from_bytes(digest, "big") + 1) / 2**64  # (0, 1]
     rate = max(capacity_bytes / GIB, 1e-3)
-    return -math.log(u) / rate
+    return -math.log(_unit(model, node_id)) / rate
+
+
+REFERENCE_BYTES = 8 * GIB
 
 
 def promotion_delay(model: str, node_id: str, capacity_bytes: int, window_s: float) -> float:
-    """Seconds this standby waits before taking a gap: its race key mapped into [0, window_s)."""
-    delay = window_s * -math.expm1(-race_key(model, node_id, capacity_bytes))
-    return min(delay, math.nextafter(window_s, 0.0))  # a huge key rounds to the window itself
+    """Seconds this standby waits before taking a gap: spread over [0, window_s) by a number fixed
+    per (model, node), earlier for more capacity (``u ** w``, ``w`` = sqrt(capacity / 8 GiB) within
+    [0.5, 2]). Spread, not squeezed: standbys of any size land apart, so the first one's claim reaches
+    the active nodes before the next one looks (mapping the race key itself put every standby with
+    tens of GiB within a few hundred ms of each other, and two promoted)."""
+    weight = min(max(math.sqrt(capacity_bytes / REFERENCE_BYTES), 0.5), 2.0)
+    delay = window_s * float(_unit(model, node_id) ** weight)
+    return min(delay, math.nextafter(window_s, 0.0))
 
 
 def gaps_in(

@@ -330,3 +330,15 @@ def test_keeps_promotion_examples() -> None:
     back = {"host": (1, False)}
     assert not keeps_promotion(model, *big, {**back, small[0]: (small[1], True)})
     assert not keeps_promotion(model, *small, {**back, big[0]: (big[1], True)})
+
+
+def test_equal_standbys_land_apart_whatever_their_size() -> None:
+    # Two standbys of the same size must rarely look within 5 % of the window of each other: the first
+    # one's claim has to reach the active nodes before the second looks.
+    for capacity in (GIB, 12 * GIB, 80 * GIB):
+        close = sum(
+            abs(promotion_delay(f"m{i}", "a", capacity, 1.0) - promotion_delay(f"m{i}", "b", capacity, 1.0))
+            < 0.05
+            for i in range(2000)
+        )
+        assert close / 2000 < 0.2, (capacity, close)
