@@ -58,7 +58,7 @@ from meshllm.wire.messages import (
 )
 
 TICK_S = 0.2
-CONFIRM_S = 0.4
+CONFIRM_S = 0.25
 
 Callback = Callable[[str, str, tuple[Seed, ...]], None]
 """(model, reason, active nodes to join through): the node's owner restarts it as what it becomes."""

@@ -216,7 +216,7 @@ class TimingSection:
 class StandbySection:
     """``[standby]``: how a standby node takes over a model the mesh lost, and gives it back."""
 
-    promote_window_s: float = 2.0
+    promote_window_s: float = 1.5
     """Standbys spread their promotions over this many seconds (weighted by capacity), so one takes each gap."""
     demote_after_s: float = 300.0
     """A promoted node steps back after being unneeded this long; no model cycles faster than this."""

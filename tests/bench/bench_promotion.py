@@ -505,7 +505,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--standbys", type=int, default=2)
-    parser.add_argument("--window", type=float, default=2.0, help="[standby] promote_window_s")
+    parser.add_argument("--window", type=float, default=1.5, help="[standby] promote_window_s")
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between attempts through b")
     parser.add_argument("--request-timeout", type=float, default=2.0, help="seconds per attempt")
     parser.add_argument(
