@@ -50,9 +50,10 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meshllm.models.catalog import PACKAGED
 from meshllm.serving.llama import LlamaNotFound, find_binaries
@@ -435,24 +436,26 @@ def _opt(v: float | None) -> str:
     return "never" if v is None else f"{v:6.2f} s"
 
 
-def demand_main(args: argparse.Namespace, entry: str, model: str, size_mb: float, tmp: Path) -> None:
-    print(
-        f"== standby promotion for demand: model {model} ({size_mb:.1f} MB), a hosts, c active, one "
-        f"standby s (promote_window_s {args.window}, default demand thresholds, route_refresh_s 2), "
-        f"load through b {args.rate:g}/min (max_tokens 2), deadline {args.deadline:g} s, "
-        f"{args.trials} trial(s) =="
-    )
-    results: list[DemandTrial] = []
+R = TypeVar("R")
+
+
+def run_trials(
+    trials: int,
+    tmp: Path,
+    run: Callable[[Path, list[str]], R],
+    report: Callable[[int, R, float], None],
+) -> tuple[list[R], list[str]]:
+    """Each trial in its own folder; a failed one is reported (with the nodes' story), its processes
+    are already killed, and the next one runs."""
+    results: list[R] = []
     failures: list[str] = []
-    for k in range(1, args.trials + 1):
+    for k in range(1, trials + 1):
         trial_dir = tmp / f"trial{k}"
         trial_dir.mkdir()
         t0 = time.monotonic()
         story: list[str] = []
         try:
-            r = run_demand_trial(
-                trial_dir, entry, model, args.window, args.rate, args.deadline, args.request_timeout, story
-            )
+            r = run(trial_dir, story)
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -464,16 +467,38 @@ def demand_main(args: argparse.Namespace, entry: str, model: str, size_mb: float
             print("\n".join(story))
             continue
         results.append(r)
+        report(k, r, time.monotonic() - t0)
+        if story:
+            print("\n".join(story))
+    return results, failures
+
+
+def demand_main(args: argparse.Namespace, entry: str, model: str, size_mb: float, tmp: Path) -> None:
+    print(
+        f"== standby promotion for demand: model {model} ({size_mb:.1f} MB), a hosts, c active, one "
+        f"standby s (promote_window_s {args.window}, default demand thresholds, route_refresh_s 2), "
+        f"load through b {args.rate:g}/min (max_tokens 2), deadline {args.deadline:g} s, "
+        f"{args.trials} trial(s) =="
+    )
+
+    def report(k: int, r: DemandTrial, seconds: float) -> None:
         outcome = "" if r.promoting_s is not None else f"NO PROMOTION within {args.deadline:g} s; "
         demand = " ".join(f"{t:.0f}s:{d:g}" for t, d in r.demand_at_c)
         print(
             f"  trial {k}: {outcome}promoting {_opt(r.promoting_s)} (reason {r.reason or '-'}), "
             f"promoted {_opt(r.promoted_s)}, two hosts at c {_opt(r.two_hosts_s)}; "
-            f"{r.sent} requests sent, {len(r.failed)} failed{' (' + ', '.join(r.failed) + ')' if r.failed else ''} [trial {time.monotonic() - t0:.0f} s]"
+            f"{r.sent} requests sent, {len(r.failed)} failed{' (' + ', '.join(r.failed) + ')' if r.failed else ''} [trial {seconds:.0f} s]"
         )
         print(f"    demand_per_min at c (s into load:value): {demand or '-'}")
-        if story:
-            print("\n".join(story))
+
+    results, failures = run_trials(
+        args.trials,
+        tmp,
+        lambda trial_dir, story: run_demand_trial(
+            trial_dir, entry, model, args.window, args.rate, args.deadline, args.request_timeout, story
+        ),
+        report,
+    )
 
     print("== summary ==")
     promoted = [r for r in results if r.promoting_s is not None]
@@ -551,36 +576,8 @@ def main() -> None:
             f"   standbys join {'while a loads the model' if args.standbys_early else 'once a is ready'}; "
             f"attempts through b every {args.poll} s, {args.request_timeout} s timeout each, max_tokens 2"
         )
-        results: list[Trial] = []
-        failures: list[str] = []
-        for k in range(1, args.trials + 1):
-            trial_dir = tmp / f"trial{k}"
-            trial_dir.mkdir()
-            t0 = time.monotonic()
-            story: list[str] = []
-            try:
-                r = run_trial(
-                    trial_dir,
-                    entry,
-                    model,
-                    args.standbys,
-                    args.window,
-                    args.poll,
-                    args.request_timeout,
-                    args.standbys_early,
-                    story,
-                )
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                failures.append(f"trial {k}: {type(exc).__name__}: {msg}")
-                print(f"  trial {k}: FAILED ({type(exc).__name__}: {msg}); all its processes killed")
-                if not isinstance(exc, (AssertionError, TimeoutError, OSError)):
-                    traceback.print_exc()
-                print("\n".join(story))
-                continue
-            results.append(r)
+
+        def report(k: int, r: Trial, seconds: float) -> None:
             seen = ", ".join(f"{n} {r.seen[n]:.2f} s" for n in ("c", "b") if n in r.seen) or "-"
             print(
                 f"  trial {k}: first answer {r.answer_s:5.2f} s ({r.failed_attempts} failed attempts"
@@ -589,10 +586,25 @@ def main() -> None:
                 f"reason {r.reason}; promoted: {len(r.promoters)} ({', '.join(r.promoters) or '-'})"
                 f"{f', demoted {r.demoted}' if r.demoted else ''}; hosts at c: "
                 f"{', '.join(r.hosts_at_c) or '-'}; a standby listed as host by {seen} "
-                f"[trial {time.monotonic() - t0:.0f} s]"
+                f"[trial {seconds:.0f} s]"
             )
-            if story:
-                print("\n".join(story))
+
+        results, failures = run_trials(
+            args.trials,
+            tmp,
+            lambda trial_dir, story: run_trial(
+                trial_dir,
+                entry,
+                model,
+                args.standbys,
+                args.window,
+                args.poll,
+                args.request_timeout,
+                args.standbys_early,
+                story,
+            ),
+            report,
+        )
 
         print("== summary ==")
         print(f"  trials: {len(results)} completed, {len(failures)} failed, of {args.trials}")
