@@ -164,12 +164,13 @@ class Router(MsgpackActor):
 
     @handles(Route)
     def on_route(self, msg: Route) -> RouteReply:
+        names = available(self.table)  # every request asks: build the list once per request
         return RouteReply(
             model=msg.model,
-            known=msg.model in available(self.table),
+            known=msg.model in names,
             local_port=self.local_ports.get(msg.model, 0),
             hosts=tuple(h for h in hosts_of(self.table, msg.model) if h.node_id != self.own.node_id),
-            available=available(self.table),
+            available=names,
             local_rpc_port=self.local_rpc_ports.get(msg.model, 0),
         )
 
