@@ -32,7 +32,7 @@ from actors.transport_bridge import TransportBridge
 from meshllm.config import ConfigError, NodeConfig
 from meshllm.console.server import ConsoleServer
 from meshllm.logsetup import Logger, close_logger, make_logger
-from meshllm.models.capacity import Capacity, detect_capacity
+from meshllm.models.capacity import Capacity, GpuFreeMemory, detect_capacity
 from meshllm.models.catalog import HUB, ModelNotFound, ModelRef, resolve_model
 from meshllm.models.hub import Hub
 from meshllm.models.refs import HubRef
@@ -129,6 +129,7 @@ class Node(StandbyRoles):
         self.addrs: tuple[str, ...] = ()
         self.incarnation = 0
         self.capacity: Capacity | None = None
+        self.gpu_free: GpuFreeMemory | None = None
         self._started = False
         # Standby promotion: the config this node was started with (a standby's), what it was promoted
         # for, and models it may not take again before a time (no promotion/demotion cycle is faster
@@ -164,6 +165,7 @@ class Node(StandbyRoles):
         self.log = self.log.bind(node_id=self.identity.node_id)
         vram = detect_capacity(cfg.node.vram_gb, binaries.server if binaries is not None else None)
         self.capacity = vram
+        self.gpu_free = GpuFreeMemory(vram.gpus)
         if vram.list_error:
             self.log.warning("capacity.list_devices_failed", reason=vram.list_error)
         self.incarnation = time.time_ns()
@@ -381,5 +383,5 @@ class Node(StandbyRoles):
             "addrs": list(self.addrs),
             "incarnation": self.incarnation,
             "capacity_source": self.capacity.source if self.capacity else None,
-            "gpus": [dataclasses.asdict(g) for g in self.capacity.gpus] if self.capacity else [],
+            "gpus": [dataclasses.asdict(g) for g in self.gpu_free.gpus()] if self.gpu_free else [],
         }

@@ -26,10 +26,12 @@ from meshllm.models.capacity import (
     GIB,
     RAM_SHARE,
     Capacity,
+    GpuFreeMemory,
     Vram,
     detect_capacity,
     detect_vram,
     nvml_total_bytes,
+    with_free_now,
 )
 from meshllm.models.devices import (
     MIB,
@@ -538,3 +540,47 @@ def test_nvml_total_ignores_visible_devices(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     assert nvml_total_bytes() == 2 * 84986691584 + 24 * GIB
     assert detect_vram(None) == Vram(24 * GIB, "nvml")
+
+
+# --- free memory now, for status ---------------------------------------------------------------------
+
+
+def test_status_shows_free_memory_as_it_is_now_not_as_it_was_at_start(
+    nvml4: list[FakeGpu], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model loads after start: the next reading past max_age shows less free; within it, NVML is
+    not asked again. The GPUs counted and their totals stay as they were at start."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    clock = [100.0]
+    watch = GpuFreeMemory(nvml_gpus(), max_age_s=2.0, clock=lambda: clock[0])
+    fake = sys.modules["pynvml"]
+    assert isinstance(fake, FakeNvml)
+    nvml4[2].free = 5 * GIB  # the L4 took a model
+    nvml4[1].free = 1 * GIB  # a GPU this node does not count changes too: not shown
+    assert [g.free_bytes for g in watch.gpus()] == [23 * GIB, 140 * GIB], "within max_age: the last reading"
+    reads = fake.shutdowns
+    clock[0] += 2.0
+    now = watch.gpus()
+    assert [g.free_bytes for g in now] == [5 * GIB, 140 * GIB]
+    assert [g.total_bytes for g in now] == [24 * GIB, 141 * GIB]
+    assert names(now) == ["NVIDIA L4", "NVIDIA H200"]
+    assert fake.shutdowns == reads + 1
+    clock[0] += 1.0
+    watch.gpus()
+    assert fake.shutdowns == reads + 1, "one NVML reading per max_age, however often status is asked"
+
+
+def test_free_memory_keeps_the_last_figures_when_nvml_stops_answering(
+    nvml4: list[FakeGpu], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [0.0]
+    watch = GpuFreeMemory(nvml_gpus({}), max_age_s=1.0, clock=lambda: clock[0])
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(nvml4, fail_at="memory"))
+    clock[0] += 5.0
+    assert [g.free_bytes for g in watch.gpus()] == [g.free for g in nvml4]
+
+
+def test_gpus_only_llama_cpp_reported_are_not_read_from_nvml() -> None:
+    listed = (GpuMemory(0, None, "AMD Radeon", 16 * GIB, 15 * GIB, "ROCm0"),)
+    assert with_free_now(listed, (GpuMemory(0, UUIDS[0], "NVIDIA H200", 1, 1),)) == listed
+    assert GpuFreeMemory(listed, clock=lambda: 1e9).gpus() == listed

@@ -16,8 +16,10 @@ logged here: :attr:`Capacity.list_error` says why a device list was not used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -111,3 +113,47 @@ def detect_vram(override_gb: float | None) -> Vram:
     """:func:`detect_capacity` without a binary: the config's value, else NVML's GPUs, else RAM share."""
     capacity = detect_capacity(override_gb, None)
     return Vram(capacity.bytes, capacity.source)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Free memory now, for status: the GPUs counted at start, their free bytes read again.
+
+
+def with_free_now(gpus: tuple[GpuMemory, ...], now: tuple[GpuMemory, ...]) -> tuple[GpuMemory, ...]:
+    """``gpus`` with each one's free bytes taken from ``now`` (a fresh NVML reading) where ``now``
+    has the same GPU by UUID; the set of GPUs and their totals stay as counted at start."""
+    free = {g.uuid: g.free_bytes for g in now if g.uuid is not None}
+    return tuple(replace(g, free_bytes=free[g.uuid]) if g.uuid in free else g for g in gpus)
+
+
+class GpuFreeMemory:
+    """The node's GPUs with their free memory as NVML reads it now, at most once per ``max_age_s``.
+
+    Capacity is decided once, at start; what is free changes as llama.cpp loads and unloads models,
+    and ``/api/status`` shows it per GPU. Reading NVML costs an init and a shutdown, so a status
+    poll every few hundred ms (the console's event stream) reuses the last reading.
+    """
+
+    def __init__(
+        self,
+        gpus: tuple[GpuMemory, ...],
+        environ: Mapping[str, str] | None = None,
+        max_age_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._gpus = gpus
+        self._environ = environ
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._read_at = clock()  # the figures at hand were read at start
+        self._lock = threading.Lock()
+
+    def gpus(self) -> tuple[GpuMemory, ...]:
+        with self._lock:
+            if not any(g.uuid for g in self._gpus):
+                return self._gpus  # nothing NVML knows: llama.cpp's figures from start are all there is
+            now = self._clock()
+            if now - self._read_at >= self._max_age_s:
+                self._gpus = with_free_now(self._gpus, nvml_gpus(self._environ))
+                self._read_at = now
+            return self._gpus
