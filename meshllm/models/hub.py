@@ -37,6 +37,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils._headers import build_hf_headers
 
+from meshllm.models.digest import BackgroundSha256
 from meshllm.models.files import FileChoiceError, files_for_name, files_for_quant
 from meshllm.models.gguf_shape import MAX_HEAD_BYTES, ModelShape, NeedMoreBytes, model_shape
 from meshllm.models.refs import HubRef
@@ -277,6 +278,51 @@ class Hub:
             (refs / model.ref.revision).write_text(model.commit)
         return snapshot / model.files[0].path
 
+    def _receive(
+        self,
+        model: RemoteModel,
+        remote: RemoteFile,
+        partial: Path,
+        have: int,
+        digest: hashlib._Hash,
+        progress_base: tuple[int, int],
+        progress: Callable[[int, int], None] | None,
+        stop: threading.Event | None,
+    ) -> tuple[int, hashlib._Hash]:
+        """Append the rest of ``remote`` from byte ``have`` to ``partial``, hashing on a second thread
+        (:class:`BackgroundSha256`); returns the bytes now in ``partial`` and their digest."""
+        # Identity: the bytes hashed are the bytes stored; raw reads pass the pieces through as they
+        # come (re-chunking them to 1 MiB cost a third of the throughput, bench_download).
+        wanted = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
+        request = urllib.request.Request(self._url(model, remote.path))
+        for key, value in self._headers(wanted).items():
+            # The token goes to the hub only, not to the storage it redirects to (as huggingface_hub).
+            if key.lower() == "authorization":
+                request.add_unredirected_header(key, value)
+            else:
+                request.add_header(key, value)
+        done_before, total = progress_base
+        try:
+            with urllib.request.urlopen(request, timeout=60.0) as response:
+                if have and response.status != 206:  # the server ignored the range: start over
+                    have, digest = 0, hashlib.sha256()
+                with BackgroundSha256(digest) as hashing, partial.open("ab" if have else "wb") as out:
+                    while data := response.read1(CHUNK):
+                        if stop is not None and stop.is_set():
+                            raise DownloadStopped()
+                        out.write(data)
+                        hashing.update(data)
+                        have += len(data)
+                        if progress is not None:
+                            progress(done_before + have, total)
+        except urllib.error.HTTPError as exc:
+            raise self._explain_status(model.ref, exc.code, exc.headers.get("X-Error-Code", "")) from None
+        except (DownloadStopped, HubError):
+            raise
+        except Exception as exc:
+            raise self._explain(model.ref, exc) from None
+        return have, digest
+
     def _fetch_blob(
         self,
         model: RemoteModel,
@@ -298,36 +344,7 @@ class Hub:
                 while block := f.read(CHUNK * 8):
                     digest.update(block)
         if have < remote.size:
-            # Identity: the bytes hashed are the bytes stored; raw reads pass httpx2's pieces through
-            # as they come (re-chunking them to 1 MiB cost a third of the throughput, bench_download).
-            wanted = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
-            headers = self._headers(wanted)
-            request = urllib.request.Request(self._url(model, remote.path))
-            for key, value in headers.items():
-                # The token goes to the hub only, not to the storage it redirects to (as huggingface_hub).
-                if key.lower() == "authorization":
-                    request.add_unredirected_header(key, value)
-                else:
-                    request.add_header(key, value)
-            try:
-                with urllib.request.urlopen(request, timeout=60.0) as response:
-                    if have and response.status != 206:  # the server ignored the range: start over
-                        have, digest = 0, hashlib.sha256()
-                    with partial.open("ab" if have else "wb") as out:
-                        while data := response.read1(CHUNK):
-                            if stop is not None and stop.is_set():
-                                raise DownloadStopped()
-                            out.write(data)
-                            digest.update(data)
-                            have += len(data)
-                            if progress is not None:
-                                progress(done_before + have, total)
-            except urllib.error.HTTPError as exc:
-                raise self._explain_status(model.ref, exc.code, exc.headers.get("X-Error-Code", "")) from None
-            except (DownloadStopped, HubError):
-                raise
-            except Exception as exc:
-                raise self._explain(model.ref, exc) from None
+            have, digest = self._receive(model, remote, partial, have, digest, (done_before, total), progress, stop)
         if have < remote.size:  # the connection ended early: keep what came, the next try continues
             raise HubError(
                 f"{model.ref.text}: the transfer of {remote.path} stopped at {have} of {remote.size} bytes "

