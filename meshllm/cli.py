@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from meshllm.config import ConfigError, HostPort, NodeConfig, default_config, load_config
+from meshllm.console import client
 from meshllm.models import pull
 from meshllm.node import Node, NodeStartError, local_addresses, parse_join_tokens
 from meshllm.wire.identity import NodeIdentity
@@ -169,6 +170,43 @@ def models(config: ConfigOption = None) -> None:
     """List the catalog and the models already in the cache, with sizes."""
     for line in pull.listing(_load(config)):
         typer.echo(line)
+
+
+@app.command()
+def status(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Ask the node this node.toml configures ([console] listen).", dir_okay=False
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help=f"Ask the console at this URL (default {client.DEFAULT_URL})."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw /api/status JSON.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Print it again every --interval seconds until Ctrl-C.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between two looks with --watch.", min=0.1)] = 1.0,
+) -> None:
+    """Show a node's picture of the mesh: nodes (roles, capacity and usage bars, GPUs), models (state,
+    host and workers, split fractions, shortfall, download, demand) and passive connections.
+
+    Exits 1 with one line when the console cannot be reached. With --watch the screen is redrawn (on a
+    terminal; otherwise each look is printed after the last) and an unreachable console is retried.
+    """
+    if config is not None and url is not None:
+        typer.echo("meshllm: give --config or --url, not both", err=True)
+        raise typer.Exit(2)
+    target = url or client.DEFAULT_URL
+    if config is not None:
+        try:
+            target = client.console_url(_load(config))
+        except client.StatusError as exc:
+            typer.echo(f"meshllm: {exc}", err=True)
+            raise typer.Exit(2) from None
+    raise typer.Exit(client.show(target, as_json, watch, interval))
 
 
 def main() -> None:
