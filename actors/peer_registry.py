@@ -91,7 +91,13 @@ class PeerRegistry(MsgpackActor):
 
     def _apply(self, change: Change, now: float) -> None:
         for ann in change.joined:
-            self.log.info("peer.joined", peer=ann.node_id, peer_name=ann.name, addrs=list(ann.addrs))
+            self.log.info(
+                "peer.joined",
+                peer=ann.node_id,
+                peer_name=ann.name,
+                addrs=list(ann.addrs),
+                promoted_for=list(ann.promoted_for),
+            )
             self._publish(PeerJoined(peer=ann))
         for ann in change.updated:
             self.log.info("peer.updated", peer=ann.node_id, peer_name=ann.name, serving=list(ann.serving))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,10 +45,31 @@ class LineSink:
             self._streams = [s for s in self._streams if s in (sys.stderr, sys.stdout)]
 
 
+LogTap = Callable[[Mapping[str, Any]], None]
+
+
+def _tapped(tap: LogTap) -> Processor:
+    """A processor that shows each record to ``tap`` (the console's timeline) and passes it on."""
+
+    def process(logger: Any, method: str, event_dict: Any) -> Any:
+        try:
+            tap(event_dict)
+        except Exception:
+            pass  # the tap must never break logging
+        return event_dict
+
+    return process
+
+
 def make_logger(
-    node: str, fmt: str = "json", file: Path | None = None, stream: IO[str] | None = None
+    node: str,
+    fmt: str = "json",
+    file: Path | None = None,
+    stream: IO[str] | None = None,
+    tap: LogTap | None = None,
 ) -> Logger:
-    """A logger bound to ``node`` that renders as ``fmt`` ("json" or "console")."""
+    """A logger bound to ``node`` that renders as ``fmt`` ("json" or "console"); ``tap`` also sees
+    every record (with its ``ts``) before it is rendered."""
     streams: list[IO[str]] = [stream if stream is not None else sys.stderr]
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +83,7 @@ def make_logger(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.format_exc_info,
+        *([_tapped(tap)] if tap is not None else []),
         renderer,
     ]
     logger: Any = structlog.wrap_logger(

@@ -31,6 +31,7 @@ from actors.supervisor import Supervisor
 from actors.transport_bridge import TransportBridge
 from meshllm.config import ConfigError, NodeConfig
 from meshllm.console.server import ConsoleServer
+from meshllm.console.timeline import Timeline
 from meshllm.logsetup import Logger, close_logger, make_logger
 from meshllm.models.capacity import Capacity, GpuFreeMemory, detect_capacity
 from meshllm.models.catalog import HUB, ModelNotFound, ModelRef, resolve_model
@@ -119,7 +120,10 @@ class Node(StandbyRoles):
         self.config = config
         self._log_stream = log_stream
         self.directory = Directory()
-        self.log: Logger = make_logger(config.node.name, config.log.format, None, log_stream)
+        self.timeline = Timeline()  # the console's, fed by the log; kept across role changes
+        self.log: Logger = make_logger(
+            config.node.name, config.log.format, None, log_stream, tap=self.timeline.observe
+        )
         self.identity: NodeIdentity | None = None
         self.membership: MeshMembership | None = None
         self.endpoint: MeshEndpoint | None = None
@@ -151,7 +155,9 @@ class Node(StandbyRoles):
             raise NodeStartError(f"data dir {data_dir}: {exc}") from None
         if cfg.log.file:
             close_logger(self.log)
-            self.log = make_logger(cfg.node.name, cfg.log.format, data_dir / "node.log", self._log_stream)
+            self.log = make_logger(
+                cfg.node.name, cfg.log.format, data_dir / "node.log", self._log_stream, tap=self.timeline.observe
+            )
         tokens = parse_join_tokens(cfg.node.join)
         models, hub_models = resolve_models(cfg)
         binaries = None
@@ -264,6 +270,8 @@ class Node(StandbyRoles):
             self._extra,
             status_from,
             plan_from,
+            timeline=self.timeline,
+            api_address=lambda: (cfg.api.listen.host, self.gateway.port) if self.gateway is not None else None,
         )
         self.gateway = Gateway(
             self.directory, self.endpoint, cfg.api.listen.host, cfg.api.listen.port, self.log, demand

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install what the tests need (see bootstrap.sh), then lint, type-check and run the whole test suite.
+# Install what the tests need (see bootstrap.sh; install-browser.sh adds headless Chromium for the
+# console page's tests), then lint, type-check and run the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k mesh -x).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
+bash "$root/scripts/install-browser.sh"
 cd "$root"
 py="$root/.venv/bin/python"
 echo "[test] ruff"

@@ -1,17 +1,25 @@
-"""The node's console HTTP server. For now it serves ``GET /api/status``: the node and the active
-peers it knows, as JSON. It runs on its own loop thread and asks the registry for the view."""
+"""The node's console HTTP server: the page a person keeps open while running a mesh (``/``, from the
+files in ``static/``), ``GET /api/status`` (the node, the active peers it knows, its models and the
+timeline, as JSON), ``GET /api/events`` (the same status as server-sent events, pushed on every change)
+and a relay of the chat panel's calls to this node's OpenAI API. It runs on its own loop thread and
+asks the actors for the view."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pykka
 from aiohttp import web
 
 from actors.base import AskError, Directory
+from meshllm.console.feed import StatusFeed
+from meshllm.console.proxy import ApiProxy, api_urls
+from meshllm.console.timeline import Timeline
 from meshllm.net.aio import LoopThread, start_http
 from meshllm.wire.messages import (
     DownloadsReply,
@@ -31,6 +39,9 @@ from meshllm.wire.messages import (
 )
 
 ASK_TIMEOUT_S = 5.0
+STATIC = Path(__file__).resolve().parent / "static"
+KEEPALIVE_S = 15.0
+CHECK_S = 1.0  # how often an idle event stream looks whether its client went away
 
 
 def status_json(
@@ -63,7 +74,10 @@ def status_json(
 
 
 class ConsoleServer:
-    """aiohttp app on a loop thread; ``port`` is known after :meth:`start`."""
+    """aiohttp app on a loop thread; ``port`` is known after :meth:`start`.
+
+    ``timeline`` is the node's (it outlives this server across a role change); ``api_address`` says
+    where the node's gateway listens, once it does."""
 
     def __init__(
         self,
@@ -73,6 +87,8 @@ class ConsoleServer:
         extra: Callable[[], dict[str, Any]],
         status_from: str = "registry",
         plan_from: str = "election",
+        timeline: Timeline | None = None,
+        api_address: Callable[[], tuple[str, int] | None] = lambda: None,
     ) -> None:
         self.directory = directory
         self.status_from = status_from  # the actor that answers GetStatus (a passive node's router)
@@ -80,23 +96,75 @@ class ConsoleServer:
         self.host = host
         self.port = port
         self._extra = extra
+        self._timeline = timeline
+        self._api_address = api_address
         self._thread = LoopThread("console")
         self._runner: web.AppRunner | None = None
+        self._proxy = ApiProxy(api_address)
+        self._feed = StatusFeed(self._thread.loop, self._snapshot)
 
     def start(self) -> int:
         return self._thread.run(self._start(), timeout=10)
 
     async def _start(self) -> int:
         app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_static("/static/", STATIC)
         app.router.add_get("/api/status", self._status)
+        app.router.add_get("/api/events", self._events)
+        self._proxy.add_routes(app)
+        app.on_shutdown.append(self._on_shutdown)
+        await self._proxy.open()
         self._runner, self.port = await start_http(app, self.host, self.port)
+        if self._timeline is not None:
+            self._timeline.on_change = self._feed.wake
         return self.port
 
+    async def _index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
     async def _status(self, request: web.Request) -> web.Response:
+        body = await self._snapshot()
+        if body is None:
+            return web.json_response({"error": "status unavailable"}, status=503)
+        return web.json_response(body)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the status at once, then again on every change; a comment every
+        :data:`KEEPALIVE_S` seconds. Ends when the client goes away or the node stops."""
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await resp.prepare(request)
+        feed = self._feed
+        try:
+            await resp.write(b"retry: 1000\n\n")  # reconnect within a second when the node is back
+            with feed.subscription():
+                seen = feed.first_seen()
+                quiet_since = time.monotonic()
+                while not feed.closed:
+                    if await feed.next(seen, CHECK_S) and feed.text:
+                        seen = feed.version
+                        await resp.write(f"data: {feed.text}\n\n".encode())
+                        quiet_since = time.monotonic()
+                    elif request.transport is None or request.transport.is_closing():
+                        break
+                    elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                        await resp.write(b": keep-alive\n\n")
+                        quiet_since = time.monotonic()
+        except ConnectionResetError:
+            pass  # the client went away mid-write
+        return resp
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self._feed.close()
+
+    async def _snapshot(self) -> dict[str, Any] | None:
+        """The status body, or ``None`` when the actor that answers status cannot."""
         try:
             status = await self.directory.ask_async(self.status_from, GetStatus(), StatusReply, ASK_TIMEOUT_S)
-        except (AskError, pykka.Timeout) as exc:  # an actor that is stopping or stuck
-            return web.json_response({"error": f"status unavailable: {exc}"}, status=503)
+        except (AskError, pykka.Timeout):  # an actor that is stopping or stuck
+            return None
         stats: TransportStats | None = None
         models: tuple[ModelStatus, ...] = ()
         # The registry's view is the status; the rest completes it when it can be had.
@@ -125,12 +193,22 @@ class ConsoleServer:
             with contextlib.suppress(AskError, pykka.Timeout):
                 standby = await self.directory.ask_async("standby", GetStandby(), StandbyReply, ASK_TIMEOUT_S)
                 body["standby"] = dataclasses.asdict(standby)
-        return web.json_response(body)
+        body["api_url"] = api_urls(self._api_address())[0]
+        body["timeline"] = self._timeline.entries() if self._timeline is not None else []
+        return body
 
     def stop(self) -> None:
-        if self._runner is not None:
-            try:
-                self._thread.run(self._runner.cleanup(), timeout=5)
-            except Exception:
-                pass
+        if self._timeline is not None and self._timeline.on_change == self._feed.wake:
+            self._timeline.on_change = None
+
+        async def stop() -> None:
+            self._feed.close()  # event streams end before the server waits for its handlers
+            if self._runner is not None:
+                await self._runner.cleanup()
+            await self._proxy.close()
+
+        try:
+            self._thread.run(stop(), timeout=5)
+        except Exception:
+            pass
         self._thread.stop()
