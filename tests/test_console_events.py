@@ -161,6 +161,13 @@ def test_the_chat_relay_reaches_the_nodes_api(nodes: NodeFactory) -> None:
     assert "error" in json.loads(err.value.read())
 
 
+def test_the_readme_shows_the_console() -> None:
+    """docs/console.png is a copy of test_console_page's 3-node screenshot (test-artifacts/)."""
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "docs" / "console.png").stat().st_size > 10_000
+    assert "docs/console.png" in (root / "README.md").read_text()
+
+
 def test_every_page_file_is_package_data() -> None:
     """A wheel (not only the editable install) must carry the page: pyproject's package-data globs
     cover every file in meshllm/console/static."""
