@@ -4,6 +4,7 @@ nodes (render time), and odd statuses - never a JavaScript error."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Iterator
@@ -12,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from meshllm.config import ConsoleSection, HostPort
+from meshllm.node import Node
 from tests.browser import ARTIFACTS, fake_console, have_browser, severe_logs, start_browser
-from tests.support import ProcessFactory, console_status, model_status, wait_until
+from tests.support import LogCapture, NodeFactory, ProcessFactory, console_status, model_status, wait_until
 
 pytestmark = pytest.mark.skipif(not have_browser(), reason="needs chromium (scripts/install-browser.sh)")
 
@@ -271,3 +274,35 @@ def test_odd_statuses_raise_no_javascript_errors(tmp_path: Path, driver: Any) ->
         assert "<script>" in driver.execute_script("return document.getElementById('whoami').textContent")
         assert sorted(node_ids(driver)) == ["a" * 32, "b" * 32]
         assert severe_logs(driver) == []
+
+
+def test_page_reconnects_when_the_node_restarts(nodes: NodeFactory, tmp_path: Path, driver: Any) -> None:
+    """The node stops and starts again on the same console port: the open page shows it again, live,
+    without a reload."""
+    first = nodes.start("a")
+    assert first.console is not None
+    pinned = dataclasses.replace(
+        first.config, console=ConsoleSection(listen=HostPort("127.0.0.1", first.console.port))
+    )
+    driver.get(first.console_url + "/")
+    wait_until(lambda: node_ids(driver) == [first.node_id], 10, what="the node on the page")
+    driver.execute_script("window.reloaded = false;")  # gone if the page reloads
+    first.stop()
+    wait_until(
+        lambda: driver.execute_script("return document.getElementById('conn').dataset.state") == "reconnecting",
+        10,
+        what="the page to see the node gone",
+    )
+    again = Node(pinned, log_stream=LogCapture()).start()
+    nodes.nodes.append(again)  # stopped at teardown
+    renders = driver.execute_script("return window.meshllmConsole.renders")
+    wait_until(
+        lambda: driver.execute_script("return window.meshllmConsole.connected && window.meshllmConsole.renders")
+        > renders,
+        10,
+        what="the page to reconnect and render",
+    )
+    assert driver.execute_script("return window.reloaded") is False
+    assert node_ids(driver) == [again.node_id]
+    # Refused connections while the node was down are expected; JavaScript errors are not.
+    assert [e for e in severe_logs(driver) if e.get("source") != "network"] == []
