@@ -166,18 +166,20 @@ class Election(MsgpackActor):
         cands += [Candidate(p.node_id, p.vram_bytes) for p in wanting if p.node_id not in self.suspects]
         return cands, force
 
-    def _rpc_spec(self, local: LocalModel) -> list[ProcessSpec]:
-        """This node's rpc-server for a model, once its tensor cache is filled from the local GGUF
-        (so the host sends only what the cache lacks). The fill runs off the actor thread."""
+    def _worker_rpc_spec(self, local: LocalModel) -> list[ProcessSpec]:
+        """A split worker's rpc-server, once its tensor cache is filled from this node's own copy of
+        the GGUF: the host then sends a hash, not the bytes, for every tensor over llama.cpp's 10 MiB
+        threshold. The fill runs off the actor thread. Without a local copy (workers never download)
+        or with the cache off, the rpc-server starts bare and every weight crosses the mesh."""
         name = local.ref.name
-        if self.cache_dir is None:
+        if self.cache_dir is None or not local.on_disk:
             return [rpc_spec(name, self.threads)]
         if local.cache == "empty":
             local.cache = "filling"
             fill_in_background(local.ref, self.cache_dir, self.teller())
         if local.cache != "filled":
             return []
-        return [rpc_spec(name, None, self.cache_dir)]
+        return [rpc_spec(name, self.threads, self.cache_dir)]
 
     @handles(RpcCacheFilled)
     def on_cache_filled(self, msg: RpcCacheFilled) -> None:
@@ -227,7 +229,7 @@ class Election(MsgpackActor):
         local.plan = plan
         if plan.host != self.own_id:
             local.mode = "worker" if self.own_id in plan.workers else "standby"
-            return [rpc_spec(name, None)] if local.mode == "worker" else []
+            return self._worker_rpc_spec(local) if local.mode == "worker" else []
         if not local.on_disk:
             return self._fetch(local)  # a split host needs the file; its workers do not
         if not plan.workers:  # forced, but nobody to split with
@@ -235,7 +237,9 @@ class Election(MsgpackActor):
             local.detail = "split forced but no other node serves this model"
             return [server_spec(local.ref, self.threads, context=self.context)]
         local.mode = "split"
-        specs = self._rpc_spec(local)
+        # The host's own share goes to its own rpc-server over loopback: a tensor cache would save a
+        # local copy at memory speed and cost a read, hash and write of the whole model first.
+        specs = [rpc_spec(name, self.threads)]
         not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
         if local.rpc != "ready" or not_ready:
             local.detail = "waiting for rpc-servers: " + ", ".join(

@@ -244,7 +244,7 @@ class Node(StandbyRoles):
                 vram_bytes=vram.bytes,
                 models=models,
                 force_split=cfg.models.force_split,
-                cache_dir=data_dir / "llama-cache",
+                cache_dir=data_dir / "llama-cache" if cfg.llama.tensor_cache else None,
                 threads=cfg.llama.threads,
                 context=cfg.models.context,
                 pending=tuple(name for name, _ in hub_models),

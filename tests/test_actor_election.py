@@ -32,6 +32,7 @@ from meshllm.wire.messages import (
     LlamaReady,
     LlamaStopped,
     LocalServing,
+    ModelDescribed,
     ModelStatus,
     PeerAnnouncement,
     PeerDied,
@@ -81,6 +82,7 @@ def start(
     force_split: bool = False,
     cache_dir: Path | None = None,
     threads: int | None = None,
+    pending: tuple[str, ...] = (),
 ) -> None:
     """Start the election; with a fake clock, also let it make its first plan (with no peers known
     yet, as a node's election does when it starts), so every later plan follows a told change."""
@@ -95,6 +97,7 @@ def start(
         force_split=force_split,
         cache_dir=cache_dir,
         threads=threads,
+        pending=pending,
     )
     if clock is not None:
         replan(h, clock)
@@ -288,22 +291,17 @@ def test_a_split_worker_runs_an_rpc_server_and_announces_it(
     assert plan(h, "big").state == "waiting"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Election._plan_model gives a split worker rpc_spec(name, None), not self._rpc_spec(local)",
-)
 @pytest.mark.parametrize("cached", [False, True], ids=["threads", "tensor-cache"])
-def test_a_split_workers_rpc_server_is_spelled_like_the_hosts_own(
+def test_a_split_workers_rpc_server_has_the_nodes_threads_and_its_tensor_cache(
     h: Harness, clock: FakeClock, tmp_path: Path, cached: bool
 ) -> None:
-    """A worker's rpc-server is the one the remote host sends tensors to: it should get the node's
-    thread setting and, with a cache dir, the tensor cache filled from its own GGUF (-c), exactly like
-    the rpc-server a split host runs for its own share. Today the worker's is always the bare one."""
+    """A worker's rpc-server is the one the remote host sends tensors to: it gets the node's thread
+    setting and, with a cache dir, the tensor cache filled from its own GGUF (-c)."""
     big = fake_model(tmp_path, "big", 8000)
     cache = tmp_path / "cache" if cached else None
-    start(h, 4000, big, cache_dir=cache, threads=None if cached else 3, clock=clock)
+    start(h, 4000, big, cache_dir=cache, threads=3, clock=clock)
     say(h, PeerJoined(peer=peer("p", 6000)))
-    expected = rpc_spec("big", None, cache) if cached else rpc_spec("big", 3)
+    expected = rpc_spec("big", 3, cache)
 
     def rpc_wanted() -> bool:
         replan(h, clock)
@@ -458,7 +456,28 @@ def test_a_worker_leaving_closes_the_listeners(h: Harness, clock: FakeClock, tmp
     assert {(m.port, m.kind) for m in local_serving(h)[-2:]} == {(0, "llama-server"), (0, "rpc-server")}
 
 
-def test_the_cache_fill_comes_before_the_hosts_own_rpc_server(
+def test_a_split_hosts_own_rpc_server_has_no_tensor_cache(h: Harness, clock: FakeClock, tmp_path: Path) -> None:
+    """The host's share crosses only loopback: no fill, no -c, even with a cache dir."""
+    big = fake_model(tmp_path, "big", 8000)
+    start(h, 6000, big, cache_dir=tmp_path / "cache", threads=2, clock=clock)
+    say(h, PeerJoined(peer=peer("p", 4000)))
+    replan(h, clock)
+    assert plan(h, "big").host == "me"
+    assert desired(h)[-1] == (rpc_spec("big", 2),)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_worker_without_the_file_runs_a_bare_rpc_server(h: Harness, clock: FakeClock, tmp_path: Path) -> None:
+    """Workers never download: a hub model not on disk here means nothing to fill the cache from."""
+    big = ModelRef(name="big", path=tmp_path / "not-here.gguf", size_bytes=0)
+    start(h, 4000, big, cache_dir=tmp_path / "cache", threads=2, clock=clock, pending=("big",))
+    say(h, ModelDescribed(model="big", size_bytes=8000, kv_bytes=0), PeerJoined(peer=peer("p", 6000)))
+    replan(h, clock)
+    assert plan(h, "big").host == "p"
+    assert desired(h)[-1] == (rpc_spec("big", 2),)
+
+
+def test_the_cache_fill_comes_before_a_workers_rpc_server(
     h: Harness, clock: FakeClock, tmp_path: Path
 ) -> None:
     # The model is a named pipe: the fill (on its own thread) blocks reading it until the test writes.
@@ -466,12 +485,12 @@ def test_the_cache_fill_comes_before_the_hosts_own_rpc_server(
     os.mkfifo(fifo)
     big = ModelRef(name="big", path=fifo, size_bytes=8000)
     cache = tmp_path / "cache"
-    start(h, 6000, big, cache_dir=cache, clock=clock)
-    say(h, PeerJoined(peer=peer("p", 4000)))
+    start(h, 4000, big, cache_dir=cache, clock=clock)
+    say(h, PeerJoined(peer=peer("p", 6000)))
     try:
-        replan(h, clock)  # a split host now: the fill starts
+        replan(h, clock)  # a split worker now: the fill starts
         replan(h, clock)
-        assert plan(h, "big").host == "me"
+        assert plan(h, "big").host == "p"
         assert desired(h) == [()]  # no rpc-server while the cache is being filled
     finally:
         writer = wait_until(lambda: open_writer(fifo), what="the cache fill to open the model")

@@ -57,6 +57,7 @@ def test_default_config() -> None:
     assert cfg.api.listen == HostPort("127.0.0.1", 9337)
     assert cfg.console.listen == HostPort("127.0.0.1", 3131)
     assert cfg.llama.bin_dir is None
+    assert cfg.llama.tensor_cache is True
     assert cfg.log.format == "json"
     assert cfg.log.file is False
     assert cfg.timing == TimingSection(2.0, 1.0, 3.5, 60.0, 45.0)
@@ -223,6 +224,7 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
         ({"models": {"force_split": "true"}}, "models.force_split", "boolean"),
         ({"log": {"file": "yes"}}, "log.file", "boolean"),
         ({"llama": {"bin_dir": ["a"]}}, "llama.bin_dir", "path"),
+        ({"llama": {"tensor_cache": "no"}}, "llama.tensor_cache", "boolean"),
         ({"timing": {"gossip_interval_s": False}}, "timing.gossip_interval_s", "number"),
         ({"timing": {"dead_ttl_s": "60"}}, "timing.dead_ttl_s", "number"),
     ],

@@ -159,3 +159,48 @@ def test_split_falls_back_to_quic_tunnels(procs: ProcessFactory, layered_gguf: P
     assert a.events("rpc.fast_path_fallback")
     assert complete(a, "tiny4") and complete(b, "tiny4") == complete(a, "tiny4")
     assert status(a)["rpc_bytes"]["to_workers"] > 0
+
+
+@pytest.fixture(scope="module")
+def wide_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 layers whose three feed-forward tensors are 11 MiB each: over llama.cpp's 10 MiB threshold,
+    as a real model's are (SmolLM2's only such tensor stays on the host)."""
+    from tests.tinymodel import tiny_model
+
+    folder = tmp_path_factory.mktemp("wide-models")
+    return tiny_model(folder, n_layer=4, n_ff=45056).rename(folder / "wide4.gguf")
+
+
+def worker_load_bytes(procs: ProcessFactory, model: Path, tag: str, tensor_cache: bool) -> int:
+    """Bytes the host sent to the worker's rpc-server while loading a forced split (no request yet).
+
+    Equal VRAM: a 1:1 split, so the worker holds a whole layer (llama.cpp puts layer i on the device
+    whose share covers i / (layers + 1): with 4 layers and 2:1 the worker would hold the output only)."""
+    cache = f"[llama]\ntensor_cache = {'true' if tensor_cache else 'false'}\n"
+    a = procs.start(f"{tag}a", extra=serve(model, force=True) + cache, node_extra=BIG)
+    b = procs.start(f"{tag}b", join=(a.token,), extra=serve(model, force=True) + cache, node_extra=BIG)
+    host, worker = (a, b) if a.node_id < b.node_id else (b, a)  # equal VRAM: the lower node id hosts
+    wait_split(host, "wide4", {worker.node_id}, timeout=120)
+    rpc_server = worker.events("llama.starting", kind="rpc-server")[-1]["cmd"].split()
+    if tensor_cache:
+        filled = worker.events("rpc.cache_filled", model="wide4")
+        assert filled and filled[0]["files"] == 12, "every tensor over 10 MiB written to the worker's cache"
+        assert "-c" in rpc_server
+    else:
+        assert not worker.events("rpc.cache_filled") and "-c" not in rpc_server
+    assert "-c" not in host.events("llama.starting", kind="rpc-server")[-1]["cmd"].split()
+    got = int(status(worker)["rpc_bytes"]["served_in"])
+    assert complete(host, "wide4"), "the split serves"
+    a.stop()
+    b.stop()
+    return got
+
+
+def test_a_worker_with_the_file_gets_hashes_not_weights(procs: ProcessFactory, wide_gguf: Path) -> None:
+    """The worker's rpc-server, its tensor cache filled from its own GGUF, receives under 5 % of the
+    bytes it receives without the cache: the host sends a hash for each tensor over 10 MiB."""
+    cold = worker_load_bytes(procs, wide_gguf, "cold", tensor_cache=False)
+    warm = worker_load_bytes(procs, wide_gguf, "warm", tensor_cache=True)
+    print(f"host -> worker bytes during the load: without the cache {cold}, with it {warm}")
+    assert cold > 3 * 11 * 2**20, "without the cache the worker's layer crosses: three 11 MiB tensors"
+    assert warm < 0.05 * cold

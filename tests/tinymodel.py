@@ -14,7 +14,7 @@ Properties the tests can rely on:
   end-of-generation token: generated text is valid UTF-8, never empty, and a generation always runs to
   ``max_tokens`` (or the context end), so ``finish_reason`` is ``"length"`` unless a stop string hits.
 * Training context is 4096 (what meshllm passes as ``-c``), so llama-server does not cap the slot context.
-* The file is a pure function of ``(seed, n_layer)``.
+* The file is a pure function of ``(seed, n_layer, n_ff)``.
 
 Importing this module has no side effects; nothing is written until a function is called.
 """
@@ -113,7 +113,7 @@ def _vocab() -> tuple[list[str], list[int], list[str], list[bool]]:
 
 
 def _tensors(
-    rng: np.random.Generator, n_vocab: int, n_layer: int, allowed: list[bool]
+    rng: np.random.Generator, n_vocab: int, n_layer: int, allowed: list[bool], n_ff: int = N_FF
 ) -> dict[str, np.ndarray]:
     """All tensors llama.cpp's llama loader wants, as numpy arrays (numpy shape = reversed ggml shape).
 
@@ -140,7 +140,7 @@ def _tensors(
     }
     for i in range(n_layer):
         attn_out = w(N_EMBD, N_HEAD * head_dim, scale=proj)
-        ffn_down = w(N_EMBD, N_FF, scale=1.0 / np.sqrt(N_FF))
+        ffn_down = w(N_EMBD, n_ff, scale=1.0 / np.sqrt(n_ff))
         attn_out[_GATE_DIM, :] = 0.0
         ffn_down[_GATE_DIM, :] = 0.0
         t |= {
@@ -150,15 +150,18 @@ def _tensors(
             f"blk.{i}.attn_v.weight": w(N_HEAD_KV * head_dim, N_EMBD, scale=proj),
             f"blk.{i}.attn_output.weight": attn_out,
             f"blk.{i}.ffn_norm.weight": np.ones(N_EMBD, dtype=np.float32),
-            f"blk.{i}.ffn_gate.weight": w(N_FF, N_EMBD, scale=proj),
-            f"blk.{i}.ffn_up.weight": w(N_FF, N_EMBD, scale=proj),
+            f"blk.{i}.ffn_gate.weight": w(n_ff, N_EMBD, scale=proj),
+            f"blk.{i}.ffn_up.weight": w(n_ff, N_EMBD, scale=proj),
             f"blk.{i}.ffn_down.weight": ffn_down,
         }
     return t
 
 
-def write_tiny_model(path: Path, seed: int = 0, n_layer: int = 2) -> Path:
-    """Write a random-weight llama GGUF to ``path`` (overwriting it) and return ``path``."""
+def write_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_ff: int = N_FF) -> Path:
+    """Write a random-weight llama GGUF to ``path`` (overwriting it) and return ``path``.
+
+    ``n_ff`` widens the feed-forward tensors (each ``n_ff * N_EMBD`` float32s): 41,000 and more puts
+    every layer's three over llama.cpp's 10 MiB RPC cache threshold, as a real model's are."""
     if n_layer < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
     path = Path(path)
@@ -166,13 +169,13 @@ def write_tiny_model(path: Path, seed: int = 0, n_layer: int = 2) -> Path:
     rng = np.random.default_rng(seed)
 
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(f"meshllm-tiny-llama-{n_layer}l-s{seed}")
+    writer.add_name(f"meshllm-tiny-llama-{n_layer}l-s{seed}" + (f"-ff{n_ff}" if n_ff != N_FF else ""))
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     writer.add_vocab_size(len(tokens))
     writer.add_context_length(N_CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(N_FF)
+    writer.add_feed_forward_length(n_ff)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_rope_dimension_count(N_EMBD // N_HEAD)
@@ -190,7 +193,7 @@ def write_tiny_model(path: Path, seed: int = 0, n_layer: int = 2) -> Path:
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHATML_TEMPLATE)
 
-    for name, array in _tensors(rng, len(tokens), n_layer, allowed).items():
+    for name, array in _tensors(rng, len(tokens), n_layer, allowed, n_ff).items():
         writer.add_tensor(name, array)
 
     writer.write_header_to_file()
@@ -200,18 +203,19 @@ def write_tiny_model(path: Path, seed: int = 0, n_layer: int = 2) -> Path:
     return path
 
 
-def tiny_model(cache_dir: Path, seed: int = 0, n_layer: int = 2) -> Path:
+def tiny_model(cache_dir: Path, seed: int = 0, n_layer: int = 2, n_ff: int = N_FF) -> Path:
     """Return the tiny model in ``cache_dir``, writing it first (atomically) if it is not there yet."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / f"tiny-llama-{n_layer}l-s{seed}.gguf"
+    wide = f"-ff{n_ff}" if n_ff != N_FF else ""
+    final = cache_dir / f"tiny-llama-{n_layer}l-s{seed}{wide}.gguf"
     if final.is_file():
         return final
     fd, tmp_name = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=cache_dir)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write_tiny_model(tmp, seed=seed, n_layer=n_layer)
+        write_tiny_model(tmp, seed=seed, n_layer=n_layer, n_ff=n_ff)
         tmp.chmod(0o644)
         os.replace(tmp, final)
     finally:

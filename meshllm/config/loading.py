@@ -237,6 +237,7 @@ def parse_config(
     llama = LlamaSection(
         bin_dir=tables["llama"].get("bin_dir", None, to_path),
         threads=tables["llama"].get("threads", None, _as_int),
+        tensor_cache=tables["llama"].get("tensor_cache", True, _as_bool),
     )
 
     lg = tables["log"]

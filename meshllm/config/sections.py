@@ -165,6 +165,10 @@ class LlamaSection:
     """Folder holding ``llama-server`` / ``rpc-server``; ``None`` = the built-in search."""
     threads: int | None = None
     """CPU threads for llama-server and rpc-server (``-t``); ``None`` = llama.cpp's default."""
+    tensor_cache: bool = True
+    """A split worker that has the model's GGUF fills llama.cpp's rpc-server tensor cache from it
+    (``-c``), so the host sends a hash instead of each tensor over 10 MiB; false: every weight of the
+    worker's share crosses the mesh at each load."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -77,6 +77,6 @@ def rpc_spec(model: str, threads: int | None, cache_dir: Path | None = None) -> 
         key=rpc_key(model),
         kind="rpc-server",
         model_path="",
-        args=("-c",),
+        args=("-c", *thread_args(threads)),
         env=cache_dir_env(cache_dir),
     )
