@@ -383,6 +383,7 @@ class Election(MsgpackActor):
             vram_bytes=self.vram_bytes,
             rpc_ready=rpc_ready,
             stuck=self._stuck(),
+            model_bytes={n: m.ref.size_bytes for n, m in self.models.items()},
         )
         self.tell("registry", msg)
         self.tell("router", msg)

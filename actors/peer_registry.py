@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from actors.base import Directory, MsgpackActor, handles
@@ -28,6 +29,7 @@ from meshllm.wire.messages import (
     GossipFailed,
     GossipReceived,
     GossipSnapshot,
+    GpuReport,
     JoinMesh,
     PeerAnnouncement,
     PeerDied,
@@ -49,6 +51,16 @@ GOSSIP_FANOUT = 3
 DIAL_BACKOFF_S = 1.0
 DIAL_BACKOFF_MAX_S = 30.0
 GRAVE_REDIAL_S = 5.0
+GPU_REFRESH_S = 5.0
+GPU_MOVE_BYTES = 256 << 20
+
+
+def gpus_moved(old: tuple[GpuReport, ...], new: tuple[GpuReport, ...]) -> bool:
+    """Whether ``new`` is worth a new announcement: other GPUs, or free memory moved by at least
+    :data:`GPU_MOVE_BYTES` on one of them (smaller moves would only churn versions)."""
+    if [(g.name, g.total_bytes) for g in old] != [(g.name, g.total_bytes) for g in new]:
+        return True
+    return any(abs(a.free_bytes - b.free_bytes) >= GPU_MOVE_BYTES for a, b in zip(old, new, strict=True))
 
 
 class PeerRegistry(MsgpackActor):
@@ -57,17 +69,25 @@ class PeerRegistry(MsgpackActor):
     name = "registry"
 
     def __init__(
-        self, directory: Directory, logger: Logger, own: PeerAnnouncement, timing: TimingSection
+        self,
+        directory: Directory,
+        logger: Logger,
+        own: PeerAnnouncement,
+        timing: TimingSection,
+        gpus_now: Callable[[], tuple[GpuReport, ...]] | None = None,
     ) -> None:
         super().__init__(directory, logger)
         self.own = own
         self.timing = timing
+        self.gpus_now = gpus_now
         self.view = PeerView(own.node_id, timing.dead_ttl_s)
         self.subscribers: list[str] = []
 
     def on_start(self) -> None:
         self._push_snapshot()
         self.every(self.timing.gossip_interval_s, "gossip", jitter=0.2)
+        if self.gpus_now is not None:
+            self.every(GPU_REFRESH_S, "gpus")
 
     # -- helpers ------------------------------------------------------------------------------------------
 
@@ -130,6 +150,9 @@ class PeerRegistry(MsgpackActor):
 
     @handles(Tick)
     def on_tick(self, msg: Tick) -> None:
+        if msg.name == "gpus":
+            self._refresh_gpus()
+            return
         now = time.monotonic()
         self.view.expire(now)
         peers = list(self.view.peers.items())
@@ -205,6 +228,7 @@ class PeerRegistry(MsgpackActor):
             vram_bytes=msg.vram_bytes,
             rpc_ready=msg.rpc_ready,
             stuck=msg.stuck,
+            model_bytes=dict(msg.model_bytes),
             version=self.own.version + 1,
         )
         if replace(updated, version=self.own.version) == self.own:
@@ -213,6 +237,14 @@ class PeerRegistry(MsgpackActor):
         self._push_snapshot()
         for node_id, ann in self.view.peers.items():
             self._exchange(node_id, ann.addrs)
+
+    def _refresh_gpus(self) -> None:
+        """Announce the GPUs' free memory again when it has moved enough to show on a bar."""
+        assert self.gpus_now is not None
+        now = self.gpus_now()
+        if gpus_moved(self.own.gpus, now):
+            self.own = replace(self.own, gpus=now, version=self.own.version + 1)
+            self._push_snapshot()
 
     @handles(SetDemand)
     def on_demand(self, msg: SetDemand) -> None:
@@ -235,6 +267,8 @@ class PeerRegistry(MsgpackActor):
                 serving=a.serving,
                 last_seen_s=round(now - self.view.last_seen.get(a.node_id, now), 3),
                 addrs=a.addrs,
+                model_bytes=a.model_bytes,
+                gpus=a.gpus,
             )
             for a in self.view.peers.values()
         )

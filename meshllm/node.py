@@ -49,6 +49,7 @@ from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
 from meshllm.wire.messages import (
     Ack,
     GetStatus,
+    GpuReport,
     HostInfo,
     JoinMesh,
     Leave,
@@ -202,6 +203,7 @@ class Node(StandbyRoles):
             version=0,
             force_split=cfg.models.force_split,
             promoted_for=(self.promoted_for,) if self.promoted_for else (),
+            gpus=self._gpu_reports(),
         )
         self._started = True
         self._spawn(TransportBridge, endpoint=self.endpoint)
@@ -227,7 +229,12 @@ class Node(StandbyRoles):
             if cfg.node.role == "standby":
                 self._spawn(Standby, **self._standby_args(cfg, models, vram.bytes, hub_models))
         else:
-            self._spawn(PeerRegistry, own=own, timing=cfg.timing)
+            self._spawn(
+                PeerRegistry,
+                own=own,
+                timing=cfg.timing,
+                gpus_now=self._gpu_reports if own.gpus else None,
+            )
             self._spawn(Heartbeat, timing=cfg.timing)
             own_host = HostInfo(node_id=own.node_id, addrs=own.addrs, vram_bytes=own.vram_bytes)
             claims = (self.promoted_for,) if self.promoted_for else ()
@@ -384,6 +391,11 @@ class Node(StandbyRoles):
 
     def peer_ids(self) -> set[str]:
         return {p.node_id for p in self.status().peers}
+
+    def _gpu_reports(self) -> tuple[GpuReport, ...]:
+        """This node's GPUs as its announcement carries them, free memory as of now."""
+        gpus = self.gpu_free.gpus() if self.gpu_free else ()
+        return tuple(GpuReport(g.name, g.total_bytes, g.free_bytes) for g in gpus)
 
     def _extra(self) -> dict[str, Any]:
         return {

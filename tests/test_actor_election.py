@@ -535,6 +535,7 @@ def test_supervisor_reports_become_state_ports_and_announcements(
     assert plan(h, "small").state == "starting" and plan(h, "small").detail == "exit 1"
     assert local_serving(h, mark) == [LocalServing(model="small", port=0)]
     assert announced(h).serving == ()
+    assert announced(h).model_bytes == {"small": 1000}, "peers learn the size of its models"
 
     say(h, LlamaFailed(key="server:small", kind="llama-server", reason="gave up", log_tail="", retry_in_s=-1))
     assert plan(h, "small").state == "failed"

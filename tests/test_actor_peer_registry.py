@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import actors.peer_registry as registry_module
-from actors.peer_registry import DIAL_BACKOFF_S, GRAVE_REDIAL_S, PeerRegistry
+from actors.peer_registry import DIAL_BACKOFF_S, GPU_MOVE_BYTES, GRAVE_REDIAL_S, PeerRegistry, gpus_moved
 from meshllm.config import TimingSection
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
@@ -29,6 +29,7 @@ from meshllm.wire.messages import (
     GossipFailed,
     GossipReceived,
     GossipSnapshot,
+    GpuReport,
     JoinMesh,
     PeerAnnouncement,
     PeerDied,
@@ -376,9 +377,54 @@ def test_set_local_announcement_bumps_the_version_and_gossips_it(h: Harness) -> 
     assert snapshot(transport)[0] == replace(me, serving=(), version=2)
 
 
+def test_the_sizes_of_its_models_travel_in_its_announcement(h: Harness) -> None:
+    """Other nodes know a model only by name: its size comes from the nodes that have it (the
+    console's usage bars need it)."""
+    start(h)
+    transport = h.inboxes["transport"]
+    say(h, SetLocalAnnouncement(models=("m",), serving=("m",), vram_bytes=200, model_bytes={"m": 12345}))
+    assert snapshot(transport)[0].model_bytes == {"m": 12345}
+
+
+def test_gpu_free_memory_is_announced_again_when_it_moves_enough(h: Harness) -> None:
+    """The GPUs are read again on a timer; only a move of 256 MiB or more makes a new version."""
+    for name in ("transport", "heartbeat"):
+        h.dummy(name)
+    gib = 1 << 30
+    now = [(GpuReport("H200", 141 * gib, 140 * gib),)]
+    own = replace(OWN, gpus=now[0])
+    PeerRegistry.start(h.directory, h.logger, own=own, timing=QUIET, gpus_now=lambda: now[0])
+    settle(h)
+    transport = h.inboxes["transport"]
+    now[0] = (GpuReport("H200", 141 * gib, 140 * gib - (100 << 20)),)
+    mark = transport.mark()
+    say(h, Tick("gpus"))
+    assert transport.messages(since=mark) == [], "a 100 MiB move is not worth a new version"
+    now[0] = (GpuReport("H200", 141 * gib, 130 * gib),)
+    say(h, Tick("gpus"))
+    assert snapshot(transport)[0].gpus == now[0] and snapshot(transport)[0].version == 1
+
+
+def test_gpus_moved_is_a_pure_threshold() -> None:
+    a = (GpuReport("A", 100, 50),)
+    assert not gpus_moved(a, a)
+    assert not gpus_moved(a, (GpuReport("A", 100, 50 + GPU_MOVE_BYTES - 1),))
+    assert gpus_moved(a, (GpuReport("A", 100, 50 + GPU_MOVE_BYTES),))
+    assert gpus_moved(a, (GpuReport("B", 100, 50),)) and gpus_moved(a, ()) and gpus_moved((), a)
+
+
 def test_get_status_describes_the_node_and_its_peers(h: Harness) -> None:
     start(h)
-    a = ann("a", vram_bytes=64, models=("m",), serving=("m",), addrs=("10.0.0.1:9",))
+    gpu = GpuReport(name="NVIDIA L4", total_bytes=24 << 30, free_bytes=20 << 30)
+    a = ann(
+        "a",
+        vram_bytes=64,
+        models=("m",),
+        serving=("m",),
+        addrs=("10.0.0.1:9",),
+        model_bytes={"m": 48},
+        gpus=(gpu,),
+    )
     say(h, gossip(a), gossip(ann("b")), DeclareDead(node_id="b", reason="silent"))
     reply = status(h)
     assert (reply.node_id, reply.name, reply.role, reply.vram_bytes) == ("me", "me-name", "active", 100)
@@ -392,6 +438,8 @@ def test_get_status_describes_the_node_and_its_peers(h: Harness) -> None:
         serving=("m",),
         last_seen_s=0.0,
         addrs=("10.0.0.1:9",),
+        model_bytes={"m": 48},
+        gpus=(gpu,),
     )
     assert 0.0 <= peer.last_seen_s < 5.0
     assert reply.dead == ("b",)

@@ -276,6 +276,39 @@ def test_odd_statuses_raise_no_javascript_errors(tmp_path: Path, driver: Any) ->
         assert severe_logs(driver) == []
 
 
+def test_peers_announce_their_model_sizes_and_gpus(tmp_path: Path, driver: Any) -> None:
+    """A model only a peer runs has no size in this node's status: the peer's announced size fills
+    its usage bar, and the peer's GPUs get bars of their own."""
+    peer = {
+        "node_id": "b" * 32,
+        "name": "peer",
+        "role": "active",
+        "vram_bytes": 8 * GIB,
+        "models": ["theirs"],
+        "serving": ["theirs"],
+        "model_bytes": {"theirs": 2 * GIB},
+        "gpus": [{"name": "NVIDIA L4", "total_bytes": 8 * GIB, "free_bytes": 6 * GIB}],
+    }
+    status = {
+        "node_id": "a" * 32,
+        "name": "me",
+        "vram_bytes": 4 * GIB,
+        "peers": [peer],
+        "models": [{"name": "theirs", "state": "solo", "hosts": ["b" * 32], "size_bytes": 0}],
+    }
+    with fake_console([status]) as server:
+        driver.get(server.url + "/")
+        wait_rendered(driver, 1)
+        bars = {b_["id"]: b_ for b_ in driver.execute_script(BARS_JS)}
+        assert bars["b" * 32]["used"] == 2 * GIB and bars["b" * 32]["fraction"] == 0.25
+        check_bars(list(bars.values()))
+        gpu = driver.execute_script(
+            f"return document.querySelector('.node[data-node-id=\"{'b' * 32}\"] .gpu-bar').dataset.usedFraction"
+        )
+        assert gpu == "0.250"
+        assert severe_logs(driver) == []
+
+
 def test_page_reconnects_when_the_node_restarts(nodes: NodeFactory, tmp_path: Path, driver: Any) -> None:
     """The node stops and starts again on the same console port: the open page shows it again, live,
     without a reload."""

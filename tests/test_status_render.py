@@ -183,6 +183,23 @@ def test_a_model_without_size_counts_as_unknown_not_zero() -> None:
     assert "  small  serving  ?" in text
 
 
+def test_a_model_known_only_through_peers_takes_the_size_they_announce() -> None:
+    status = copy.deepcopy(STATUS)
+    status["models"][1]["size_bytes"] = 0
+    status["peers"][1]["model_bytes"] = {"small": 2 * G}
+    text = render(status, 100)
+    assert "  small  serving  2.0 GiB" in text
+    assert not block(text, "gamma")[2].endswith("+?") and "2.0 GiB" in block(text, "gamma")[2]
+
+
+def test_a_peers_gpus_show_under_it() -> None:
+    status = copy.deepcopy(STATUS)
+    status["peers"][0]["gpus"] = [{"name": "NVIDIA L4", "total_bytes": 24 * G, "free_bytes": 18 * G}]
+    beta = block(render(status, 100), "beta")
+    gpu = next(line for line in beta if "gpu" in line)
+    assert "L4" in gpu and "6.0 GiB / 24.0 GiB" in gpu
+
+
 def test_split_fractions_that_do_not_match_the_members_are_shared_equally() -> None:
     status = copy.deepcopy(STATUS)
     status["models"][0]["fractions"] = [1.0]

@@ -150,6 +150,18 @@ def _model(entry: Mapping[str, Any]) -> ModelView:
     )
 
 
+def _sizes_from_peers(models: list[ModelView], status: Mapping[str, Any]) -> None:
+    """A model this node knows only through peers has no size here: take what its peers announce."""
+    announced: dict[str, float] = {}
+    for entry in _list(status.get("peers")):
+        for name, size in _map(_map(entry).get("model_bytes")).items():
+            if (n := _num(size)) and n > announced.get(str(name), 0.0):
+                announced[str(name)] = n
+    for m in models:
+        if m.size is None and m.name in announced:
+            m.size = announced[m.name]
+
+
 def _nodes(status: Mapping[str, Any]) -> list[NodeView]:
     own_id = _text(status.get("node_id"))
     me = NodeView(
@@ -176,6 +188,7 @@ def _nodes(status: Mapping[str, Any]) -> list[NodeView]:
                 role=_text(p.get("role"), "?"),
                 vram=_num(p.get("vram_bytes")),
                 serving={_text(s) for s in _list(p.get("serving"))},
+                gpus=[_map(g) for g in _list(p.get("gpus")) if isinstance(g, Mapping)],
             )
         )
     return nodes
@@ -351,6 +364,7 @@ def render(status: Mapping[str, Any], width: int = 100) -> str:
     width = max(width, MIN_WIDTH)
     status = _map(status)
     models = [_model(_map(m)) for m in _list(status.get("models"))]
+    _sizes_from_peers(models, status)
     nodes = _nodes(status)
     _attribute(nodes, models)
     by_id = {n.node_id: n.name for n in nodes if n.node_id}

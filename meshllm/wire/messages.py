@@ -17,6 +17,15 @@ from meshllm.wire.codec import Message, message
 
 
 @dataclass(frozen=True)
+class GpuReport:
+    """One GPU a node counts, as it announces it: the console draws a bar per GPU for every node."""
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
 class PeerAnnouncement:
     """What a node says about itself in gossip; the newest (incarnation, version) wins per node."""
 
@@ -34,6 +43,8 @@ class PeerAnnouncement:
     promoted_for: tuple[str, ...] = ()  # a standby that promoted itself to serve these models
     demand: dict[str, float] = field(default_factory=dict)  # requests/min this node counted, per model
     stuck: tuple[str, ...] = ()  # models it wants but cannot serve now (waiting for memory, refused, failed)
+    model_bytes: dict[str, int] = field(default_factory=dict)  # size of each of its models (0: not known yet)
+    gpus: tuple[GpuReport, ...] = ()  # free memory re-announced when it moves by 256 MiB or more
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
@@ -278,6 +289,7 @@ class SetLocalAnnouncement(Message):
     vram_bytes: int
     rpc_ready: tuple[str, ...] = ()
     stuck: tuple[str, ...] = ()
+    model_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @message(118)
@@ -334,6 +346,8 @@ class PeerStatus:
     serving: tuple[str, ...]
     last_seen_s: float
     addrs: tuple[str, ...] = ()
+    model_bytes: dict[str, int] = field(default_factory=dict)
+    gpus: tuple[GpuReport, ...] = ()
 
 
 @message(301)

@@ -44,6 +44,7 @@ function nodesOf(s) {
     vram: num(s.vram_bytes),
     gpus: arr(s.gpus).map(obj),
     serving: [],
+    sizes: {},
     self: true,
   };
   const peers = arr(s.peers)
@@ -55,6 +56,7 @@ function nodesOf(s) {
       vram: num(p.vram_bytes),
       gpus: arr(p.gpus).map(obj),
       serving: arr(p.serving).map(str),
+      sizes: obj(p.model_bytes),
       self: false,
     }))
     .filter((p) => p.id && p.id !== self.id)
@@ -63,6 +65,14 @@ function nodesOf(s) {
 }
 
 // Per node: one segment per model it runs (whole size) or holds as a split share (fraction x size).
+// A model's size: this node's figure, else what a node that has it announces (peers' models are
+// known here only by their announcements).
+function sizeOf(name, models, nodes) {
+  const m = models.find((x) => x.name === name);
+  if (m && m.size > 0) return m.size;
+  return nodes.reduce((best, n) => Math.max(best, num(obj(n.sizes)[name])), 0);
+}
+
 function usageOf(nodes, models) {
   const use = new Map(nodes.map((n) => [n.id, new Map()]));
   const put = (id, model, size, part) => {
@@ -76,16 +86,13 @@ function usageOf(nodes, models) {
       const fr = arr(m.fractions);
       parts.forEach((id, i) => {
         const f = fr.length === parts.length ? num(fr[i]) : 1 / parts.length;
-        put(id, m.name, m.size * f, i === 0 ? "host" : "worker");
+        put(id, m.name, sizeOf(m.name, models, nodes) * f, i === 0 ? "host" : "worker");
       });
     }
-    for (const id of arr(m.hosts)) put(id, m.name, m.size, "serving");
+    for (const id of arr(m.hosts)) put(id, m.name, sizeOf(m.name, models, nodes), "serving");
   }
   for (const n of nodes) {
-    for (const name of n.serving) {
-      const m = models.find((x) => x.name === name);
-      put(n.id, name, m ? m.size : 0, "serving");
-    }
+    for (const name of n.serving) put(n.id, name, sizeOf(name, models, nodes), "serving");
   }
   return use;
 }
