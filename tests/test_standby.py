@@ -71,7 +71,11 @@ def test_standby_takes_over_when_the_last_host_is_killed(procs: ProcessFactory, 
     s.wait_event("standby.promoted", 60, model="tiny")
     assert wait_until(lambda: answers(b), 30, what="b to answer again") == before
     assert hosts(c) == [s.node_id]
-    assert console_status(c.console_url)["standby_connections"] == 0  # s is an active member now
+    status = console_status(c.console_url)
+    assert status["standby_connections"] == 0  # s is an active member now
+    # The consoles' timelines show the promotion: c saw s join as a promoted standby, s promoted itself.
+    assert any(e["kind"] == "promoted" and e.get("node_id") == s.node_id for e in status["timeline"])
+    assert "promoted" in [e["kind"] for e in console_status(s.console_url)["timeline"]]
 
 
 def test_standby_takes_over_when_the_last_host_leaves(procs: ProcessFactory, tiny_gguf: Path) -> None:
