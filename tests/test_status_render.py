@@ -231,11 +231,13 @@ def test_empty_and_error_bodies_render() -> None:
 
 
 json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
-json_value = st.recursive(
-    json_leaf,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12,
-)
+
+
+def json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4))
+
+
+json_value = st.recursive(json_leaf, json_containers, max_leaves=12)
 FIELDS = [
     "node_id", "name", "role", "vram_bytes", "peers", "models", "gpus", "dead", "mesh_id",
     "passive_connections", "standby_connections", "standby", "hosts", "host", "workers", "fractions",
