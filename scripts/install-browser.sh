@@ -8,13 +8,13 @@ if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  log "no apt-get here: install chromium and chromedriver yourself (the browser tests skip without them)"
+  log "no apt-get here: install chromium and chromedriver yourself (the browser tests fail without them)"
   exit 0
 fi
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-    log "not root and no sudo: the browser tests will skip"
+    log "not root and no sudo: install chromium and chromium-driver yourself (the browser tests fail without them)"
     exit 0
   fi
 fi

@@ -2,7 +2,7 @@
 serves the page's real files with statuses a test makes up (hundreds of nodes, odd fields).
 
 Chromium comes from ``scripts/install-browser.sh`` (Debian's ``chromium`` and ``chromium-driver``);
-without them the browser tests skip.
+without them the browser tests fail, saying so.
 """
 
 from __future__ import annotations

@@ -18,8 +18,6 @@ from meshllm.node import Node
 from tests.browser import ARTIFACTS, fake_console, have_browser, severe_logs, start_browser
 from tests.support import LogCapture, NodeFactory, ProcessFactory, console_status, model_status, wait_until
 
-pytestmark = pytest.mark.skipif(not have_browser(), reason="needs chromium (scripts/install-browser.sh)")
-
 GIB = 1 << 30
 FAST = "[timing]\nprobe_interval_s = 0.5\ndead_after_s = 2.0\n"
 SMOLLM = "smollm2-135m"
@@ -41,6 +39,8 @@ return [...document.querySelectorAll('.node')].map((n) => {
 
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Any]:
+    if not have_browser():  # the test command installs them; a missing browser is a failure, not a skip
+        pytest.fail("no /usr/bin/chromium or /usr/bin/chromedriver: run scripts/install-browser.sh (as root)")
     browser = start_browser(tmp_path / "chromium-profile")
     try:
         yield browser
