@@ -29,6 +29,7 @@ from meshllm.serving.cache_fill import fill_in_background
 from meshllm.serving.local_model import LocalModel
 from meshllm.serving.process_specs import parse_key, rpc_spec, server_spec, split_server_spec
 from meshllm.wire.messages import (
+    AllowRpcHost,
     DesiredProcesses,
     EnsureRpcListeners,
     FetchModel,
@@ -323,6 +324,16 @@ class Election(MsgpackActor):
         seeds = tuple(Seed(node_id=w, addrs=self.peers[w].addrs) for w in workers)
         self.tell("transport", EnsureRpcListeners(model=local.ref.name, workers=seeds))
 
+    def _allow_rpc_host(self, local: LocalModel) -> None:
+        """Tell the transport which node may tunnel to this node's rpc-server for the model: the
+        host of the plan that makes this node its worker, no one otherwise. Told before the
+        rpc-server starts (the host dials only after this node announces it ready)."""
+        plan = local.plan
+        host = plan.host if local.mode == "worker" and plan is not None else ""
+        if host != local.rpc_host_allowed:
+            local.rpc_host_allowed = host
+            self.tell("transport", AllowRpcHost(model=local.ref.name, host=host))
+
     @handles(RpcListeners)
     def on_listeners(self, msg: RpcListeners) -> None:
         local = self.models.get(msg.model)
@@ -344,6 +355,7 @@ class Election(MsgpackActor):
             specs += self._plan_model(local)
             if local.mode != "split" and local.listeners_asked:
                 self._ask_listeners(local, ())
+            self._allow_rpc_host(local)
             self._log_plan(name, local)
         if self._stuck() != self.announced_stuck:
             self.announced_stuck = self._stuck()

@@ -20,6 +20,7 @@ from meshllm.net.rpc_tunnel import RpcTunnels
 from meshllm.wire.framing import pack_frame
 from meshllm.wire.messages import (
     Ack,
+    AllowRpcHost,
     BroadcastPeerDown,
     EnsureRpcListeners,
     ExchangeGossip,
@@ -58,6 +59,13 @@ class TransportBridge(MsgpackActor):
             self.tell("election", reply)
 
         self._thread.submit(ensure())
+
+    @handles(AllowRpcHost)
+    def on_allow_rpc_host(self, msg: AllowRpcHost) -> None:
+        async def allow() -> None:
+            self.rpc_tunnels.allow(msg.model, msg.host)
+
+        self._thread.submit(allow())
 
     @handles(GossipSnapshot)
     def on_snapshot(self, msg: GossipSnapshot) -> None:

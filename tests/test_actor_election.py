@@ -25,6 +25,7 @@ from meshllm.serving.process_specs import rpc_spec, server_spec, split_server_sp
 from meshllm.serving.rpc_cache import cache_dir_env
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
+    AllowRpcHost,
     DesiredProcesses,
     EnsureRpcListeners,
     GetPlan,
@@ -158,7 +159,7 @@ def test_a_model_that_fits_is_served_solo(h: Harness, tmp_path: Path) -> None:
     assert router.wait_for(LocalServing, lambda m: m.port == 8081) == LocalServing(model="small", port=8081)
     serving = registry.wait_for(SetLocalAnnouncement, lambda m: m.serving == ("small",))
     assert serving == SetLocalAnnouncement(
-        models=("small",), serving=("small",), vram_bytes=2000, rpc_ready=()
+        models=("small",), serving=("small",), vram_bytes=2000, rpc_ready=(), model_bytes={"small": 1000}
     )
     assert plan(h, "small") == ModelStatus(
         name="small",
@@ -276,9 +277,11 @@ def test_a_split_worker_runs_an_rpc_server_and_announces_it(
     say(h, LlamaReady(key="rpc:big", kind="rpc-server", port=5001, pid=7))
     assert local_serving(h)[-1] == LocalServing(model="big", port=5001, kind="rpc-server")
     assert announced(h) == SetLocalAnnouncement(
-        models=("big",), serving=(), vram_bytes=4000, rpc_ready=("big",)
+        models=("big",), serving=(), vram_bytes=4000, rpc_ready=("big",), model_bytes={"big": 8000}
     )
     assert plan(h, "big").state == "worker"
+    # Only p, the plan's host, may open tunnels to the rpc-server: told before it started.
+    assert h.inboxes["transport"].messages(AllowRpcHost) == [AllowRpcHost(model="big", host="p")]
     replan(h, clock)
     assert listeners(h) == []  # the host opens the tunnels, not a worker
     assert len(desired(h)) == 2
@@ -289,6 +292,7 @@ def test_a_split_worker_runs_an_rpc_server_and_announces_it(
     assert local_serving(h)[-1] == LocalServing(model="big", port=0, kind="rpc-server")
     assert announced(h).rpc_ready == ()
     assert plan(h, "big").state == "waiting"
+    assert h.inboxes["transport"].last(AllowRpcHost) == AllowRpcHost(model="big", host="")
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["threads", "tensor-cache"])
@@ -365,7 +369,7 @@ def test_a_split_host_opens_tunnels_once_every_rpc_server_is_up(
     say(h, LlamaReady(key="server:big", kind="llama-server", port=8081, pid=8))
     assert local_serving(h)[-1] == LocalServing(model="big", port=8081)
     assert announced(h) == SetLocalAnnouncement(
-        models=("big",), serving=("big",), vram_bytes=6000, rpc_ready=("big",)
+        models=("big",), serving=("big",), vram_bytes=6000, rpc_ready=("big",), model_bytes={"big": 8000}
     )
     status = plan(h, "big")
     assert (status.state, status.hosts, status.host, status.workers, status.fractions) == (

@@ -147,6 +147,8 @@ class RpcTunnels:
         self.bytes_from_workers = [0]
         self.bytes_served_in = [0]
         self.bytes_served_out = [0]
+        self._allowed_hosts: dict[str, str] = {}  # model -> the plan's host, the only node served
+        self._served: dict[str, set[tuple[str, asyncio.StreamWriter, asyncio.StreamWriter]]] = {}
         self._fallback_logged = False
         endpoint.register_tunnel(StreamKind.RPC_TUNNEL, self.serve_worker_side)
         endpoint.fast.register(RpcTunnelRequest, self._serve_fast, passive_ok=False)
@@ -284,7 +286,8 @@ class RpcTunnels:
         self, conn: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """A QUIC RPC tunnel stream: its header frame, then the same as the fast path."""
-        await self.serve_rpc(await read_frame_as(reader, RpcTunnelRequest), reader, writer)
+        peer = getattr(conn, "peer_id", None) or ""
+        await self.serve_rpc(await read_frame_as(reader, RpcTunnelRequest), peer, reader, writer)
 
     async def _serve_fast(
         self,
@@ -293,12 +296,43 @@ class RpcTunnels:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        await self.serve_rpc(request, reader, writer)
+        await self.serve_rpc(request, hello.node_id, reader, writer)
+
+    def allow(self, model: str, host: str) -> None:
+        """Only ``host`` may tunnel to this node's rpc-server for ``model`` from now on (``""``: no
+        one); open tunnels from any other node are cut. Runs on the endpoint loop."""
+        if host:
+            self._allowed_hosts[model] = host
+        else:
+            self._allowed_hosts.pop(model, None)
+        for entry in list(self._served.get(model, ())):
+            peer, outer, local = entry
+            if peer != host:
+                self.log.warning("rpc.tunnel_cut", model=model, peer=peer, reason="no longer the plan's host")
+                for w in (outer, local):
+                    with contextlib.suppress(Exception):
+                        w.close()
 
     async def serve_rpc(
-        self, request: RpcTunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        request: RpcTunnelRequest,
+        peer: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
-        """Connect a tunnel to this node's rpc-server for the requested model."""
+        """Connect a tunnel from ``peer`` (its verified node id) to this node's rpc-server for the
+        requested model - if, and while, ``peer`` is the host of the plan that makes this node its
+        worker."""
+        allowed = self._allowed_hosts.get(request.model, "")
+        if not peer or peer != allowed:
+            reason = (
+                f"node {peer[:12] or '?'} is not the host this node is a worker of for {request.model!r}"
+                if allowed
+                else f"this node is no split worker of {request.model!r}"
+            )
+            self.log.warning("rpc.refused", model=request.model, peer=peer, reason=reason)
+            writer.write(pack_frame(Refused(reason=reason)))
+            return
         route = await local_route(self.directory, request.model, self.log)
         port = route.local_rpc_port if route is not None else 0
         if not port:
@@ -309,5 +343,15 @@ class RpcTunnels:
         except OSError as exc:
             writer.write(pack_frame(Refused(reason=f"rpc-server unreachable: {exc}")))
             return
-        writer.write(pack_frame(Ack()))
-        await splice((reader, writer), local, self.bytes_served_in, self.bytes_served_out)
+        entry = (peer, writer, local[1])
+        served = self._served.setdefault(request.model, set())
+        served.add(entry)
+        try:
+            if self._allowed_hosts.get(request.model) != peer:  # the plan changed while connecting
+                local[1].close()
+                writer.write(pack_frame(Refused(reason="the plan changed")))
+                return
+            writer.write(pack_frame(Ack()))
+            await splice((reader, writer), local, self.bytes_served_in, self.bytes_served_out)
+        finally:
+            served.discard(entry)

@@ -31,6 +31,7 @@ class LocalModel:
     detail: str = ""
     listening: dict[str, int] = field(default_factory=dict)  # tunnel listener port per worker
     listeners_asked: tuple[str, ...] = ()  # workers we asked the transport listeners for
+    rpc_host_allowed: str = ""  # the host whose RPC tunnels the transport was told to accept
     cache: str = "empty"  # rpc tensor cache: empty | filling | filled
     fetch: str = ""  # a hub model's file: "" (on disk) | resolving | described | fetching | refused | failed
     fetch_error: str = ""

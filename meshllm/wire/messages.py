@@ -619,6 +619,18 @@ class EnsureRpcListeners(Message):
     workers: tuple[Seed, ...]
 
 
+@message(234)
+@dataclass(frozen=True)
+class AllowRpcHost(Message):
+    """Election -> transport: the one node whose RPC tunnels this node's rpc-server for ``model``
+    accepts - the host of the plan in which this node is a worker; ``""``: none. llama.cpp's
+    rpc-server gives whoever connects arbitrary reads and writes of its memory, so a tunnel from
+    anyone else is refused, and open tunnels from a node that is no longer the host are closed."""
+
+    model: str
+    host: str
+
+
 @message(231)
 @dataclass(frozen=True)
 class RpcListeners(Message):
