@@ -7,6 +7,9 @@ process - as tests run them - keep their own ``node`` field and their own files.
 
 from __future__ import annotations
 
+import io
+import os
+import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -61,6 +64,19 @@ def _tapped(tap: LogTap) -> Processor:
     return process
 
 
+LOG_FILE_MODE = 0o640  # logs name peers, models and addresses: not for every user of the machine
+
+
+def open_log_for_append(path: Path) -> IO[bytes]:
+    """``path`` opened to append bytes, created (with its folder) as :data:`LOG_FILE_MODE`, and
+    narrowed to it if an older file was created wider."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_FILE_MODE)
+    if stat.S_IMODE(os.fstat(fd).st_mode) & ~LOG_FILE_MODE:
+        os.fchmod(fd, LOG_FILE_MODE)
+    return os.fdopen(fd, "ab")
+
+
 def make_logger(
     node: str,
     fmt: str = "json",
@@ -72,8 +88,7 @@ def make_logger(
     every record (with its ``ts``) before it is rendered."""
     streams: list[IO[str]] = [stream if stream is not None else sys.stderr]
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        streams.append(file.open("a", encoding="utf-8"))
+        streams.append(io.TextIOWrapper(open_log_for_append(file), encoding="utf-8", line_buffering=True))
     renderer: Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)

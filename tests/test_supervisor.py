@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -424,3 +425,21 @@ def test_no_orphan_when_node_is_killed(tmp_path: Path) -> None:
             node.wait()
         if child and alive(child) and ours(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_log_files_are_created_0640_and_narrowed_when_wider(tmp_path: Path) -> None:
+    """Logs name peers, models and addresses: readable by the owner's group at most."""
+    from meshllm.logsetup import open_log_for_append
+
+    fresh = tmp_path / "logs" / "node.log"
+    with open_log_for_append(fresh) as f:
+        f.write(b"one\n")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    wide = tmp_path / "old.log"
+    wide.write_bytes(b"before\n")
+    wide.chmod(0o666)
+    with open_log_for_append(wide) as f:
+        assert f.tell() == len(b"before\n")
+        f.write(b"after\n")
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o640
+    assert wide.read_bytes() == b"before\nafter\n"

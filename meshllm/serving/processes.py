@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 
+from meshllm.logsetup import open_log_for_append
 from meshllm.serving.llama import LOOPBACK
 
 __all__ = [
@@ -95,7 +96,7 @@ def spawn(
     Returns the child and the log's size before that line (where this start's output begins).
     Raises ``OSError`` if the log cannot be opened or the command cannot be started.
     """
-    with log_path.open("ab") as out:
+    with open_log_for_append(log_path) as out:
         log_offset = out.tell()
         out.write(f"=== meshllm: starting {shlex.join(cmd)}\n".encode())
         out.flush()
