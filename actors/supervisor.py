@@ -94,6 +94,7 @@ class Supervisor(MsgpackActor):
         backoff_cap_s: float = 30.0,
         max_failures: int = 5,
         stop_timeout_s: float = 5.0,
+        give_up_retry_s: float = 300.0,
     ) -> None:
         super().__init__(directory, logger)
         self.binaries = binaries
@@ -104,7 +105,9 @@ class Supervisor(MsgpackActor):
         self.backoff_cap_s = backoff_cap_s
         self.max_failures = max_failures
         self.stop_timeout_s = stop_timeout_s
+        self.give_up_retry_s = give_up_retry_s
         self.children: dict[str, _Child] = {}
+        self._last_desired: tuple[ProcessSpec, ...] | None = None
         self._generations = 0
 
     def on_start(self) -> None:
@@ -132,11 +135,15 @@ class Supervisor(MsgpackActor):
         ]
         if stale:
             self._stop_children(stale, reason="no longer desired")
+        changed = self._last_desired is not None and msg.specs != self._last_desired
+        self._last_desired = msg.specs
         for key, spec in desired.items():
             if key not in self.children:
                 child = _Child(spec=spec, log_path=self.log_dir / f"{log_name(key)}.log")
                 self.children[key] = child
                 self._start(child)
+            elif changed and self.children[key].gave_up:  # the plan changed: another round of tries
+                self._retry_given_up(self.children[key], "the plan changed")
 
     # -- news from helper threads ---------------------------------------------------------------------
 
@@ -180,9 +187,23 @@ class Supervisor(MsgpackActor):
     def on_restart(self, msg: RestartChild) -> None:
         child = self.children.get(msg.key)
         # Only the start that failed may be restarted, and only while its key is still desired.
-        if child is None or child.generation != msg.generation or child.proc is not None or child.gave_up:
+        if child is None or child.generation != msg.generation or child.proc is not None:
             return
         child.retry_timer = None
+        if child.gave_up:
+            self._retry_given_up(child, f"{self.give_up_retry_s:g}s after giving up")
+        else:
+            self._start(child)
+
+    def _retry_given_up(self, child: _Child, why: str) -> None:
+        """A child that was given up gets a fresh round of ``max_failures`` tries: whatever made it
+        fail (a full disk, a GPU held by another program) may be gone by now."""
+        if child.retry_timer is not None:
+            child.retry_timer.cancel()
+            child.retry_timer = None
+        child.gave_up = False
+        child.failures = 0
+        self.log.info("llama.retrying", key=child.spec.key, kind=child.spec.kind, reason=why)
         self._start(child)
 
     # -- starting -----------------------------------------------------------------------------------
@@ -280,15 +301,15 @@ class Supervisor(MsgpackActor):
         tail = read_log_tail(child.log_path, child.log_offset) if pid else ""
         if give_up or child.failures >= self.max_failures:
             child.gave_up = True
-            retry_in_s = -1.0
+            retry_in_s = -1.0  # "failed" for the election; one more round comes after give_up_retry_s
+            delay = self.give_up_retry_s
         else:
             retry_in_s = min(self.backoff_base_s * 2 ** (child.failures - 1), self.backoff_cap_s)
-            timer = threading.Timer(
-                retry_in_s, self._tell_self, args=(RestartChild(spec.key, child.generation),)
-            )
-            timer.daemon = True
-            child.retry_timer = timer
-            timer.start()
+            delay = retry_in_s
+        timer = threading.Timer(delay, self._tell_self, args=(RestartChild(spec.key, child.generation),))
+        timer.daemon = True
+        child.retry_timer = timer
+        timer.start()
         self.log.warning(
             "llama.failed",
             key=spec.key,

@@ -1,10 +1,11 @@
-"""The ``meshllm`` command line: run a node, print its invite token, download and list models."""
+"""The ``meshllm`` command line: run a node, print invite tokens, revoke, download and list models."""
 
 from __future__ import annotations
 
 import dataclasses
 import signal
 import threading
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +15,11 @@ import typer
 from meshllm.config import ConfigError, HostPort, NodeConfig, default_config, load_config
 from meshllm.console import client
 from meshllm.models import pull
+from meshllm.net.revocation import RevokeError, revoke_via_node
 from meshllm.node import Node, NodeStartError, local_addresses, parse_join_tokens
+from meshllm.wire.grants import DEFAULT_TTL_S, GrantError, parse_ttl
 from meshllm.wire.identity import NodeIdentity
-from meshllm.wire.invite import InviteError, MeshMembership
+from meshllm.wire.invite import InviteError, MeshMembership, read_addrs
 
 app = typer.Typer(
     help=(
@@ -29,6 +32,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def config_invite(cfg: NodeConfig, role: str, ttl_s: int = DEFAULT_TTL_S) -> str:
+    """A token for ``role`` from a node's config and data dir (``meshllm invite``): its addresses are
+    ``[node] advertise``, else those of a fixed ``quic_listen`` port, else the ones the running node
+    wrote to its data dir. InviteError (or ConfigError) says why there is none."""
+    data_dir, listen = cfg.node.data_dir, cfg.node.quic_listen
+    if cfg.node.advertise:
+        addrs = tuple(str(a) for a in cfg.node.advertise)
+    elif listen.port != 0:
+        addrs = local_addresses(listen.host, listen.port)
+    else:
+        addrs = read_addrs(data_dir)
+        if not addrs:
+            raise InviteError(
+                "node.quic_listen has port 0 (picked at start) and the node has not started: start it "
+                "first (it writes its addresses to its data dir), or set a fixed port or node.advertise"
+            )
+    membership = MeshMembership.resolve(data_dir, parse_join_tokens(cfg.node.join))
+    identity = NodeIdentity.load_or_create(data_dir)
+    return membership.invite(identity.node_id, addrs, role, time.time(), ttl_s).encode()
 
 
 class LogFormat(StrEnum):
@@ -111,34 +135,67 @@ def run(
         node.stop(leave=True)
 
 
-@app.command()
-def invite(config: ConfigOption = None) -> None:
-    """Print this node's invite token: another node with it in [node] join joins this mesh.
+class InviteRole(StrEnum):
+    client = "client"
+    standby = "standby"
+    active = "active"
 
-    The running node logs the same token as the `mesh.invite` event.
+
+@app.command()
+def invite(
+    config: ConfigOption = None,
+    role: Annotated[
+        InviteRole,
+        typer.Option(
+            help="What the token lets its holder do. client: use the mesh's API through routes and "
+            "HTTP tunnels, nothing else (the token to share). standby: also hold capacity and promote "
+            "itself to a member when the mesh needs it. active: a full member - gossip, serve, split "
+            "(RPC tunnels) - and the mesh secret, so it can invite and revoke in turn."
+        ),
+    ] = InviteRole.client,
+    ttl: Annotated[
+        str,
+        typer.Option(
+            help="How long the token admits new nodes: 30m, 24h, 7d, 2w, or never. Nodes admitted "
+            "before it expires stay admitted (until revoked)."
+        ),
+    ] = "24h",
+) -> None:
+    """Print an invite token for this node's mesh: another node with it in [node] join joins.
+
+    Needs the mesh secret (a node that founded the mesh or joined with an active token). With
+    quic_listen port 0 it reads the running node's addresses from its data dir. Each token has a
+    token id (meshllm revoke TOKEN_ID cuts off every node that joined with it).
     """
     cfg = _load(config)
-    listen = cfg.node.quic_listen
-    if not cfg.node.advertise and listen.port == 0:
-        typer.echo(
-            "meshllm: node.quic_listen has port 0 (picked at start): read the token from the running "
-            "node's mesh.invite log line, or set a fixed port or node.advertise",
-            err=True,
-        )
-        raise typer.Exit(2)
     try:
-        tokens = parse_join_tokens(cfg.node.join)
-        identity = NodeIdentity.load_or_create(cfg.node.data_dir)
-        membership = MeshMembership.resolve(cfg.node.data_dir, tokens)
+        text = config_invite(cfg, role.value, parse_ttl(ttl))
+    except GrantError as exc:
+        typer.echo(f"meshllm: --ttl: {exc}", err=True)
+        raise typer.Exit(2) from None
     except (ConfigError, InviteError, OSError) as exc:
         typer.echo(f"meshllm: {exc}", err=True)
         raise typer.Exit(1) from None
-    addrs = (
-        tuple(str(a) for a in cfg.node.advertise)
-        if cfg.node.advertise
-        else local_addresses(listen.host, listen.port)
-    )
-    typer.echo(membership.invite(identity.node_id, addrs).encode())
+    typer.echo(text)
+
+
+@app.command()
+def revoke(
+    target: Annotated[str, typer.Argument(help="A node id, or the token id of an invite token.")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a node or an invite token: the mesh refuses its Hellos and closes its connections.
+
+    Asks the node running on this config's data dir (over its local socket, data_dir/node.sock) to
+    sign the revocation with the mesh's authority key and spread it through the mesh; when that node
+    is not running, signs it here and the node spreads it when it starts. Needs the mesh secret.
+    """
+    cfg = _load(config)
+    try:
+        typer.echo(revoke_via_node(cfg.node.data_dir, target))
+    except RevokeError as exc:
+        typer.echo(f"meshllm: cannot revoke: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

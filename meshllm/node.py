@@ -4,7 +4,8 @@ together from one :class:`~meshllm.config.NodeConfig`, and takes them down again
 Tests and embedding code use it directly::
 
     node = Node(config).start()
-    node.invite_token          # give this to another node's [node] join
+    node.invite_token          # an active token: give it to another node's [node] join
+    node.invite("client")      # a token for a client (see meshllm.wire.grants for the roles)
     node.status()              # the registry's StatusReply
     node.stop()                # leaving notice to peers, then everything stops
 """
@@ -44,8 +45,10 @@ from meshllm.serving.gateway import Gateway
 from meshllm.serving.llama import LlamaNotFound, find_binaries
 from meshllm.standby_roles import StandbyRoles
 from meshllm.wire.framing import StreamKind
+from meshllm.wire.gate import Gate
+from meshllm.wire.grants import DEFAULT_TTL_S, fingerprint
 from meshllm.wire.identity import NodeIdentity
-from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
+from meshllm.wire.invite import InviteError, InviteToken, MeshMembership, own_grant, role_problem, write_addrs
 from meshllm.wire.messages import (
     Ack,
     GetStatus,
@@ -127,6 +130,7 @@ class Node(StandbyRoles):
         )
         self.identity: NodeIdentity | None = None
         self.membership: MeshMembership | None = None
+        self.gate: Gate | None = None
         self.endpoint: MeshEndpoint | None = None
         self.console: ConsoleServer | None = None
         self.gateway: Gateway | None = None
@@ -169,6 +173,11 @@ class Node(StandbyRoles):
                 raise NodeStartError(str(exc)) from None
         self.identity = NodeIdentity.load_or_create(data_dir)
         self.membership = MeshMembership.resolve(data_dir, tokens)
+        grant = own_grant(data_dir, self.membership, self.identity.node_id, tokens, time.time())
+        problem = role_problem(cfg.node.role, grant, promoted=bool(self.promoted_for))
+        if problem:
+            raise NodeStartError(problem)
+        self.gate = Gate(data_dir, self.membership, self.identity, grant)
         self.log = self.log.bind(node_id=self.identity.node_id)
         vram = detect_capacity(cfg.node.vram_gb, binaries.server if binaries is not None else None)
         self.capacity = vram
@@ -179,7 +188,7 @@ class Node(StandbyRoles):
 
         listen = cfg.node.quic_listen
         self.endpoint = MeshEndpoint(
-            self.identity, self.membership, cfg.node.role, listen.host, listen.port, self.directory, self.log
+            self.identity, self.gate, cfg.node.role, listen.host, listen.port, self.directory, self.log
         )
         try:
             port = self.endpoint.start()
@@ -190,6 +199,8 @@ class Node(StandbyRoles):
             self.addrs = tuple(str(a) for a in cfg.node.advertise)
         else:
             self.addrs = local_addresses(listen.host, port)
+        write_addrs(data_dir, self.identity.node_id, self.addrs)  # for meshllm invite (port 0)
+        self.endpoint.loop_thread.run(self.endpoint.revocations.listen(data_dir), timeout=5)  # meshllm revoke
 
         own = PeerAnnouncement(
             node_id=self.identity.node_id,
@@ -266,7 +277,7 @@ class Node(StandbyRoles):
                 )
         demand = DemandCounter()  # shared by the two places that serve requests, read by the gateway
         self.tunnel_server = HttpTunnelServer(self.directory, self.log, demand)
-        self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle)
+        self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle, passive_ok=True)
         self.endpoint.fast.register(TunnelRequest, self.tunnel_server.serve_fast, passive_ok=True)
 
         status_from, plan_from = ("router", "router") if self.passive else ("registry", "election")
@@ -312,7 +323,12 @@ class Node(StandbyRoles):
                     "mesh.no_join", reason="a passive node needs [node] join tokens to find the mesh"
                 )
         else:
-            self.log.info("mesh.invite", token=self.invite_token)
+            if self.membership.secret:  # never the token itself: logs travel further than secrets should
+                self.log.info(
+                    "mesh.invite",
+                    mesh=fingerprint(self.membership.authority),
+                    hint="print a token with: meshllm invite --config NODE.toml --role client|standby|active",
+                )
             if seeds:
                 self.directory.tell("registry", JoinMesh(seeds=seeds))
         return self
@@ -368,8 +384,13 @@ class Node(StandbyRoles):
 
     @property
     def invite_token(self) -> str:
+        """An active token (it carries the mesh secret) for 24 hours."""
+        return self.invite("active")
+
+    def invite(self, role: str = "client", ttl_s: int = DEFAULT_TTL_S) -> str:
+        """A token for ``role`` that expires in ``ttl_s`` (0: never); InviteError without the secret."""
         assert self.membership is not None, "node not started"
-        return self.membership.invite(self.node_id, self.addrs).encode()
+        return self.membership.invite(self.node_id, self.addrs, role, time.time(), ttl_s).encode()
 
     @property
     def console_url(self) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshllm.cli import config_invite
 from meshllm.config import (
     ApiSection,
     ConsoleSection,
@@ -26,8 +27,10 @@ from meshllm.config import (
     NodeConfig,
     NodeSection,
     TimingSection,
+    load_config,
 )
 from meshllm.node import Node
+from meshllm.wire.grants import DEFAULT_TTL_S
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -234,7 +237,14 @@ class NodeProcess:
 
     @property
     def token(self) -> str:
-        return str(self.wait_event("mesh.invite", 30)["token"])
+        """An active token (joining nodes become members); :meth:`token_for` for other roles."""
+        return self.token_for("active")
+
+    def token_for(self, role: str, ttl_s: int = DEFAULT_TTL_S) -> str:
+        """A token as ``meshllm invite --config`` prints it, once the node has started (the node's
+        log never carries one)."""
+        self.wait_event("node.started", 30)
+        return config_invite(load_config(self.config), role, ttl_s)
 
     @property
     def node_id(self) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import hmac
 import json
 import stat
 from pathlib import Path
@@ -16,11 +15,22 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_pri
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshllm.wire.admission import AuthError, hello_payload, make_hello, verify_hello
+from meshllm.wire.admission import (
+    Admitted,
+    AuthError,
+    admit,
+    answer_hello,
+    hello_payload,
+    make_hello,
+    verify_answer,
+)
 from meshllm.wire.codec import decode, encode
+from meshllm.wire.grants import mint_grant
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate, verify_signature
 from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
-from meshllm.wire.messages import Hello, Refused
+from meshllm.wire.messages import Grant, Hello, Refused
+
+NOW = 1_700_000_000.0
 
 
 @pytest.fixture(scope="module")
@@ -35,79 +45,108 @@ def bob() -> NodeIdentity:
 
 @pytest.fixture(scope="module")
 def mesh() -> MeshMembership:
-    return MeshMembership(mesh_id="mesh-1", secret=b"s" * 32)
+    return MeshMembership.with_secret("mesh-1", b"s" * 32)
 
 
-def resign(identity: NodeIdentity, secret: bytes, hello: Hello, **changes: object) -> Hello:
-    """A Hello with ``changes`` whose mac and signature are recomputed (valid crypto, other fields chosen)."""
+@pytest.fixture(scope="module")
+def grant(mesh: MeshMembership) -> Grant:
+    return mint_grant(mesh.secret, mesh.mesh_id, "active", NOW)
+
+
+def verify(hello: Hello, mesh: MeshMembership, own_id: str, now: float = NOW) -> Admitted:
+    """The listener's check with nothing remembered or revoked."""
+    return admit(hello, mesh.mesh_id, mesh.authority, own_id, now, lambda n: False, lambda n, t: "")
+
+
+def resign(identity: NodeIdentity, hello: Hello, **changes: object) -> Hello:
+    """A Hello with ``changes`` whose signature is recomputed (valid crypto, other fields chosen)."""
     h = dataclasses.replace(hello, **changes)  # type: ignore[arg-type]
-    payload = hello_payload(h.mesh_id, h.node_id, h.public_key, h.role, h.target, h.nonce)
-    mac = hmac.new(secret, payload, hashlib.sha256).digest()
-    return dataclasses.replace(h, mac=mac, signature=identity.sign(payload + mac))
+    payload = hello_payload(h.mesh_id, h.node_id, h.public_key, h.role, h.target, h.nonce, h.grant)
+    return dataclasses.replace(h, signature=identity.sign(payload))
 
 
 # -- Hello ------------------------------------------------------------------------------------------------------
 
 
-def test_valid_hello_verifies(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    hello = make_hello(alice, mesh, "active", bob.node_id)
-    assert hello.node_id == alice.node_id and hello.public_key == alice.public_key
+def test_valid_hello_verifies(
+    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant
+) -> None:
+    hello = make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id)
+    assert hello.node_id == alice.node_id and hello.public_key == alice.public_key and hello.grant == grant
     assert hello.mesh_id == mesh.mesh_id and hello.target == bob.node_id and hello.role == "active"
     assert len(hello.nonce) >= 16
-    verify_hello(hello, mesh, bob.node_id)
-    verify_hello(hello, mesh, bob.node_id, expected_node=alice.node_id)
+    assert verify(hello, mesh, bob.node_id) == Admitted(alice.node_id, "active", "active", grant.token_id)
     # It survives the wire.
     back = decode(encode(hello))
     assert back == hello
-    verify_hello(back, mesh, bob.node_id)  # type: ignore[arg-type]
+    verify(back, mesh, bob.node_id)  # type: ignore[arg-type]
 
 
-def test_each_hello_has_a_fresh_nonce(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    nonces = {make_hello(alice, mesh, "active", bob.node_id).nonce for _ in range(5)}
+def test_the_answer_echoes_the_nonce_and_carries_no_grant(
+    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant
+) -> None:
+    hello = make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id)
+    answer = answer_hello(bob, mesh.mesh_id, "active", hello)
+    assert answer.grant is None and answer.nonce == hello.nonce
+    verify_answer(answer, mesh.mesh_id, alice.node_id, bob.node_id, hello)
+    other = make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id)
+    with pytest.raises(AuthError, match="nonce"):  # an old answer replayed to a new Hello
+        verify_answer(answer, mesh.mesh_id, alice.node_id, bob.node_id, other)
+    carol = NodeIdentity.generate()
+    with pytest.raises(AuthError, match=f"expected node {carol.node_id}"):
+        verify_answer(answer, mesh.mesh_id, alice.node_id, carol.node_id, hello)
+    with pytest.raises(AuthError, match="no grant"):  # an answer is no admission
+        verify(answer, mesh, alice.node_id)
+
+
+def test_each_hello_has_a_fresh_nonce(alice: NodeIdentity, bob: NodeIdentity, grant: Grant) -> None:
+    nonces = {make_hello(alice, "mesh-1", grant, "active", bob.node_id).nonce for _ in range(5)}
     assert len(nonces) == 5
 
 
-def test_wrong_mesh_id(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    other = MeshMembership("mesh-2", mesh.secret)
-    hello = make_hello(alice, other, "active", bob.node_id)
+def test_wrong_mesh_id(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant) -> None:
+    hello = make_hello(alice, "mesh-2", grant, "active", bob.node_id)
     with pytest.raises(AuthError, match="wrong mesh"):
-        verify_hello(hello, mesh, bob.node_id)
+        verify(hello, mesh, bob.node_id)
 
 
-def test_wrong_secret(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    other = MeshMembership(mesh.mesh_id, b"t" * 32)
-    hello = make_hello(alice, other, "active", bob.node_id)
-    with pytest.raises(AuthError, match="bad mesh secret"):
-        verify_hello(hello, mesh, bob.node_id)
+def test_grant_of_another_authority(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
+    forged = mint_grant(b"t" * 32, mesh.mesh_id, "active", NOW)
+    hello = make_hello(alice, mesh.mesh_id, forged, "active", bob.node_id)
+    with pytest.raises(AuthError, match="grant not signed by this mesh's authority"):
+        verify(hello, mesh, bob.node_id)
 
 
-def test_target_another_node(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    hello = make_hello(alice, mesh, "active", "somebody-else")
+def test_target_another_node(
+    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant
+) -> None:
+    hello = make_hello(alice, mesh.mesh_id, grant, "active", "somebody-else")
     with pytest.raises(AuthError, match="another node"):
-        verify_hello(hello, mesh, bob.node_id)
+        verify(hello, mesh, bob.node_id)
     # A Hello for bob cannot be replayed at a third node.
     carol = NodeIdentity.generate()
     with pytest.raises(AuthError, match="another node"):
-        verify_hello(make_hello(alice, mesh, "active", bob.node_id), mesh, carol.node_id)
+        verify(make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id), mesh, carol.node_id)
 
 
-def test_node_id_not_matching_key(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    hello = make_hello(alice, mesh, "active", bob.node_id)
-    # Valid mac and signature, but a claimed node id that is not the hash of the key.
-    forged = resign(alice, mesh.secret, hello, node_id=bob.node_id)
+def test_node_id_not_matching_key(
+    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant
+) -> None:
+    hello = make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id)
+    forged = resign(alice, hello, node_id=bob.node_id)  # valid signature, a node id not of this key
     with pytest.raises(AuthError, match="does not match its public key"):
-        verify_hello(forged, mesh, bob.node_id)
+        verify(forged, mesh, bob.node_id)
 
 
-def test_bad_signature(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    hello = make_hello(alice, mesh, "active", bob.node_id)
+def test_bad_signature(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant) -> None:
+    hello = make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id)
     payload = hello_payload(
-        hello.mesh_id, hello.node_id, hello.public_key, hello.role, hello.target, hello.nonce
+        hello.mesh_id, hello.node_id, hello.public_key, hello.role, hello.target, hello.nonce, hello.grant
     )
-    # Signed by someone else's key (a mesh member who knows the secret, impersonating alice).
-    impostor = dataclasses.replace(hello, signature=bob.sign(payload + hello.mac))
+    # Signed by someone else's key (a grant holder impersonating alice).
+    impostor = dataclasses.replace(hello, signature=bob.sign(payload))
     with pytest.raises(AuthError, match="bad signature"):
-        verify_hello(impostor, mesh, bob.node_id)
+        verify(impostor, mesh, bob.node_id)
     for sig in (
         b"",
         b"\x00" * 64,
@@ -115,32 +154,26 @@ def test_bad_signature(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembers
         bytes([hello.signature[0] ^ 1]) + hello.signature[1:],
     ):
         with pytest.raises(AuthError, match="bad signature"):
-            verify_hello(dataclasses.replace(hello, signature=sig), mesh, bob.node_id)
+            verify(dataclasses.replace(hello, signature=sig), mesh, bob.node_id)
 
 
-def test_malformed_public_key_is_refused(bob: NodeIdentity, mesh: MeshMembership) -> None:
-    # A key that is not 32 bytes, with a node id that matches it and a valid mac: still refused, no crash.
-    bogus = b"\x01" * 5
+def test_malformed_public_key_is_refused(bob: NodeIdentity, mesh: MeshMembership, grant: Grant) -> None:
+    bogus = b"\x01" * 5  # not 32 bytes, with a node id that matches it: refused, no crash
     fake = NodeIdentity.generate()
-    hello = make_hello(fake, mesh, "active", bob.node_id)
-    forged = resign(fake, mesh.secret, hello, public_key=bogus, node_id=node_id_of(bogus))
+    hello = make_hello(fake, mesh.mesh_id, grant, "active", bob.node_id)
+    forged = resign(fake, hello, public_key=bogus, node_id=node_id_of(bogus))
     with pytest.raises(AuthError, match="bad signature"):
-        verify_hello(forged, mesh, bob.node_id)
-
-
-def test_expected_node_mismatch(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership) -> None:
-    carol = NodeIdentity.generate()
-    hello = make_hello(alice, mesh, "active", bob.node_id)
-    with pytest.raises(AuthError, match=f"expected node {carol.node_id}"):
-        verify_hello(hello, mesh, bob.node_id, expected_node=carol.node_id)
+        verify(forged, mesh, bob.node_id)
 
 
 @pytest.mark.parametrize("length", [0, 1, 8, 15])
-def test_short_nonce(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, length: int) -> None:
-    hello = resign(alice, mesh.secret, make_hello(alice, mesh, "active", bob.node_id), nonce=b"n" * length)
+def test_short_nonce(
+    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant, length: int
+) -> None:
+    hello = resign(alice, make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id), nonce=b"n" * length)
     with pytest.raises(AuthError, match="nonce too short"):
-        verify_hello(hello, mesh, bob.node_id)
-    verify_hello(resign(alice, mesh.secret, hello, nonce=b"n" * 16), mesh, bob.node_id)
+        verify(hello, mesh, bob.node_id)
+    verify(resign(alice, hello, nonce=b"n" * 16), mesh, bob.node_id)
 
 
 @pytest.mark.parametrize(
@@ -150,37 +183,34 @@ def test_short_nonce(alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembershi
         {"nonce": b"x" * 16},
         {"nonce": b"x" * 32},
         {"public_key": NodeIdentity.generate().public_key},
-        {"mac": b"\x00" * 32},
-        {"mac": b""},
+        {"grant": None},
     ],
-    ids=["role", "nonce", "longer-nonce", "public_key", "mac", "empty-mac"],
+    ids=["role", "nonce", "longer-nonce", "public_key", "no-grant"],
 )
 def test_altered_field_breaks_the_hello(
-    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, changes: dict[str, object]
+    alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership, grant: Grant, changes: dict[str, object]
 ) -> None:
-    hello = dataclasses.replace(make_hello(alice, mesh, "active", bob.node_id), **changes)  # type: ignore[arg-type]
+    hello = dataclasses.replace(make_hello(alice, mesh.mesh_id, grant, "active", bob.node_id), **changes)  # type: ignore[arg-type]
     with pytest.raises(AuthError):
-        verify_hello(hello, mesh, bob.node_id)
+        verify(hello, mesh, bob.node_id)
 
 
-def test_role_change_with_recomputed_mac_still_fails_the_signature(
+def test_a_grant_cannot_be_swapped_into_a_signed_hello(
     alice: NodeIdentity, bob: NodeIdentity, mesh: MeshMembership
 ) -> None:
-    # Somebody who knows the mesh secret but not alice's key re-macs an altered Hello.
-    hello = make_hello(alice, mesh, "active", bob.node_id)
-    changed = dataclasses.replace(hello, role="standby")
-    payload = hello_payload(
-        changed.mesh_id, changed.node_id, changed.public_key, changed.role, changed.target, changed.nonce
-    )
-    mac = hmac.new(mesh.secret, payload, hashlib.sha256).digest()
+    client = mint_grant(mesh.secret, mesh.mesh_id, "client", NOW)
+    active = mint_grant(mesh.secret, mesh.mesh_id, "active", NOW)
+    hello = make_hello(alice, mesh.mesh_id, client, "client", bob.node_id)
     with pytest.raises(AuthError, match="bad signature"):
-        verify_hello(dataclasses.replace(changed, mac=mac), mesh, bob.node_id)
+        verify(dataclasses.replace(hello, grant=active, role="active"), mesh, bob.node_id)
 
 
-def test_auth_error_text_fits_a_refused_frame(alice: NodeIdentity, mesh: MeshMembership) -> None:
-    hello = make_hello(alice, mesh, "active", "x")
+def test_auth_error_text_fits_a_refused_frame(
+    alice: NodeIdentity, mesh: MeshMembership, grant: Grant
+) -> None:
+    hello = make_hello(alice, mesh.mesh_id, grant, "active", "x")
     with pytest.raises(AuthError) as info:
-        verify_hello(hello, mesh, "y")
+        verify(hello, mesh, "y")
     assert decode(encode(Refused(str(info.value)))) == Refused(str(info.value))
 
 
@@ -259,37 +289,55 @@ def test_verify_signature(alice: NodeIdentity, bob: NodeIdentity) -> None:
 # -- invite tokens ---------------------------------------------------------------------------------------------
 
 SECRETS = st.binary(min_size=16, max_size=64)
-TOKENS = st.builds(
-    InviteToken,
-    node_id=st.text(max_size=40),
-    addrs=st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=4).map(tuple),
-    mesh_id=st.text(max_size=20),
-    secret=SECRETS,
-)
+
+
+@st.composite
+def tokens(draw: st.DrawFn) -> InviteToken:
+    mesh = MeshMembership.with_secret(draw(st.text(max_size=20)), draw(SECRETS))
+    role = draw(st.sampled_from(["client", "standby", "active"]))
+    addrs = tuple(draw(st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=4)))
+    ttl = draw(st.integers(min_value=0, max_value=10**8))
+    return mesh.invite(draw(st.text(max_size=40)), addrs, role, NOW, ttl)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(TOKENS)
+@given(tokens())
 def test_invite_token_round_trip(token: InviteToken) -> None:
     text = token.encode()
     assert isinstance(text, str)
     assert "=" not in text and "+" not in text and "/" not in text
     assert InviteToken.decode(text) == token
     assert InviteToken.decode(f"  {text}\n") == token  # pasted with whitespace
+    assert (token.secret != b"") == (token.grant.role == "active")  # the secret only in active tokens
 
 
 def test_membership_invite_round_trip(mesh: MeshMembership, alice: NodeIdentity) -> None:
-    token = mesh.invite(alice.node_id, ("127.0.0.1:7000", "[::1]:7000"))
+    token = mesh.invite(alice.node_id, ("127.0.0.1:7000", "[::1]:7000"), "client", NOW, 3600)
     back = InviteToken.decode(token.encode())
-    assert back.mesh_id == mesh.mesh_id and back.secret == mesh.secret
+    assert back.mesh_id == mesh.mesh_id and back.authority == mesh.authority and back.secret == b""
+    assert back.grant.role == "client" and back.grant.expires_at == int(NOW) + 3600
     assert back.node_id == alice.node_id and back.addrs == ("127.0.0.1:7000", "[::1]:7000")
+    active = InviteToken.decode(mesh.invite(alice.node_id, ("h:1",), "active", NOW).encode())
+    assert active.secret == mesh.secret
+
+
+def test_only_a_secret_holder_invites() -> None:
+    outsider = MeshMembership("m", MeshMembership.found().authority)
+    with pytest.raises(InviteError, match="does not hold the mesh secret"):
+        outsider.invite("n", ("h:1",), "client", NOW)
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-GOOD = InviteToken("n", ("h:1",), "m", b"k" * 16).encode()
+MESH = MeshMembership.with_secret("m", b"k" * 16)
+GOOD = MESH.invite("n", ("h:1",), "client", NOW)
+
+
+def _raw(token: InviteToken) -> str:
+    """A token encoded without the checks ``InviteToken.decode`` runs."""
+    return _b64(encode(token))
 
 
 @pytest.mark.parametrize(
@@ -301,19 +349,27 @@ GOOD = InviteToken("n", ("h:1",), "m", b"k" * 16).encode()
         ("a", "base64"),  # one character more than a multiple of four
         ("abcde", "base64"),
         ("é", "base64"),  # not ASCII
-        (GOOD[:-5], "malformed"),  # truncated
-        (GOOD[:10], "malformed"),
-        (GOOD + "AAAA", "malformed"),  # trailing junk
+        (GOOD.encode()[:-5], "malformed|base64"),  # truncated
+        (GOOD.encode()[:10], "malformed|base64"),
+        (GOOD.encode() + "AAAA", "malformed|base64"),  # trailing junk
         (_b64(b"not msgpack \xc1"), "malformed"),
         (_b64(msgpack.packb({"node_id": "n"})), "malformed"),
         (_b64(encode(Refused("hi"))), "malformed"),  # another message type
-        (_b64(msgpack.packb([60, "n", ["h:1"], "m"])), "malformed"),  # missing secret
-        (_b64(msgpack.packb([60, "n", ["h:1"], "m", "k" * 16])), "malformed"),  # str secret
-        (_b64(msgpack.packb([60, 5, ["h:1"], "m", b"k" * 16])), "malformed"),  # int node id
-        (_b64(msgpack.packb([60, "n", "h:1", "m", b"k" * 16])), "malformed"),  # str addrs
+        (_b64(msgpack.packb([60, "n", ["h:1"], "m", b"k" * 16])), "older meshllm"),  # a v1 token
+        (_b64(msgpack.packb([63, "n", ["h:1"], "m"])), "malformed"),  # fields missing
+        (_b64(msgpack.packb([63, 5, ["h:1"], "m", b"a" * 32, [], b""])), "malformed"),  # int node id
         (_b64(b"\x00" * 5000), "malformed"),  # over the token size cap
-        (InviteToken("n", (), "m", b"k" * 16).encode(), "no addresses"),
-        (InviteToken("n", ("h:1",), "m", b"k" * 15).encode(), "too short"),
+        (_raw(dataclasses.replace(GOOD, addrs=())), "no addresses"),
+        (_raw(dataclasses.replace(GOOD, authority=b"x")), "authority key is malformed"),
+        (_raw(dataclasses.replace(GOOD, mesh_id="other")), "grant is malformed"),
+        (_raw(dataclasses.replace(GOOD, grant=dataclasses.replace(GOOD.grant, role="root"))), "malformed"),
+        (_raw(dataclasses.replace(GOOD, grant=dataclasses.replace(GOOD.grant, role="active"))), "not signed"),
+        (_raw(dataclasses.replace(GOOD, secret=b"k" * 16)), "carries no secret"),
+        (_raw(dataclasses.replace(MESH.invite("n", ("h:1",), "active", NOW), secret=b"k" * 15)), "too short"),
+        (
+            _raw(dataclasses.replace(MESH.invite("n", ("h:1",), "active", NOW), secret=b"j" * 16)),
+            "does not match",
+        ),
     ],
 )
 def test_bad_tokens_raise_invite_error(text: str, reason: str) -> None:
@@ -330,13 +386,14 @@ def test_any_text_decodes_or_raises_invite_error(text: str) -> None:
         pass
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
-@given(st.binary(max_size=80))
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.binary(max_size=300))
 def test_any_base64_payload_decodes_or_raises_invite_error(data: bytes) -> None:
-    try:
-        InviteToken.decode(_b64(data))
-    except InviteError:
-        pass
+    for payload in (data, b"\x96\x3f" + data):  # as is, and as an array of six tagged as a token
+        try:
+            InviteToken.decode(_b64(payload))
+        except InviteError:
+            pass
 
 
 # -- membership ------------------------------------------------------------------------------------------------
@@ -345,50 +402,67 @@ def test_any_base64_payload_decodes_or_raises_invite_error(data: bytes) -> None:
 def test_resolve_founds_a_mesh_and_persists_it(tmp_path: Path) -> None:
     data = tmp_path / "d"
     first = MeshMembership.resolve(data, [])
-    assert first.mesh_id and len(first.secret) >= 16
+    assert first.mesh_id and len(first.secret) >= 16 and len(first.authority) == 32
     path = data / "mesh.json"
     assert path.exists()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     stored = json.loads(path.read_text())
-    assert stored == {"mesh_id": first.mesh_id, "secret": first.secret.hex()}
+    assert stored == {
+        "mesh_id": first.mesh_id,
+        "authority": first.authority.hex(),
+        "secret": first.secret.hex(),
+    }
     assert MeshMembership.load(data) == first
     assert MeshMembership.resolve(data, []) == first  # reloads the same mesh
     assert MeshMembership.resolve(tmp_path / "e", []) != first  # a different data dir founds another
 
 
+def test_a_v1_mesh_file_still_loads(tmp_path: Path) -> None:
+    (tmp_path / "mesh.json").write_text(json.dumps({"mesh_id": "old", "secret": (b"o" * 32).hex()}))
+    assert MeshMembership.load(tmp_path) == MeshMembership.with_secret("old", b"o" * 32)
+
+
 def test_resolve_adopts_a_tokens_mesh(tmp_path: Path) -> None:
-    mesh = MeshMembership("joined", b"j" * 32)
-    tokens = [mesh.invite("a", ("a:1",)), mesh.invite("b", ("b:1",))]
+    mesh = MeshMembership.with_secret("joined", b"j" * 32)
+    tokens = [mesh.invite("a", ("a:1",), "active", NOW), mesh.invite("b", ("b:1",), "client", NOW)]
     got = MeshMembership.resolve(tmp_path, tokens)
     assert got == mesh
     assert MeshMembership.load(tmp_path) == mesh
     assert MeshMembership.resolve(tmp_path, []) == mesh  # a restart without tokens stays in it
 
 
+def test_a_client_token_gives_no_secret(tmp_path: Path) -> None:
+    mesh = MeshMembership.with_secret("joined", b"j" * 32)
+    got = MeshMembership.resolve(tmp_path, [mesh.invite("a", ("a:1",), "client", NOW)])
+    assert got == MeshMembership("joined", mesh.authority, b"")
+    assert "6a6a" not in (tmp_path / "mesh.json").read_text()
+
+
 def test_resolve_with_a_token_replaces_a_founded_mesh(tmp_path: Path) -> None:
     MeshMembership.resolve(tmp_path, [])
-    mesh = MeshMembership("joined", b"j" * 32)
-    assert MeshMembership.resolve(tmp_path, [mesh.invite("a", ("a:1",))]) == mesh
+    mesh = MeshMembership.with_secret("joined", b"j" * 32)
+    assert MeshMembership.resolve(tmp_path, [mesh.invite("a", ("a:1",), "active", NOW)]) == mesh
     assert MeshMembership.load(tmp_path) == mesh
 
 
 def test_resolve_rejects_tokens_naming_different_meshes(tmp_path: Path) -> None:
-    one = MeshMembership("one", b"1" * 32).invite("a", ("a:1",))
-    two = MeshMembership("two", b"2" * 32).invite("b", ("b:1",))
+    one = MeshMembership.with_secret("one", b"1" * 32).invite("a", ("a:1",), "active", NOW)
+    two = MeshMembership.with_secret("two", b"2" * 32).invite("b", ("b:1",), "active", NOW)
     with pytest.raises(InviteError, match="different meshes"):
         MeshMembership.resolve(tmp_path, [one, two])
     assert not (tmp_path / "mesh.json").exists()
 
 
-def test_resolve_rejects_tokens_with_different_secrets(tmp_path: Path) -> None:
-    one = MeshMembership("m", b"1" * 32).invite("a", ("a:1",))
-    two = MeshMembership("m", b"2" * 32).invite("b", ("b:1",))
-    with pytest.raises(InviteError, match="different secrets"):
+def test_resolve_rejects_tokens_with_different_authorities(tmp_path: Path) -> None:
+    one = MeshMembership.with_secret("m", b"1" * 32).invite("a", ("a:1",), "active", NOW)
+    two = MeshMembership.with_secret("m", b"2" * 32).invite("b", ("b:1",), "active", NOW)
+    with pytest.raises(InviteError, match="different authority keys"):
         MeshMembership.resolve(tmp_path, [one, two])
 
 
 @pytest.mark.parametrize(
-    "content", ["not json", "[]", "{}", '{"mesh_id": "m", "secret": "zz"}', '{"mesh_id": 1}']
+    "content",
+    ["not json", "[]", "{}", '{"mesh_id": "m", "secret": "zz"}', '{"mesh_id": 1}', '{"mesh_id": "m"}'],
 )
 def test_load_unreadable_mesh_state(tmp_path: Path, content: str) -> None:
     (tmp_path / "mesh.json").write_text(content)
@@ -402,5 +476,5 @@ def test_load_without_state_is_none(tmp_path: Path) -> None:
 
 def test_found_makes_distinct_meshes() -> None:
     a, b = MeshMembership.found(), MeshMembership.found()
-    assert a.mesh_id != b.mesh_id and a.secret != b.secret
+    assert a.mesh_id != b.mesh_id and a.secret != b.secret and a.authority != b.authority
     assert len(a.secret) >= 16

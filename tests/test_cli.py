@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from meshllm.wire.invite import InviteToken
@@ -32,8 +34,47 @@ def test_invite_prints_a_token_for_the_configured_node(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     token = InviteToken.decode(out.stdout.strip())
     assert token.addrs == ("127.0.0.1:9999",)
-    again = InviteToken.decode(meshllm("invite", "--config", str(config)).stdout.strip())
-    assert again == token  # same key and mesh from the data dir
+    # The default: a client token for a day, without the mesh secret.
+    assert token.grant.role == "client" and token.secret == b""
+    assert 86400 - 60 <= token.grant.expires_at - time.time() <= 86400
+    again = InviteToken.decode(meshllm("invite", "--config", str(config), "--role", "active").stdout.strip())
+    # Same key and mesh from the data dir; a new token id each time; the secret only for active.
+    assert (again.node_id, again.mesh_id, again.authority) == (token.node_id, token.mesh_id, token.authority)
+    assert again.grant.role == "active" and len(again.secret) == 32
+    assert again.grant.token_id != token.grant.token_id
+    week = InviteToken.decode(meshllm("invite", "-c", str(config), "--role", "standby", "--ttl", "7d").stdout)
+    assert week.grant.role == "standby" and 7 * 86400 - 60 <= week.grant.expires_at - time.time() <= 7 * 86400
+    forever = InviteToken.decode(meshllm("invite", "-c", str(config), "--ttl", "never").stdout)
+    assert forever.grant.expires_at == 0
+    bad = meshllm("invite", "-c", str(config), "--ttl", "soon")
+    assert bad.returncode == 2 and "bad ttl" in bad.stderr
+
+
+def test_invite_for_a_node_on_port_zero_reads_its_running_addresses(
+    procs: ProcessFactory, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, "a")
+    before = meshllm("invite", "--config", str(config))
+    assert before.returncode == 1 and "start it first" in before.stderr
+    a = procs.start("a")
+    started = a.started
+    token = InviteToken.decode(meshllm("invite", "--config", str(config)).stdout)
+    assert token.addrs == tuple(started["addrs"]) and token.node_id == a.node_id
+    # The running node logs no token, only a fingerprint of its mesh and how to get one.
+    text = a.log_path.read_text()
+    invite_line = a.wait_event("mesh.invite", 10)
+    assert "token" not in invite_line and "meshllm invite" in invite_line["hint"]
+    assert token.encode() not in text and token.authority.hex() not in text
+    assert stat.S_IMODE((tmp_path / "a" / "mesh.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "a" / "node.key").stat().st_mode) == 0o600
+
+
+def test_a_node_without_the_secret_cannot_invite(procs: ProcessFactory, tmp_path: Path) -> None:
+    a = procs.start("a")
+    config = write_config(tmp_path, "c", join=(a.token_for("client"),), node_extra='role = "client"')
+    procs.start("c").wait_event("node.started", 30)
+    out = meshllm("invite", "--config", str(config))
+    assert out.returncode == 1 and "does not hold the mesh secret" in out.stderr
 
 
 def test_broken_config_is_a_clear_error(tmp_path: Path) -> None:

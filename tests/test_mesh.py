@@ -4,7 +4,9 @@ admission and resistance to garbage."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
+import time
 
 import pytest
 from aioquic.asyncio.client import connect
@@ -60,15 +62,19 @@ def test_silent_node_is_declared_dead_and_can_come_back(nodes: NodeFactory) -> N
 def test_forged_token_is_refused_and_registered_nowhere(nodes: NodeFactory) -> None:
     a = nodes.start("a")
     real = InviteToken.decode(a.invite_token)
-    forged = InviteToken(node_id=real.node_id, addrs=real.addrs, mesh_id=real.mesh_id, secret=b"x" * 32)
+    # The right mesh id, but a grant signed by an authority key of the forger's own making.
+    forger = MeshMembership.with_secret(real.mesh_id, b"x" * 32)
+    forged = forger.invite(real.node_id, real.addrs, "active", time.time())
     intruder = nodes.start("intruder", join=(forged.encode(),))
     refused = nodes.logs["a"].wait_for("auth.refused", timeout=10)
-    assert refused["reason"] == "bad mesh secret"
-    nodes.logs["intruder"].wait_for("mesh.join_failed", timeout=10, reason="bad mesh secret")
+    assert refused["reason"] == "grant not signed by this mesh's authority"
+    nodes.logs["intruder"].wait_for(
+        "mesh.join_failed", timeout=10, reason="grant not signed by this mesh's authority"
+    )
     assert a.peer_ids() == set()
     assert intruder.peer_ids() == set()
     # Another mesh's token entirely: refused for the mesh id.
-    other = MeshMembership.found().invite(real.node_id, real.addrs)
+    other = MeshMembership.found().invite(real.node_id, real.addrs, "active", time.time())
     nodes.start("stranger", join=(other.encode(),))
     nodes.logs["a"].wait_for(
         "auth.refused", timeout=10, reason=f"wrong mesh: {other.mesh_id!r} is not this node's mesh"
@@ -79,7 +85,7 @@ def test_forged_token_is_refused_and_registered_nowhere(nodes: NodeFactory) -> N
 def test_token_with_wrong_node_id_is_refused_by_certificate(nodes: NodeFactory) -> None:
     a = nodes.start("a")
     real = InviteToken.decode(a.invite_token)
-    lying = InviteToken(node_id="0" * 32, addrs=real.addrs, mesh_id=real.mesh_id, secret=real.secret)
+    lying = dataclasses.replace(real, node_id="0" * 32)
     liar = nodes.start("b", join=(lying.encode(),))
     record = nodes.logs["b"].wait_for("auth.refused", timeout=10)
     assert "certificate" in record["reason"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from meshllm.net.endpoint import ALPN
 from meshllm.node import Node
 from meshllm.placement import host_for_client
 from meshllm.wire.framing import FrameBuffer, StreamKind
-from meshllm.wire.invite import InviteToken
+from meshllm.wire.invite import InviteToken, MeshMembership
 from meshllm.wire.messages import GetStatus, Refused, StatusReply
 from tests.support import NodeFactory, NodeProcess, ProcessFactory, wait_until
 
@@ -53,7 +54,7 @@ def test_client_uses_the_mesh_without_joining_it(procs: ProcessFactory, tiny_ggu
     serve = f'[models]\nserve = ["{tiny_gguf}"]\n'
     a = procs.start("a", extra=serve)
     b = procs.start("b", join=(a.token,), extra=serve)
-    client = procs.start("client", join=(a.token,), node_extra='role = "client"', extra=FAST_REFRESH_TOML)
+    client = procs.start("client", join=(a.token_for("client"),), node_extra='role = "client"', extra=FAST_REFRESH_TOML)
     for host in (a, b):
         host.wait_event("llama.ready", timeout=60)
     api = str(client.started["api"])
@@ -82,7 +83,7 @@ def test_client_uses_the_mesh_without_joining_it(procs: ProcessFactory, tiny_ggu
 
 def test_client_table_follows_hosts(nodes: NodeFactory, tiny_gguf: Path) -> None:
     a = nodes.start("a", serve=(str(tiny_gguf),))
-    client = nodes.start("client", join=(a.invite_token,), role="client", timing=FAST_REFRESH)
+    client = nodes.start("client", join=(a.invite("client"),), role="client", timing=FAST_REFRESH)
     wait_until(lambda: table_hosts(client, "tiny") == {a.node_id}, timeout=60, what="client to see a")
     b = nodes.start("b", join=(a.invite_token,), serve=(str(tiny_gguf),))
     wait_until(lambda: table_hosts(client, "tiny") == {a.node_id, b.node_id}, timeout=30, what="new host b")
@@ -95,7 +96,7 @@ def test_client_table_follows_hosts(nodes: NodeFactory, tiny_gguf: Path) -> None
 def test_death_notices_reach_passive_nodes(nodes: NodeFactory, tiny_gguf: Path) -> None:
     a = nodes.start("a", serve=(str(tiny_gguf),))
     b = nodes.start("b", join=(a.invite_token,), serve=(str(tiny_gguf),))
-    client = nodes.start("client", join=(a.invite_token,), role="client", timing=FAST_REFRESH)
+    client = nodes.start("client", join=(a.invite("client"),), role="client", timing=FAST_REFRESH)
     wait_until(lambda: table_hosts(client, "tiny") == {a.node_id, b.node_id}, timeout=60, what="both hosts")
     complete(client.api_url, "tiny")  # opens connections to the host it uses
     b_id = b.node_id
@@ -104,14 +105,17 @@ def test_death_notices_reach_passive_nodes(nodes: NodeFactory, tiny_gguf: Path) 
     assert table_hosts(client, "tiny") == {a.node_id}
 
 
-def test_wrong_secret_gets_a_refusal_and_no_table(nodes: NodeFactory) -> None:
+def test_forged_grant_gets_a_refusal_and_no_table(nodes: NodeFactory) -> None:
     a = nodes.start("a")
     real = InviteToken.decode(a.invite_token)
-    forged = InviteToken(node_id=real.node_id, addrs=real.addrs, mesh_id=real.mesh_id, secret=b"y" * 32)
+    forger = MeshMembership.with_secret(real.mesh_id, b"y" * 32)  # the mesh id, not its authority
+    forged = forger.invite(real.node_id, real.addrs, "client", time.time())
     client = nodes.start("client", join=(forged.encode(),), role="client")
     failed = nodes.logs["client"].wait_for("routes.refresh_failed", timeout=10)
-    assert "bad mesh secret" in failed["reason"]
-    assert nodes.logs["a"].wait_for("auth.refused", timeout=5)["reason"] == "bad mesh secret"
+    assert "grant not signed by this mesh's authority" in failed["reason"]
+    assert nodes.logs["a"].wait_for("auth.refused", timeout=5)["reason"] == (
+        "grant not signed by this mesh's authority"
+    )
     assert http_json(client.console_url + "/api/status")["models"] == []
     assert not nodes.logs["client"].find("routes.refreshed")
 

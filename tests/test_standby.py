@@ -51,13 +51,13 @@ def mesh(
     s = [
         procs.start(
             f"s{i}",
-            join=(a.token, c.token),
+            join=(a.token_for("standby"), c.token_for("standby")),
             extra=standby(tiny_gguf, **standby_cfg),
             node_extra='role = "standby"',
         )
         for i in range(standbys)
     ]
-    b = procs.start("b", join=(a.token, c.token), node_extra='role = "client"')
+    b = procs.start("b", join=(a.token_for("client"), c.token_for("client")), node_extra='role = "client"')
     a.wait_event("llama.ready", 60)
     wait_until(lambda: answers(b), 30, what="b to answer through a")
     return (a, c, b, *s)
@@ -103,7 +103,7 @@ def test_a_standby_that_cannot_fit_the_model_stays_out(procs: ProcessFactory, ti
     need = (tiny_gguf.stat().st_size + shape_of_file(tiny_gguf).kv_cache_bytes(4096)) * 1.1
     s = procs.start(
         "s",
-        join=(a.token, c.token),
+        join=(a.token_for("standby"), c.token_for("standby")),
         extra=standby(tiny_gguf),
         node_extra=f'role = "standby"\nvram_gb = {need / 2 / 1024**3:.9f}',
     )
@@ -138,7 +138,7 @@ def test_a_standby_promotes_for_demand(procs: ProcessFactory, tiny_gguf: Path) -
     demand = "[standby]\npromote_window_s = 1.0\ndemand_ratio = 1.0\ndemand_min_per_min = 10\n"
     s = procs.start(
         "s",
-        join=(a.token, c.token),
+        join=(a.token_for("standby"), c.token_for("standby")),
         extra=serve(tiny_gguf) + demand + "[timing]\nroute_refresh_s = 2\n",
         node_extra='role = "standby"',
     )
@@ -160,8 +160,8 @@ def test_a_standby_fills_a_gap_an_active_node_cannot(procs: ProcessFactory, tiny
     # c wants tiny but has far too little memory for it: the model is wanted and nobody serves it.
     c = procs.start("c", extra=serve(tiny_gguf), node_extra="vram_gb = 0.0001")
     c.wait_event("election.waiting", 30, model="tiny")
-    b = procs.start("b", join=(c.token,), node_extra='role = "client"')
-    s = procs.start("s", join=(c.token,), extra=standby(tiny_gguf), node_extra='role = "standby"')
+    b = procs.start("b", join=(c.token_for("client"),), node_extra='role = "client"')
+    s = procs.start("s", join=(c.token_for("standby"),), extra=standby(tiny_gguf), node_extra='role = "standby"')
     assert s.wait_event("standby.promoting", 30, model="tiny")["reason"] == "gap"
     s.wait_event("standby.promoted", 60, model="tiny")
     assert wait_until(lambda: answers(b), 30, what="b to answer through s")
@@ -180,11 +180,11 @@ def test_a_standby_takes_a_hub_model_it_has_to_download(
     c = procs.start("c", join=(a.token,))
     s = procs.start(
         "s",
-        join=(a.token, c.token),
+        join=(a.token_for("standby"), c.token_for("standby")),
         extra=hub_model("cache-s") + "[standby]\npromote_window_s = 1.0\n",
         node_extra='role = "standby"',
     )
-    b = procs.start("b", join=(a.token, c.token), node_extra='role = "client"')
+    b = procs.start("b", join=(a.token_for("client"), c.token_for("client")), node_extra='role = "client"')
     a.wait_event("llama.ready", 60)
     wait_until(lambda: answers_model(b, "tiny-F32"), 30, what="b to answer through a")
     assert not list((tmp_path / "cache-s").rglob("*.gguf"))  # the standby has not fetched it
@@ -208,11 +208,11 @@ def test_a_client_asking_for_a_model_nobody_serves_brings_a_standby(
     c = procs.start("c")
     s = procs.start(
         "s",
-        join=(c.token,),
+        join=(c.token_for("standby"),),
         extra=serve(tiny_gguf) + "[standby]\npromote_window_s = 1.0\n[timing]\nroute_refresh_s = 2\n",
         node_extra='role = "standby"',
     )
-    b = procs.start("b", join=(c.token,), node_extra='role = "client"')
+    b = procs.start("b", join=(c.token_for("client"),), node_extra='role = "client"')
     wait_until(lambda: console_status(c.console_url)["standby_connections"] == 1, 20, what="s to be counted")
 
     def asked_enough() -> bool:  # every 404 at the client counts as demand at the active node

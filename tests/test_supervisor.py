@@ -313,6 +313,30 @@ def test_bad_model_backs_off_then_gives_up(start: Callable[..., Harness], tmp_pa
     assert len(h.starts("bad")) == 6
 
 
+def test_a_given_up_child_is_tried_again_after_a_while(start: Callable[..., Harness], tmp_path: Path) -> None:
+    h = start(backoff_base_s=0.01, max_failures=2, give_up_retry_s=0.3)
+    h.desire(smol("bad", tmp_path / "missing.gguf"))
+    assert h.events.wait(LlamaFailed, "bad", n=2).retry_in_s == -1, "given up after two failures"
+    h.events.wait(LlamaFailed, "bad", n=4, timeout=10)  # another round of two, by itself
+    assert [f.retry_in_s for f in h.events.of(LlamaFailed, "bad")][:4] == pytest.approx([0.01, -1, 0.01, -1])
+    assert h.logs.find("llama.retrying", key="bad")
+
+
+def test_a_given_up_child_is_tried_again_when_the_plan_changes(
+    start: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = start(backoff_base_s=0.01, max_failures=1, give_up_retry_s=3600)
+    bad = smol("bad", tmp_path / "missing.gguf")
+    h.desire(bad)
+    assert h.events.wait(LlamaFailed, "bad").retry_in_s == -1
+    h.desire(bad)  # the same plan again: nothing new
+    assert len(h.starts("bad")) == 1
+    h.desire(bad, rpc())  # another model's process joins the plan: a fresh try for the given-up one
+    assert h.events.wait(LlamaFailed, "bad", n=2).retry_in_s == -1
+    assert len(h.starts("bad")) == 2
+    assert [r["reason"] for r in h.logs.find("llama.retrying", key="bad")] == ["the plan changed"]
+
+
 def test_health_timeout_kills_and_reports(start: Callable[..., Harness]) -> None:
     h = start(health_timeout_s=0.05, max_failures=1)
     h.desire(smol("slow"))

@@ -31,7 +31,11 @@ class MeshConnection(QuicConnectionProtocol):
         self.endpoint = endpoint
         self.outbound = outbound
         self.peer_id: str | None = None  # verified: from the certificate (outbound) or the Hello (inbound)
-        self.peer_role = "active"
+        # What the peer may do: for a connection it opened, what its grant allows (set at admission);
+        # for one we dialled, what it answered (we dialled it as a member we learnt of).
+        self.peer_role = "active" if outbound else "client"
+        self.token_id = ""  # the token id of the grant it was admitted with (inbound)
+        self.revocations_sent = False
         self.authenticated = asyncio.Event()
         self.auth_lock = asyncio.Lock()
         self.datagram_transport: asyncio.BaseTransport | None = None

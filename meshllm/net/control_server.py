@@ -4,11 +4,15 @@ The first byte names the stream's kind. Tunnel kinds go to the handler registere
 RPC tunnels), once the connection is authenticated. Control kinds carry msgpack frames and are
 answered here, under a deadline:
 
-- admission: a Hello (mesh secret HMAC + signature) may open a connection, only on a gossip or route
-  request stream; a route request makes the connection passive (never registered, never gossiped);
-- gossip: from active members only; answered with the registry's published view;
+- admission: a Hello (grant + node key signature, :class:`~meshllm.wire.gate.Gate`) may open a
+  connection, only on a gossip or route request stream; the connection may do what the grant allows,
+  whatever the Hello asks; a route request makes the connection passive (never registered, never
+  gossiped);
+- gossip, death notices, revocations and RPC tunnels: from members (active capability) only; gossip
+  is answered with the registry's published view;
 - route request: answered with the router's published table (encoded once per change);
-- peer down / peer leaving notices: told to the actor that owns liveness on this node, and acked.
+- peer down / peer leaving notices: told to the actor that owns liveness on this node, and acked;
+- revocations: checked against the mesh's authority key, applied and passed on by the endpoint.
 
 Anything else is refused with a typed reason, logged, and never kills the node.
 """
@@ -21,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from meshllm.net.connection import MeshConnection
-from meshllm.wire.admission import AuthError, make_hello, verify_hello
+from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, Message
 from meshllm.wire.framing import FrameError, StreamKind, pack_frame, parse_kind, read_frame
 from meshllm.wire.messages import (
@@ -37,6 +41,7 @@ from meshllm.wire.messages import (
     PeerLeaving,
     PeerLeavingReceived,
     Refused,
+    RevocationList,
     RouteRequest,
 )
 
@@ -58,7 +63,7 @@ class ControlServer:
 
     def __init__(self, endpoint: MeshEndpoint) -> None:
         self.endpoint = endpoint
-        self.tunnel_handlers: dict[StreamKind, TunnelHandler] = {}
+        self.tunnel_handlers: dict[StreamKind, tuple[TunnelHandler, bool]] = {}  # handler, passive_ok
         self.timeout_s = CONTROL_TIMEOUT_S  # a control stream that stalls longer is closed
 
     async def serve_stream(
@@ -70,9 +75,12 @@ class ControlServer:
         kind: StreamKind | None = None
         try:
             kind = parse_kind(await reader.read(1))
-            handler = self.tunnel_handlers.get(kind)
-            if handler is not None:
+            entry = self.tunnel_handlers.get(kind)
+            if entry is not None:
+                handler, passive_ok = entry
                 await self._await_auth(conn)
+                if not passive_ok:
+                    self._members_only(conn, f"{kind.name} streams")
                 await handler(conn, reader, writer)
                 return
             await asyncio.wait_for(self._serve_control(conn, kind, reader, writer), self.timeout_s)
@@ -114,21 +122,31 @@ class ControlServer:
         except TimeoutError:
             raise AuthError("connection never authenticated") from None
 
+    @staticmethod
+    def _members_only(conn: MeshConnection, what: str) -> None:
+        """Refuse a peer whose connection does not have the active capability (its grant's, never
+        what it says it is)."""
+        if conn.passive:
+            raise AuthError(f"{what} are for members only: this connection is {conn.peer_role}")
+
     async def _admit(self, conn: MeshConnection, kind: StreamKind, hello: Hello) -> Hello:
         """Check a Hello that opens a connection; our own Hello goes back with the answer."""
         ep = self.endpoint
         if kind not in HELLO_KINDS:
             raise AuthError(f"Hello is not accepted on a {kind.name} stream")
-        verify_hello(hello, ep.membership, ep.node_id)
         if conn.peer_id is not None and conn.peer_id != hello.node_id:
             raise AuthError("connection already belongs to another node")
+        admitted = ep.gate.admit(hello)
+        if kind == StreamKind.GOSSIP and admitted.role != "active":
+            raise AuthError(f"gossip is for members only: a {admitted.role} may not gossip")
         conn.peer_id = hello.node_id
-        if kind == StreamKind.ROUTE_REQUEST:  # a passive node, whatever it says; "client" or "standby" kept
-            conn.peer_role = hello.role if hello.role in ("client", "standby") else "passive"
+        conn.token_id = admitted.token_id
+        if kind == StreamKind.ROUTE_REQUEST:  # a passive node; "client" or "standby" kept
+            conn.peer_role = admitted.role if admitted.role in ("client", "standby") else "passive"
         else:
-            conn.peer_role = hello.role
+            conn.peer_role = admitted.role
         conn.authenticated.set()
-        return make_hello(ep.identity, ep.membership, ep.role, hello.node_id)
+        return ep.gate.answer(hello, ep.role)
 
     async def _serve_control(
         self,
@@ -171,6 +189,8 @@ class ControlServer:
         elif kind == StreamKind.PEER_DOWN:
             if not isinstance(body, PeerDown):
                 raise FrameError(f"expected PeerDown, got {type(body).__name__}")
+            if ep.role == "active":
+                self._members_only(conn, "death notices")
             ep.directory.tell(ep.notice_target, PeerDownReceived(notice=body, from_peer=peer))
             if ep.role != "active":
                 ep.forget(body.node_id)  # a passive node has no heartbeat: the notice is its signal
@@ -181,6 +201,12 @@ class ControlServer:
             if body.node_id != peer:
                 raise AuthError("a node can only announce its own leaving")
             ep.directory.tell(ep.notice_target, PeerLeavingReceived(notice=body))
+            writer.write(pack_frame(Ack()))
+        elif kind == StreamKind.REVOCATION:
+            if not isinstance(body, RevocationList):
+                raise FrameError(f"expected RevocationList, got {type(body).__name__}")
+            self._members_only(conn, "revocations")
+            ep.revocations.apply(body.revocations, source=peer)
             writer.write(pack_frame(Ack()))
         else:
             raise FrameError(f"{kind.name} streams are not served by this node")

@@ -37,7 +37,8 @@ from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelH
 from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
 from meshllm.net.published import Counters, Published
-from meshllm.wire.admission import AuthError, make_hello, verify_hello
+from meshllm.net.revocation import Revocations
+from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, M, Message
 from meshllm.wire.framing import (
     PeerRefused,
@@ -46,8 +47,8 @@ from meshllm.wire.framing import (
     pack_stream_start,
     read_frame_as,
 )
+from meshllm.wire.gate import Gate
 from meshllm.wire.identity import NodeIdentity
-from meshllm.wire.invite import MeshMembership
 from meshllm.wire.messages import (
     Ack,
     ConnectionLost,
@@ -81,7 +82,7 @@ class MeshEndpoint:
     def __init__(
         self,
         identity: NodeIdentity,
-        membership: MeshMembership,
+        gate: Gate,
         role: str,
         host: str,
         port: int,
@@ -90,7 +91,7 @@ class MeshEndpoint:
     ) -> None:
         self.identity = identity
         self.node_id = identity.node_id
-        self.membership = membership
+        self.gate = gate
         self.role = role
         self.directory = directory
         self.log = logger.bind(actor="transport")
@@ -109,7 +110,8 @@ class MeshEndpoint:
             route_frame=pack_frame(RouteTable(models=(), unserved=(), actives=())),
         )
         self.control = ControlServer(self)
-        self.fast = FastPath(identity, membership, role, self.log)
+        self.fast = FastPath(identity, gate, role, self.log)
+        self.revocations = Revocations(self)
         self.notice_target = "registry" if role == "active" else "router"
         self.counters = Counters(Counter(), Counter(), Counter())
         cert = identity.certificate()
@@ -152,6 +154,7 @@ class MeshEndpoint:
 
     async def _stop(self) -> None:
         self.fast.close()
+        self.revocations.close()
         for conn in list(self._all):
             self._close(conn)
         if self._server is not None:
@@ -180,9 +183,10 @@ class MeshEndpoint:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def register_tunnel(self, kind: StreamKind, handler: TunnelHandler) -> None:
-        """Route incoming streams of a tunnel kind to a handler (HTTP and RPC tunnels)."""
-        self.control.tunnel_handlers[kind] = handler
+    def register_tunnel(self, kind: StreamKind, handler: TunnelHandler, passive_ok: bool = False) -> None:
+        """Route incoming streams of a tunnel kind to a handler (HTTP and RPC tunnels); only members
+        may open them unless ``passive_ok`` (clients and standbys may too)."""
+        self.control.tunnel_handlers[kind] = (handler, passive_ok)
 
     def publish_gossip(self, gossip: Gossip) -> None:
         self.published.gossip = gossip
@@ -226,6 +230,7 @@ class MeshEndpoint:
         assert conn.peer_id is not None
         if not conn.passive:
             self.peers[conn.peer_id] = conn
+            self.revocations.on_member(conn)
 
     def forget(self, node_id: str) -> None:
         """Close every connection to a node (it is dead to us)."""
@@ -240,6 +245,9 @@ class MeshEndpoint:
         existing = self.peers.get(node_id)
         if existing is not None and not existing.terminated:
             return existing
+        reason = self.gate.revoked_reason(node_id, "")
+        if reason:
+            raise AuthError(reason)
         pending = self._connecting.get(node_id)
         if pending is not None:
             return await asyncio.wait_for(asyncio.shield(pending), timeout)
@@ -293,11 +301,11 @@ class MeshEndpoint:
         if not conn.authenticated.is_set():
             async with conn.auth_lock:
                 if not conn.authenticated.is_set():
-                    hello = make_hello(self.identity, self.membership, self.role, node_id)
+                    hello = self.gate.hello(self.role, node_id)
                     reader, writer = await self._open(conn, kind, hello, body)
                     writer.write_eof()
                     answer = await read_frame_as(reader, Hello)
-                    verify_hello(answer, self.membership, self.node_id, expected_node=node_id)
+                    self.gate.check_answer(answer, hello, node_id)
                     conn.peer_role = answer.role
                     conn.authenticated.set()
                     reply = await read_frame_as(reader, reply_type)

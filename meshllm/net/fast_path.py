@@ -3,9 +3,10 @@
 Tunnels carry many small messages in both directions (an SSE event per generated token, a ggml-rpc
 round trip per token). aioquic does its per-packet work in Python, which cost ~0.5 ms of CPU per
 token and per node here; TLS records are handled by OpenSSL. The fast path keeps the mesh's
-security: the dialler pins the listener's certificate to the node id it expects, and proves the mesh
-secret and its own key with the same Hello frame as on QUIC; only then does the listener read the
-tunnel's header frame and hand the connection to the handler registered for that header type.
+security: the dialler pins the listener's certificate to the node id it expects, and presents its
+grant and proves its own key with the same Hello frame as on QUIC; only then does the listener read
+the tunnel's header frame and hand the connection to the handler registered for that header type -
+and only if the grant (never the Hello's declared role) allows it: RPC tunnels are for members.
 When the fast path cannot connect, callers fall back to a QUIC tunnel stream.
 """
 
@@ -25,11 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshllm.logsetup import Logger
-from meshllm.wire.admission import AuthError, make_hello, verify_hello
+from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, Message
 from meshllm.wire.framing import pack_frame, read_frame, read_frame_as
+from meshllm.wire.gate import Gate
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
-from meshllm.wire.invite import MeshMembership
 from meshllm.wire.messages import Hello, Refused
 
 ALPN_FAST = "meshllm-fast/1"
@@ -91,9 +92,9 @@ def _split(addr: str) -> tuple[str, int]:
 class FastPath:
     """Listener and dialler of the fast path; lives on the transport's event loop."""
 
-    def __init__(self, identity: NodeIdentity, membership: MeshMembership, role: str, logger: Logger) -> None:
+    def __init__(self, identity: NodeIdentity, gate: Gate, role: str, logger: Logger) -> None:
         self.identity = identity
-        self.membership = membership
+        self.gate = gate
         self.role = role
         self.log = logger.bind(actor="fast-path")
         self._server_tls, self._client_tls = tls_contexts(identity)
@@ -119,19 +120,23 @@ class FastPath:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tune_socket(writer)
+        peer: str | None = None
         try:
             hello = await asyncio.wait_for(read_frame_as(reader, Hello), HEADER_TIMEOUT_S)
-            verify_hello(hello, self.membership, self.identity.node_id)
+            admitted = self.gate.admit(hello)
+            peer = admitted.node_id
             header = await asyncio.wait_for(read_frame(reader), HEADER_TIMEOUT_S)
             entry = self._handlers.get(type(header))
             if entry is None:
                 raise AuthError(f"{type(header).__name__} is not served on the fast path")
             handler, passive_ok = entry
-            if hello.role != "active" and not passive_ok:
-                raise AuthError(f"{type(header).__name__} is for active nodes only")
+            if admitted.role != "active" and not passive_ok:
+                raise AuthError(
+                    f"{type(header).__name__} is for members only: this connection is {admitted.role}"
+                )
             await handler(header, hello, reader, writer)
         except AuthError as exc:
-            self.log.warning("auth.refused", reason=str(exc), side="listener", path="fast")
+            self.log.warning("auth.refused", peer=peer, reason=str(exc), side="listener", path="fast")
             with contextlib.suppress(Exception):
                 writer.write(pack_frame(Refused(reason=str(exc))))
         except (CodecError, TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
@@ -146,7 +151,7 @@ class FastPath:
         key = public_key_of_certificate(x509.load_der_x509_certificate(der)) if der else None
         if key is None or node_id_of(key) != node_id:
             raise AuthError(f"TLS certificate at {addr} does not belong to {node_id}")
-        hello = make_hello(self.identity, self.membership, self.role, node_id)
+        hello = self.gate.hello(self.role, node_id)
         return pack_frame(hello) + pack_frame(header)
 
     def open_blocking(self, node_id: str, addrs: tuple[str, ...], header: Message) -> ssl.SSLSocket:

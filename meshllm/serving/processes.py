@@ -2,7 +2,7 @@
 
 The Supervisor actor decides *when* a child starts, restarts or stops; this module says *how*, with no
 actor state: a child is spawned in its own session (process group = its pid) with its output appended
-to a log file and ``PR_SET_PDEATHSIG = SIGKILL``, so a ``kill -9`` of the node leaves no orphan; its
+to a log file and a parent-death signal of SIGKILL (``setpriv --pdeathsig``), so a ``kill -9`` of the node leaves no orphan; its
 health is ``GET /health`` for llama-server or a TCP connect for the RPC server, and only counts when
 the child itself holds the listening socket; stopping is SIGTERM to each group, one shared bounded
 wait, then SIGKILL. Only groups whose leader is still unreaped are signalled, so a recycled pid is
@@ -15,11 +15,11 @@ process: callers must call :func:`spawn` from a thread that lives as long as the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,37 +54,16 @@ KIND_RPC = "rpc-server"
 
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARS = 8000
-_PR_SET_PDEATHSIG = 1
+SETPRIV = shutil.which("setpriv")  # util-linux: sets the parent-death signal, then execs the child
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-    return prctl
-
-
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when the forking thread of ``parent_pid`` exits.
-
-    Runs in the forked child before exec, so it only calls the already-resolved ``prctl``; if the parent
-    died between fork and prctl (the child was reparented already) the child kills itself.
-    """
-    prctl = _PRCTL
-    if prctl is None:
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
+def _with_parent_death_signal(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run through ``setpriv --pdeathsig SIGKILL`` where util-linux has it (Linux), so the
+    child gets SIGKILL when the thread that forked it exits. Not a ``preexec_fn``: Python runs that
+    between fork and exec, which is not safe in a process with threads, and a node has many."""
+    if SETPRIV is None:  # no parent-death signal: the Supervisor's stop is all there is
+        return list(cmd)
+    return [SETPRIV, "--pdeathsig", "SIGKILL", "--", *cmd]
 
 
 def spawn(
@@ -101,12 +80,11 @@ def spawn(
         out.write(f"=== meshllm: starting {shlex.join(cmd)}\n".encode())
         out.flush()
         proc = subprocess.Popen(
-            list(cmd),
+            _with_parent_death_signal(cmd),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
             close_fds=True,
             env={**os.environ, **env} if env else None,
         )
@@ -197,6 +175,9 @@ def signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
+KILL_WAIT_S = 5.0
+
+
 def stop_groups(
     procs: Sequence[subprocess.Popen[bytes]],
     timeout_s: float,
@@ -205,7 +186,8 @@ def stop_groups(
     """SIGTERM each child's process group, wait (together) up to ``timeout_s``, then SIGKILL.
 
     ``on_kill`` is called for each child still running at the deadline, just before its SIGKILL.
-    Every child is reaped on return.
+    Every child is reaped on return, but for one that outlives its SIGKILL by KILL_WAIT_S (stuck in the
+    kernel): its watcher thread reaps it later.
     """
     for proc in procs:
         signal_group(proc, signal.SIGTERM)
@@ -217,4 +199,7 @@ def stop_groups(
             if on_kill is not None:
                 on_kill(proc)
             signal_group(proc, signal.SIGKILL)
-            proc.wait()
+            try:  # a child stuck in the kernel (D state) cannot die at once; never wait on it forever
+                proc.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass  # its watcher thread reaps it when it goes

@@ -34,6 +34,7 @@ class StreamKind(enum.IntEnum):
     RPC_TUNNEL = 4
     PEER_DOWN = 5
     PEER_LEAVING = 6
+    REVOCATION = 7
 
 
 class FrameError(CodecError):

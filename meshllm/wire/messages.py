@@ -53,13 +53,45 @@ class PeerAnnouncement:
 # -- wire frames ---------------------------------------------------------------------------------------
 
 
+@message(61)
+@dataclass(frozen=True)
+class Grant(Message):
+    """What an invite lets its holder do, signed by the mesh's authority key.
+
+    ``role`` is the most a connection that presents it may do (client < standby < active),
+    ``expires_at`` unix seconds (0: never), ``node_id`` binds it to one node key ("" = whoever holds
+    the token). See :mod:`meshllm.wire.grants` for the payload and the rules.
+    """
+
+    mesh_id: str
+    role: str
+    token_id: str
+    expires_at: int
+    node_id: str
+    signature: bytes
+
+
+@message(62)
+@dataclass(frozen=True)
+class Revocation(Message):
+    """A node id or token id the mesh no longer admits, signed by the mesh's authority key."""
+
+    mesh_id: str
+    target: str
+    issued_at: int
+    signature: bytes
+
+
 @message(1)
 @dataclass(frozen=True)
 class Hello(Message):
-    """First frame a connection's initiator sends (and the answer it gets): proves mesh secret and key.
+    """First frame a connection's initiator sends (and the answer it gets): proves key and capability.
 
-    ``mac`` is HMAC-SHA256 with the mesh secret and ``signature`` an Ed25519 signature with the node
-    key, both over :func:`meshllm.wire.admission.hello_payload` of the other fields.
+    ``signature`` is an Ed25519 signature with the node key over
+    :func:`meshllm.wire.admission.hello_payload` of the other fields, ``grant`` included, so a Hello
+    cannot be moved to another target, node or grant. The initiator's Hello carries its grant; the
+    answer carries none (the dialler knows whom it dialled, and a grant handed out could be replayed).
+    What a connection may do is what the grant allows, never what ``role`` says.
     """
 
     mesh_id: str
@@ -68,7 +100,7 @@ class Hello(Message):
     role: str
     target: str
     nonce: bytes
-    mac: bytes
+    grant: Grant | None
     signature: bytes
 
 
@@ -78,6 +110,23 @@ class Refused(Message):
     """The stream was refused; the reason is for both sides' logs."""
 
     reason: str
+
+
+@message(12)
+@dataclass(frozen=True)
+class RevocationList(Message):
+    """Revocations a node passes on (a REVOCATION stream): each is checked against the mesh's
+    authority key before it is applied, whoever relayed it."""
+
+    revocations: tuple[Revocation, ...]
+
+
+@message(13)
+@dataclass(frozen=True)
+class RevokeRequest(Message):
+    """``meshllm revoke`` -> the running node, on its local socket: sign and spread a revocation."""
+
+    target: str
 
 
 @message(3)
