@@ -32,6 +32,7 @@ from pathlib import Path
 import pykka
 
 from actors.base import Directory, MsgpackActor, handles
+from meshllm.logfiles import LOG_MAX_BYTES, copy_truncate
 from meshllm.logsetup import Logger
 from meshllm.serving.llama import LlamaBinaries, free_port, rpc_server_command, server_command
 from meshllm.serving.processes import (
@@ -55,7 +56,10 @@ from meshllm.wire.messages import (
     LlamaStopped,
     ProcessSpec,
     RestartChild,
+    Tick,
 )
+
+LOG_CHECK_S = 60.0  # how often the children's log sizes are looked at
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Supervisor(MsgpackActor):
         max_failures: int = 5,
         stop_timeout_s: float = 5.0,
         give_up_retry_s: float = 300.0,
+        log_max_bytes: int = LOG_MAX_BYTES,
     ) -> None:
         super().__init__(directory, logger)
         self.binaries = binaries
@@ -106,12 +111,27 @@ class Supervisor(MsgpackActor):
         self.max_failures = max_failures
         self.stop_timeout_s = stop_timeout_s
         self.give_up_retry_s = give_up_retry_s
+        self.log_max_bytes = log_max_bytes
         self.children: dict[str, _Child] = {}
         self._last_desired: tuple[ProcessSpec, ...] | None = None
         self._generations = 0
 
     def on_start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.every(LOG_CHECK_S, "logs")
+
+    @handles(Tick)
+    def on_tick(self, msg: Tick) -> None:
+        """Children's logs are rotated in place (copy, then truncate) once they grow too big."""
+        for child in self.children.values():
+            try:
+                rotated = copy_truncate(child.log_path, self.log_max_bytes)
+            except OSError as exc:
+                self.log.warning("llama.log_rotate_failed", key=child.spec.key, reason=str(exc))
+                continue
+            if rotated:
+                child.log_offset = 0  # this start's output now begins at the top of the emptied file
+                self.log.info("llama.log_rotated", key=child.spec.key, path=str(child.log_path))
 
     def on_stop(self) -> None:
         super().on_stop()

@@ -7,25 +7,32 @@ process - as tests run them - keep their own ``node`` field and their own files.
 
 from __future__ import annotations
 
-import io
-import os
-import stat
 import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import structlog
 from structlog.typing import Processor
 
+from meshllm.logfiles import RotatingLogFile
+
 Logger = structlog.typing.FilteringBoundLogger
+
+
+class TextSink(Protocol):
+    """Where rendered lines go: stderr, a test's capture, a rotating file."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class LineSink:
     """Writes each rendered line to every stream it holds, whole, from any thread."""
 
-    def __init__(self, streams: list[IO[str]]) -> None:
+    def __init__(self, streams: list[TextSink]) -> None:
         self._streams = streams
         self._lock = threading.Lock()
 
@@ -64,19 +71,6 @@ def _tapped(tap: LogTap) -> Processor:
     return process
 
 
-LOG_FILE_MODE = 0o640  # logs name peers, models and addresses: not for every user of the machine
-
-
-def open_log_for_append(path: Path) -> IO[bytes]:
-    """``path`` opened to append bytes, created (with its folder) as :data:`LOG_FILE_MODE`, and
-    narrowed to it if an older file was created wider."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_FILE_MODE)
-    if stat.S_IMODE(os.fstat(fd).st_mode) & ~LOG_FILE_MODE:
-        os.fchmod(fd, LOG_FILE_MODE)
-    return os.fdopen(fd, "ab")
-
-
 def make_logger(
     node: str,
     fmt: str = "json",
@@ -86,9 +80,9 @@ def make_logger(
 ) -> Logger:
     """A logger bound to ``node`` that renders as ``fmt`` ("json" or "console"); ``tap`` also sees
     every record (with its ``ts``) before it is rendered."""
-    streams: list[IO[str]] = [stream if stream is not None else sys.stderr]
+    streams: list[TextSink] = [stream if stream is not None else sys.stderr]
     if file is not None:
-        streams.append(io.TextIOWrapper(open_log_for_append(file), encoding="utf-8", line_buffering=True))
+        streams.append(RotatingLogFile(file))
     renderer: Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)

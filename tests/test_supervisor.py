@@ -9,7 +9,6 @@ import json
 import os
 import queue
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -29,7 +28,7 @@ from actors.supervisor import Supervisor
 from meshllm.logsetup import Logger, make_logger
 from meshllm.serving.llama import LlamaBinaries, LlamaNotFound, find_binaries
 from meshllm.wire.codec import Message, encode
-from meshllm.wire.messages import DesiredProcesses, LlamaFailed, LlamaReady, LlamaStopped, ProcessSpec
+from meshllm.wire.messages import DesiredProcesses, LlamaFailed, LlamaReady, LlamaStopped, ProcessSpec, Tick
 
 pytestmark = pytest.mark.llama
 
@@ -337,6 +336,19 @@ def test_a_given_up_child_is_tried_again_when_the_plan_changes(
     assert [r["reason"] for r in h.logs.find("llama.retrying", key="bad")] == ["the plan changed"]
 
 
+def test_a_childs_log_is_rotated_in_place_when_it_grows(start: Callable[..., Harness]) -> None:
+    h = start(log_max_bytes=1)
+    h.desire(smol())
+    h.events.wait(LlamaReady, "smol")
+    ref = h.directory.ref("supervisor")
+    assert ref is not None
+    assert ref.ask(encode(Tick("logs")), timeout=30) is None
+    [rotated] = h.logs.find("llama.log_rotated", key="smol")
+    log = Path(rotated["path"])
+    assert "=== meshllm: starting" in log.with_name(log.name + ".1").read_text()
+    assert log.stat().st_size < log.with_name(log.name + ".1").stat().st_size
+
+
 def test_health_timeout_kills_and_reports(start: Callable[..., Harness]) -> None:
     h = start(health_timeout_s=0.05, max_failures=1)
     h.desire(smol("slow"))
@@ -450,20 +462,3 @@ def test_no_orphan_when_node_is_killed(tmp_path: Path) -> None:
         if child and alive(child) and ours(child):
             os.kill(child, signal.SIGKILL)
 
-
-def test_log_files_are_created_0640_and_narrowed_when_wider(tmp_path: Path) -> None:
-    """Logs name peers, models and addresses: readable by the owner's group at most."""
-    from meshllm.logsetup import open_log_for_append
-
-    fresh = tmp_path / "logs" / "node.log"
-    with open_log_for_append(fresh) as f:
-        f.write(b"one\n")
-    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
-    wide = tmp_path / "old.log"
-    wide.write_bytes(b"before\n")
-    wide.chmod(0o666)
-    with open_log_for_append(wide) as f:
-        assert f.tell() == len(b"before\n")
-        f.write(b"after\n")
-    assert stat.S_IMODE(wide.stat().st_mode) == 0o640
-    assert wide.read_bytes() == b"before\nafter\n"

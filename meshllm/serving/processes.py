@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from meshllm.logsetup import open_log_for_append
+from meshllm.logfiles import open_log_for_append
 from meshllm.serving.llama import LOOPBACK
 
 __all__ = [
