@@ -126,7 +126,7 @@ def test_example_loads(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.source == path
     text = path.read_text(encoding="utf-8")
-    assert "meshllm invite --config" in text and "mesh.invite" in text
+    assert "meshllm invite --config" in text and "--role" in text and "mesh.invite" in text
 
 
 def test_examples_content() -> None:
