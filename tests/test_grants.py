@@ -199,9 +199,11 @@ def test_the_gate_remembers_admitted_keys_past_their_grants_expiry(tmp_path: Pat
     grant = mint_grant(SECRET, "m1", "client", NOW, ttl_s=60)
     admitted = gate(tmp_path).admit(hello(grant))
     assert (admitted.role, admitted.grant_role, admitted.token_id) == ("client", "client", grant.token_id)
-    path = tmp_path / "admitted.json"
+    path = tmp_path / "admitted.jsonl"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert json.loads(path.read_text()) == {DIALLER.node_id: {"role": "client", "token_id": grant.token_id}}
+    gate(tmp_path).admit(hello(grant))  # admitted again: nothing new to write
+    line = {"node_id": DIALLER.node_id, "role": "client", "token_id": grant.token_id}
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [line]
     later = gate(tmp_path, now=NOW + 3600)  # restarted, an hour later: the grant has expired
     assert later.admit(hello(grant)).role == "client"
     stranger = NodeIdentity.generate()  # the same token, a key never admitted: refused
@@ -213,7 +215,7 @@ def test_the_role_asked_for_is_capped_by_the_grant(tmp_path: Path) -> None:
     client = mint_grant(SECRET, "m1", "client", NOW)
     with pytest.raises(AuthError, match="a client grant does not allow role active"):
         gate(tmp_path).admit(hello(client, role="active"))
-    assert not (tmp_path / "admitted.json").exists()  # a refusal is remembered nowhere
+    assert not (tmp_path / "admitted.jsonl").exists()  # a refusal is remembered nowhere
 
 
 def test_revoked_tokens_and_nodes_are_refused_and_the_list_persists(tmp_path: Path) -> None:

@@ -2,14 +2,16 @@
 
 Why a stateful object beside the pure checks: both listeners (QUIC and the TLS fast path) and the
 dialling side must agree on one memory of admitted node keys and one revocation list, and both must
-survive restarts. Files in the data dir (0600): ``admitted.json`` (node id -> role, token id: a node
-admitted once keeps its place when its invite expires) and ``revocations.json`` (signed revocations,
-re-checked when loaded).
+survive restarts. Files in the data dir (0600): ``admitted.jsonl`` (one line per node key admitted,
+with its grant's role and token id: a node admitted once keeps its place when its invite expires;
+appended, not rewritten, so thousands of passive clients cost one short write each) and
+``revocations.json`` (signed revocations, re-checked when loaded).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import MeshMembership, write_private
 from meshllm.wire.messages import Grant, Hello, Revocation
 
-ADMITTED_FILE = "admitted.json"
+ADMITTED_FILE = "admitted.jsonl"
 REVOKED_FILE = "revocations.json"
 
 
@@ -95,9 +97,11 @@ class Gate:
             if self._admitted.get(admitted.node_id) == entry:
                 return
             self._admitted[admitted.node_id] = entry
-            snapshot = json.dumps(self._admitted, sort_keys=True)
-        if self.data_dir is not None:
-            write_private(self.data_dir / ADMITTED_FILE, snapshot)
+            if self.data_dir is not None:
+                line = json.dumps({"node_id": admitted.node_id, **entry}) + "\n"
+                fd = os.open(self.data_dir / ADMITTED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "a") as f:
+                    f.write(line)
 
     # -- revocation -----------------------------------------------------------------------------------
 
@@ -170,15 +174,16 @@ class Gate:
 
     def _load(self, data_dir: Path) -> None:
         try:
-            admitted = json.loads((data_dir / ADMITTED_FILE).read_text())
-            if isinstance(admitted, dict):
-                self._admitted = {
-                    str(k): {"role": str(v.get("role", "")), "token_id": str(v.get("token_id", ""))}
-                    for k, v in admitted.items()
-                    if isinstance(v, dict)
-                }
-        except (OSError, ValueError):
-            pass
+            lines = (data_dir / ADMITTED_FILE).read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:  # the last line for a node wins; a torn last line is skipped
+            try:
+                entry = json.loads(line)
+                node_id = str(entry["node_id"])
+                self._admitted[node_id] = {"role": str(entry["role"]), "token_id": str(entry["token_id"])}
+            except (ValueError, KeyError, TypeError):
+                continue
         try:
             stored = json.loads((data_dir / REVOKED_FILE).read_text())["revocations"]
             revs = tuple(decode_as(bytes.fromhex(h), Revocation) for h in stored)

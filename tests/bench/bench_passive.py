@@ -233,7 +233,7 @@ class StatsNodeProcess(NodeProcess):
 class LoadProcess:
     def __init__(self, token: InviteToken, host: str, port: int, log: Path) -> None:
         self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        args = [host, str(port), token.node_id, token.mesh_id, token.secret.hex()]
+        args = [host, str(port), token.encode()]  # the load's clients present its grant
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.bench.passive_load", *args],
             stdin=subprocess.PIPE,

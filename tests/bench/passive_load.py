@@ -35,7 +35,7 @@ from meshllm.net.endpoint import ALPN
 from meshllm.wire.admission import make_hello
 from meshllm.wire.framing import StreamKind, pack_stream_start, read_frame_as
 from meshllm.wire.identity import NodeIdentity
-from meshllm.wire.invite import MeshMembership
+from meshllm.wire.invite import InviteToken
 from meshllm.wire.messages import Hello, RouteRequest, RouteTable
 
 PING_INTERVAL_S = 20.0
@@ -57,10 +57,10 @@ class Client(QuicConnectionProtocol):
 
 
 class Load:
-    def __init__(self, host: str, port: int, node_id: str, membership: MeshMembership) -> None:
+    def __init__(self, host: str, port: int, token: InviteToken) -> None:
         self.addr = (host, port)
-        self.node_id = node_id
-        self.membership = membership
+        self.node_id = token.node_id
+        self.token = token
         self.clients: list[Client] = []
         self._pinger: asyncio.Task[None] | None = None
 
@@ -95,7 +95,7 @@ class Load:
             client.connect(self.addr)
             await asyncio.wait_for(client.wait_connected(), REQUEST_TIMEOUT_S)
             identity = NodeIdentity.generate()
-            hello = make_hello(identity, self.membership, "client", self.node_id)
+            hello = make_hello(identity, self.token.mesh_id, self.token.grant, "client", self.node_id)
             ms = await asyncio.wait_for(self._route_request(client, hello), REQUEST_TIMEOUT_S)
         except BaseException:
             client.close()
@@ -186,8 +186,8 @@ class Load:
 
 
 async def main(argv: list[str]) -> None:
-    host, port, node_id, mesh_id, secret_hex = argv
-    load = Load(host, int(port), node_id, MeshMembership(mesh_id, bytes.fromhex(secret_hex)))
+    host, port, token_text = argv
+    load = Load(host, int(port), InviteToken.decode(token_text))
     loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
