@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
@@ -51,16 +52,46 @@ class AskError(RuntimeError):
     """An ask got no usable reply: nobody by that name, a refusal, or a reply of another type."""
 
 
+DROP_REPORT_S = 10.0  # a dropped tell is reported at most this often per (actor, message type)
+
+
 class Directory:
-    """A node's actors by name. Telling a name that is not (or no longer) there is a no-op."""
+    """A node's actors by name.
+
+    A tell to a name that is not (or no longer) there cannot be delivered: outside a shutdown that is
+    a fault, and ``on_dropped`` hears of it (the node logs it). An actor that dies of an error, not a
+    stop, is reported to ``on_actor_failed`` (the node stops, and ``meshllm run`` exits non-zero so a
+    service manager restarts it with its state rebuilt from the mesh).
+    """
 
     def __init__(self) -> None:
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
         self._lock = threading.Lock()
+        self.closing = False
+        self.on_dropped: Callable[[str, str], None] | None = None
+        self.on_actor_failed: Callable[[str, str], None] | None = None
+        self._dropped_at: dict[tuple[str, str], float] = {}
+
+    def _dropped(self, name: str, msg: Message) -> None:
+        report = self.on_dropped
+        if report is None or self.closing:
+            return
+        key, now = (name, type(msg).__name__), time.monotonic()
+        with self._lock:
+            if now - self._dropped_at.get(key, -DROP_REPORT_S) < DROP_REPORT_S:
+                return
+            self._dropped_at[key] = now
+        report(name, key[1])
+
+    def actor_failed(self, name: str, reason: str) -> None:
+        report = self.on_actor_failed
+        if report is not None and not self.closing:
+            report(name, reason)
 
     def register(self, name: str, ref: pykka.ActorRef[Any]) -> None:
         with self._lock:
             self._refs[name] = ref
+            self.closing = False  # actors start again (a standby's promotion restarts them)
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -75,13 +106,15 @@ class Directory:
             return list(self._refs)
 
     def tell(self, name: str, msg: Message) -> bool:
-        """Send a message; False if nobody by that name is alive."""
+        """Send a message; False (and reported, outside a shutdown) if nobody by that name is alive."""
         ref = self.ref(name)
         if ref is None:
+            self._dropped(name, msg)
             return False
         try:
             ref.tell(encode(msg))
         except pykka.ActorDeadError:
+            self._dropped(name, msg)
             return False
         return True
 
@@ -121,6 +154,7 @@ class Directory:
 
     def stop_all(self, timeout: float = 5.0) -> None:
         with self._lock:
+            self.closing = True
             refs = list(self._refs.items())
             self._refs.clear()
         for _name, ref in reversed(refs):
@@ -219,3 +253,6 @@ class MsgpackActor(pykka.ThreadingActor):
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         for stop in self._timers:
             stop.set()
+        reason = f"{getattr(exception_type, '__name__', exception_type)}: {exception_value}"
+        self.log.error("actor.crashed", error=reason)
+        self.directory.actor_failed(self.name, reason)

@@ -80,6 +80,9 @@ def _load(config: Path | None) -> NodeConfig:
         raise typer.Exit(2) from None
 
 
+EXIT_FATAL = 70  # EX_SOFTWARE: an internal error stopped the node; restart it
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
@@ -128,11 +131,16 @@ def run(
         typer.echo(f"meshllm: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(1.0) and node.fatal is None:
             pass
     finally:
-        node.log.info("node.stopping", reason="signal")
+        if node.fatal is None:
+            node.log.info("node.stopping", reason="signal")
         node.stop(leave=True)
+    if node.fatal is not None:  # an actor crashed: the node stopped itself; let a service manager restart it
+        node.stopped.wait(30.0)
+        typer.echo(f"meshllm: stopped: {node.fatal}", err=True)
+        raise typer.Exit(EXIT_FATAL)
 
 
 class InviteRole(StrEnum):

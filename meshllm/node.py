@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -140,6 +141,11 @@ class Node(StandbyRoles):
         self.capacity: Capacity | None = None
         self.gpu_free: GpuFreeMemory | None = None
         self._started = False
+        self._stop_lock = threading.Lock()
+        self.stopped = threading.Event()  # set once stop() has finished
+        self.fatal: str | None = None  # why the node stopped itself (an actor crashed)
+        self.directory.on_dropped = self._tell_dropped
+        self.directory.on_actor_failed = self._actor_failed
         # Standby promotion: the config this node was started with (a standby's), what it was promoted
         # for, and models it may not take again before a time (no promotion/demotion cycle is faster
         # than [standby] demote_after_s).
@@ -217,6 +223,7 @@ class Node(StandbyRoles):
             gpus=self._gpu_reports(),
         )
         self._started = True
+        self.stopped.clear()
         self._spawn(TransportBridge, endpoint=self.endpoint)
         seeds = tuple(
             Seed(node_id=t.node_id, addrs=t.addrs) for t in tokens if t.node_id != self.identity.node_id
@@ -336,11 +343,24 @@ class Node(StandbyRoles):
     def _spawn(self, actor_cls: Any, **kwargs: Any) -> None:
         actor_cls.start(self.directory, self.log, **kwargs)  # it registers its own name
 
+    def _tell_dropped(self, name: str, message: str) -> None:
+        self.log.warning("actor.tell_dropped", to=name, message=message, reason="no such actor is running")
+
+    def _actor_failed(self, name: str, reason: str) -> None:
+        """An actor died of an error: its state is gone, so the node stops rather than limp on;
+        ``meshllm run`` then exits non-zero and a service manager starts it afresh."""
+        if self.fatal is not None:
+            return
+        self.fatal = f"actor {name} crashed: {reason}"
+        self.log.error("node.fatal", reason=self.fatal)
+        threading.Thread(target=self.stop, name="node-fatal-stop", daemon=True).start()
+
     def stop(self, leave: bool = True) -> None:
         """Stop the node; with ``leave`` peers are told first (they log ``peer.left``)."""
-        if not self._started:
-            return
-        self._started = False
+        with self._stop_lock:
+            if not self._started:
+                return
+            self._started = False
         if leave:
             notice = PeerLeaving(node_id=self.node_id, incarnation=self.incarnation)
             try:
@@ -363,6 +383,7 @@ class Node(StandbyRoles):
             self.endpoint.stop()  # after the actors: the transport bridge uses it until it stops
         self.log.info("node.stopped")
         close_logger(self.log)
+        self.stopped.set()
 
     def __enter__(self) -> Node:
         return self.start()

@@ -206,6 +206,41 @@ def test_tell_to_a_stopped_actor_is_false(directory: Directory, actor: pykka.Act
     assert directory.tell("recorder", Tick("x")) is False
 
 
+def test_a_dropped_tell_is_reported_once_per_actor_and_type_and_not_in_a_shutdown(
+    directory: Directory, actor: pykka.ActorRef[Any]
+) -> None:
+    dropped: list[tuple[str, str]] = []
+    directory.on_dropped = lambda name, message: dropped.append((name, message))
+    directory.tell("nobody", Tick("x"))
+    directory.tell("nobody", Tick("y"))  # the same (actor, type) within the report interval: once
+    directory.tell("nobody", GetStatus())
+    actor.stop(timeout=WAIT)
+    directory.tell("recorder", Tick("x"))
+    assert dropped == [("nobody", "Tick"), ("nobody", "GetStatus"), ("recorder", "Tick")]
+    directory.stop_all(timeout=WAIT)
+    directory.tell("recorder", GetStatus())  # stopping: expected, not a fault
+    assert len(dropped) == 3
+
+
+def test_an_actor_that_dies_of_an_error_is_reported(directory: Directory, log: Log, record: Record) -> None:
+    """Handlers' exceptions are caught; an error outside them kills the actor, and the directory hears."""
+    failed: list[tuple[str, str]] = []
+    done = threading.Event()
+    directory.on_actor_failed = lambda name, reason: (failed.append((name, reason)), done.set())
+
+    class Crasher(Recorder):
+        def on_receive(self, message: Any) -> Any:
+            if message == encode(Tick("crash")):
+                raise RuntimeError("state corrupted")  # outside any handler: nothing catches it
+            return super().on_receive(message)
+
+    Crasher.start(directory, make_logger("test", stream=log), record)
+    directory.tell("recorder", Tick("crash"))
+    assert done.wait(WAIT)
+    assert failed == [("recorder", "RuntimeError: state corrupted")]
+    assert log.named("actor.crashed")[0]["error"] == "RuntimeError: state corrupted"
+
+
 def test_stop_all_stops_everything(log: Log, record: Record) -> None:
     d = Directory()
     refs = [Recorder.start(d, make_logger("t", stream=log), record) for _ in range(3)]
