@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -50,9 +50,13 @@ class LoopThread:
         self._thread.join(timeout)
 
 
-async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve an aiohttp app on host:port (0 picks a free port); returns the runner and the bound port."""
-    runner = web.AppRunner(app, access_log=None)
+async def start_http(
+    app: web.Application, host: str, port: int, limits: Mapping[str, int] | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on host:port (0 picks a free port); returns the runner and the bound port.
+    ``limits`` are aiohttp's request-parser caps (``max_headers``, ``max_field_size``, ...)."""
+    parser: dict[str, Any] = dict(limits or {})
+    runner = web.AppRunner(app, access_log=None, **parser)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -4,12 +4,19 @@ both the tunnel and the gateway use.
 A tunnel stream is ``[HTTP_TUNNEL][TunnelRequest frame][request body ... FIN]`` one way and
 ``[TunnelResponse frame][response body ... FIN]`` (or a Refused frame) the other. Bodies are raw
 bytes passed through as they come, so streamed (SSE) answers keep their pacing.
+
+The host side is a door to llama-server for every member of the mesh, so it lets through only what
+the gateway itself would pass on (:mod:`meshllm.serving.openai_api`: the proxied routes, the body and
+header caps) and strips hop-by-hop headers both ways. Anything else gets an OpenAI-shaped error
+response and a ``tunnel.refused`` log line, and never reaches llama-server; the caller then closes the
+stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Mapping
 
 import aiohttp
@@ -18,11 +25,19 @@ from actors.base import Directory
 from meshllm.logsetup import Logger
 from meshllm.net.local_route import local_route
 from meshllm.serving.demand import DemandCounter
+from meshllm.serving.openai_api import (
+    MAX_BODY_BYTES,
+    Refusal,
+    check_request,
+    request_headers,
+    response_headers,
+)
 from meshllm.wire.framing import pack_frame, read_frame_as
 from meshllm.wire.messages import Hello, Refused, TunnelRequest, TunnelResponse
 
 CHUNK = 65536
-PASSED_HEADERS = ("content-type", "cache-control")
+BODY_TIMEOUT_S = 30.0
+"""A peer that announced a body must have sent all of it within this long."""
 
 
 class UpstreamUnavailable(Exception):
@@ -40,7 +55,7 @@ def new_session() -> aiohttp.ClientSession:
 
 def pass_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The upstream response headers worth passing on (the rest are hop-by-hop or recomputed)."""
-    return {k: v for k, v in headers.items() if k.lower() in PASSED_HEADERS}
+    return response_headers(headers)
 
 
 async def open_local(
@@ -51,6 +66,34 @@ async def open_local(
         return await session.request(method, f"http://127.0.0.1:{port}{path}", headers=headers, data=body)
     except (aiohttp.ClientConnectionError, OSError) as exc:
         raise UpstreamUnavailable(f"llama-server on port {port}: {exc}") from exc
+
+
+async def read_body(reader: asyncio.StreamReader, declared: int) -> bytes | Refusal:
+    """The request body: ``declared`` bytes, or up to the end of the stream when -1; never more than
+    :data:`MAX_BODY_BYTES`, never waiting longer than :data:`BODY_TIMEOUT_S`."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            if declared >= 0:
+                return await reader.readexactly(declared)
+            body = bytearray()
+            while chunk := await reader.read(CHUNK):
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return Refusal(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large")
+            return bytes(body)
+    except asyncio.IncompleteReadError as exc:
+        return Refusal(400, f"body ended after {len(exc.partial)} of {declared} bytes", "body_incomplete")
+    except TimeoutError:
+        return Refusal(408, f"body not sent within {BODY_TIMEOUT_S:g} s", "body_timeout")
+    except (ConnectionError, OSError) as exc:
+        return Refusal(400, f"stream broke while reading the body: {exc}", "body_incomplete")
+
+
+def _content_length_agrees(headers: Mapping[str, str], body: bytes) -> Refusal | None:
+    for name, value in headers.items():
+        if name.lower() == "content-length" and int(value) != len(body):  # a number: checked before
+            return Refusal(400, f"Content-Length {value} but {len(body)} body bytes", "bad_content_length")
+    return None
 
 
 class HttpTunnelServer:
@@ -73,18 +116,53 @@ class HttpTunnelServer:
 
     async def handle(self, conn: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A QUIC HTTP tunnel stream: its header frame, then the same as the fast path."""
-        await self.serve(await read_frame_as(reader, TunnelRequest), reader, writer)
+        request = await read_frame_as(reader, TunnelRequest)
+        await self.serve(request, reader, writer, peer=getattr(conn, "peer_id", None))
 
     async def serve_fast(
         self, request: TunnelRequest, hello: Hello, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await self.serve(request, reader, writer)
+        await self.serve(request, reader, writer, peer=hello.node_id)
+
+    def _refuse(
+        self, writer: asyncio.StreamWriter, request: TunnelRequest, refusal: Refusal, peer: str | None
+    ) -> None:
+        """Answer a request that goes no further with its error, and say why in the log."""
+        self.log.warning(
+            "tunnel.refused",
+            peer=peer,
+            model=request.model[:100],
+            method=request.method[:20],
+            path=request.path[:200],
+            status=refusal.status,
+            code=refusal.code,
+            reason=refusal.message,
+        )
+        head = TunnelResponse(status=refusal.status, headers={"Content-Type": "application/json"})
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            writer.write(pack_frame(head) + json.dumps(refusal.body()).encode())
 
     async def serve(
-        self, request: TunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        request: TunnelRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str | None = None,
     ) -> None:
-        """Forward one tunnelled request to this node's llama-server for its model."""
-        body = await (reader.readexactly(request.body_bytes) if request.body_bytes >= 0 else reader.read())
+        """Forward one tunnelled request to this node's llama-server for its model, if it is one the
+        gateway would pass on; otherwise answer it with the error and forward nothing."""
+        refusal = check_request(request.method, request.path, request.headers, request.body_bytes)
+        if refusal is not None:
+            self._refuse(writer, request, refusal, peer)
+            return
+        body = await read_body(reader, request.body_bytes)
+        if isinstance(body, Refusal):
+            self._refuse(writer, request, body, peer)
+            return
+        refusal = _content_length_agrees(request.headers, body)
+        if refusal is not None:
+            self._refuse(writer, request, refusal, peer)
+            return
         route = await local_route(self.directory, request.model, self.log)
         port = route.local_port if route is not None else 0
         if port:
@@ -94,7 +172,7 @@ class HttpTunnelServer:
             return
         try:
             upstream = await open_local(
-                self.session(), port, request.method, request.path, request.headers, body
+                self.session(), port, request.method, request.path, request_headers(request.headers), body
             )
         except UpstreamUnavailable as exc:
             self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=str(exc))

@@ -3,7 +3,8 @@
 ``GET /v1/models`` lists what the mesh serves; ``POST /v1/chat/completions`` and ``/v1/completions``
 are routed by their ``model`` field to this node's llama-server or through an HTTP tunnel to a host,
 streaming passed through as it comes. Errors use OpenAI's JSON error shape. A host that fails before
-the first response byte is skipped and the request tried on the next host of that model.
+the first response byte is skipped and the request tried on the next host of that model. Its routes and
+caps are :mod:`meshllm.serving.openai_api`'s, which the host side of a tunnel enforces too.
 
 It runs on the transport's event loop, so tunnels are opened without crossing threads.
 """
@@ -28,6 +29,7 @@ from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
 from meshllm.serving.demand import DemandCounter
+from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError
 from meshllm.wire.framing import PeerRefused, StreamKind, read_frame_as
@@ -43,13 +45,11 @@ from meshllm.wire.messages import (
     TunnelResponse,
 )
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
 DEMAND_EVERY_S = 10.0
 ASK_TIMEOUT_S = 5.0
 TUNNEL_OPEN_TIMEOUT_S = 10.0
 LIVENESS_S = 2.0
 RETRY_AFTER_S = 5
-PROXIED = ("/v1/chat/completions", "/v1/completions")
 T = TypeVar("T")
 ReplyT = TypeVar("ReplyT", RouteReply, ModelList)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -58,8 +58,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def openai_error(
     status: int, message: str, kind: str, code: str | None = None, **headers: str
 ) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers or None)
+    return web.json_response(error_body(message, kind, code), status=status, headers=headers or None)
 
 
 @web.middleware
@@ -124,10 +123,10 @@ class Gateway:
     async def _start(self) -> int:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_openai])
         app.router.add_get("/v1/models", self.models)
-        for path in PROXIED:
-            app.router.add_post(path, self.proxy)
+        for method, path in PROXIED:
+            app.router.add_route(method, path, self.proxy)
         app.router.add_get("/health", self.health)
-        self._runner, self.port = await start_http(app, self.host, self.port)
+        self._runner, self.port = await start_http(app, self.host, self.port, SERVER_LIMITS)
         self._session = new_session()
         self._publisher = asyncio.ensure_future(self._publish_demand())
         return self.port
@@ -288,7 +287,7 @@ class Gateway:
         except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, AuthError) as exc:
             raise UpstreamUnavailable(f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}") from exc
         try:
-            response = web.StreamResponse(status=first.status, headers=first.headers)
+            response = web.StreamResponse(status=first.status, headers=pass_headers(first.headers))
             await response.prepare(request)
             try:
                 while chunk := await self._while_alive(host, reader.read(CHUNK), ping=not fast):
