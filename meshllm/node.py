@@ -297,9 +297,18 @@ class Node(StandbyRoles):
             plan_from,
             timeline=self.timeline,
             api_address=lambda: (cfg.api.listen.host, self.gateway.port) if self.gateway is not None else None,
+            api_keys=cfg.console.api_keys,
+            gateway_key=cfg.api.api_keys[0] if cfg.api.api_keys else None,
+            logger=self.log,
         )
         self.gateway = Gateway(
-            self.directory, self.endpoint, cfg.api.listen.host, cfg.api.listen.port, self.log, demand
+            self.directory,
+            self.endpoint,
+            cfg.api.listen.host,
+            cfg.api.listen.port,
+            self.log,
+            demand,
+            api_keys=cfg.api.api_keys,
         )
         try:
             console_port = self.console.start()

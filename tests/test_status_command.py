@@ -45,7 +45,7 @@ def test_status_url_takes_what_people_type() -> None:
 def test_console_url_from_config() -> None:
     def with_listen(text: str) -> NodeConfig:
         listen = HostPort.parse(text, "console.listen")
-        return dataclasses.replace(default_config(), console=ConsoleSection(listen=listen))
+        return dataclasses.replace(default_config(), console=ConsoleSection(listen=listen, open=True))
 
     assert client.console_url(default_config()) == "http://127.0.0.1:3131"
     assert client.console_url(with_listen("0.0.0.0:4000")) == "http://127.0.0.1:4000"

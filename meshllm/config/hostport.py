@@ -92,6 +92,17 @@ class HostPort:
         return f"{self.host}:{self.port}"
 
     @property
+    def is_loopback(self) -> bool:
+        """True for ``localhost`` and loopback IPs (127.0.0.0/8, ``::1``): only this machine can
+        connect. Any other host name counts as reachable from elsewhere."""
+        if self.host.rstrip(".").lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
     def is_wildcard(self) -> bool:
         """True for ``0.0.0.0`` / ``::`` (listen on every interface; not an address a peer can dial)."""
         return self.host in _WILDCARD_HOSTS

@@ -218,8 +218,16 @@ def parse_config(
         vram_gb=n.get("vram_gb", None, _as_positive_float),
     )
 
-    api = ApiSection(listen=tables["api"].get("listen", ApiSection().listen, _as_hostport))
-    console = ConsoleSection(listen=tables["console"].get("listen", ConsoleSection().listen, _as_hostport))
+    api = ApiSection(
+        listen=tables["api"].get("listen", ApiSection().listen, _as_hostport),
+        api_keys=tables["api"].get("api_keys", (), _as_str_tuple),
+        open=tables["api"].get("open", False, _as_bool),
+    )
+    console = ConsoleSection(
+        listen=tables["console"].get("listen", ConsoleSection().listen, _as_hostport),
+        api_keys=tables["console"].get("api_keys", (), _as_str_tuple),
+        open=tables["console"].get("open", False, _as_bool),
+    )
 
     m = tables["models"]
     models = ModelsSection(

@@ -119,11 +119,55 @@ class NodeSection:
             check_positive("node.vram_gb", self.vram_gb)
 
 
+MIN_KEY_CHARS = 16
+
+
+def check_exposure(section: str, listen: HostPort, api_keys: tuple[str, ...], open_: bool) -> None:
+    """An HTTP server reachable from other machines needs keys, unless ``open`` says it is meant to
+    be open; keys must be usable in an ``Authorization: Bearer`` header and not trivially guessed."""
+    key = f"{section}.api_keys"
+    if isinstance(api_keys, str) or not isinstance(api_keys, tuple | list):
+        raise fail(key, f'expected an array of strings (got {describe(api_keys)}); write api_keys = ["..."]')
+    for i, item in enumerate(api_keys):
+        if not isinstance(item, str):
+            raise fail(f"{key}[{i}]", f"expected a string (got {describe(item)})")
+        if len(item) < MIN_KEY_CHARS:
+            raise fail(
+                f"{key}[{i}]",
+                f"a key needs at least {MIN_KEY_CHARS} characters (e.g. the output of `openssl rand -hex 16`)",
+            )
+        if not item.isascii() or not item.isprintable() or any(ch.isspace() for ch in item):
+            raise fail(f"{key}[{i}]", "a key must be printable ASCII without spaces")
+    if not isinstance(open_, bool):
+        raise fail(f"{section}.open", f"expected a boolean true/false (got {describe(open_)})")
+    if open_ and api_keys:
+        raise fail(
+            f"{section}.open",
+            f"open = true serves without keys, yet {key} lists some: remove one of the two",
+        )
+    if not listen.is_loopback and not api_keys and not open_:
+        raise fail(
+            key,
+            f"{section}.listen {listen} is reachable from other machines: set {key} = [\"<key>\", ...] "
+            f"(clients send Authorization: Bearer <key>), or {section}.open = true to serve it "
+            "without keys on purpose",
+        )
+
+
 @dataclass(frozen=True)
 class ApiSection:
     """``[api]``: the OpenAI-compatible HTTP API."""
 
     listen: HostPort = HostPort("127.0.0.1", 9337)  # noqa: RUF009 (frozen)
+    api_keys: tuple[str, ...] = ()
+    """Keys clients must send (``Authorization: Bearer <key>``); required when ``listen`` is not
+    loopback, unless ``open``."""
+    open: bool = False
+    """Serve a non-loopback ``listen`` without keys, on purpose."""
+
+    def __post_init__(self) -> None:
+        check_exposure("api", self.listen, self.api_keys, self.open)
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
 
 
 @dataclass(frozen=True)
@@ -131,6 +175,15 @@ class ConsoleSection:
     """``[console]``: the web console."""
 
     listen: HostPort = HostPort("127.0.0.1", 3131)  # noqa: RUF009 (frozen)
+    api_keys: tuple[str, ...] = ()
+    """Keys a browser logs in with (``/?key=``, a cookie after) or a script sends as a Bearer
+    header; required when ``listen`` is not loopback, unless ``open``."""
+    open: bool = False
+    """Serve a non-loopback ``listen`` without keys, on purpose."""
+
+    def __post_init__(self) -> None:
+        check_exposure("console", self.listen, self.api_keys, self.open)
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 Kept apart from the CLI so that the command stays one call, and from the renderer
 (:mod:`meshllm.console.terminal`) so that the picture stays a pure function. Fetching is plain
-``urllib``: one GET a second needs no event loop.
+``urllib``: one GET a second needs no event loop. A console with ``[console] api_keys`` is asked with
+the key in ``MESHLLM_CONSOLE_KEY`` (an environment variable, so that it shows in no command line).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import sys
 import threading
@@ -26,6 +28,7 @@ __all__ = ["DEFAULT_URL", "StatusError", "console_url", "fetch_status", "show", 
 DEFAULT_URL = "http://127.0.0.1:3131"
 FETCH_TIMEOUT_S = 5.0
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+KEY_ENV = "MESHLLM_CONSOLE_KEY"
 
 
 class StatusError(Exception):
@@ -55,15 +58,20 @@ def console_url(cfg: NodeConfig) -> str:
 
 def fetch_status(url: str, timeout: float = FETCH_TIMEOUT_S) -> dict[str, Any]:
     """GET the status JSON at ``url`` (already a :func:`status_url`)."""
+    key = os.environ.get(KEY_ENV, "").strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             raw = resp.read()
     except urllib.error.HTTPError as exc:
         reason = exc.reason
         try:
-            reason = json.loads(exc.read()).get("error") or reason
+            error = json.loads(exc.read()).get("error") or reason
+            reason = error.get("message") or reason if isinstance(error, dict) else error
         except Exception:  # the body is a page or nothing: the HTTP reason says enough
             pass
+        if exc.code == 401:
+            reason = f"{reason} (put one of its [console] api_keys in {KEY_ENV})"
         raise StatusError(f"the console at {url} answered HTTP {exc.code}: {reason}") from None
     except urllib.error.URLError as exc:
         raise StatusError(f"cannot reach the console at {url}: {_reason(exc.reason)}") from None

@@ -5,6 +5,8 @@ would need CORS headers there) and often only on loopback while the console may 
 tunnel or another interface. Relaying the two calls the page makes (``GET /v1/models``, ``POST
 /v1/chat/completions``) through the console keeps the page on one origin and one port, and leaves the
 gateway untouched. Bodies stream through chunk by chunk, so server-sent tokens arrive as they come.
+When the gateway needs a key (``[api] api_keys``) the relay sends one of them: the console is part of
+the same node, and the page never sees the key.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def api_urls(address: tuple[str, int] | None) -> tuple[str, str]:
 class ApiProxy:
     """Relays the chat panel's API calls to the gateway; opened and closed with the console."""
 
-    def __init__(self, address: Callable[[], tuple[str, int] | None]) -> None:
+    def __init__(self, address: Callable[[], tuple[str, int] | None], key: str | None = None) -> None:
         self._address = address
+        self._key = key
         self._session: aiohttp.ClientSession | None = None
 
     def add_routes(self, app: web.Application) -> None:
@@ -56,6 +59,8 @@ class ApiProxy:
             return web.json_response({"error": {"message": "this node's API is not up"}}, status=503)
         url = base + request.path[len("/v1") :]
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        if self._key is not None:
+            headers["Authorization"] = f"Bearer {self._key}"
         body = await request.read() if request.method == "POST" else None
         resp: web.StreamResponse | None = None
         try:

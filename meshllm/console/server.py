@@ -17,9 +17,11 @@ import pykka
 from aiohttp import web
 
 from actors.base import AskError, Directory
+from meshllm.console.auth import ConsoleAuth
 from meshllm.console.feed import StatusFeed
 from meshllm.console.proxy import ApiProxy, api_urls
 from meshllm.console.timeline import Timeline
+from meshllm.logsetup import Logger
 from meshllm.net.aio import LoopThread, start_http
 from meshllm.wire.messages import (
     DownloadsReply,
@@ -77,7 +79,8 @@ class ConsoleServer:
     """aiohttp app on a loop thread; ``port`` is known after :meth:`start`.
 
     ``timeline`` is the node's (it outlives this server across a role change); ``api_address`` says
-    where the node's gateway listens, once it does."""
+    where the node's gateway listens, once it does; ``api_keys`` are the console's own keys (none: open,
+    the loopback default) and ``gateway_key`` the key its chat relay sends the gateway, if that needs one."""
 
     def __init__(
         self,
@@ -89,6 +92,9 @@ class ConsoleServer:
         plan_from: str = "election",
         timeline: Timeline | None = None,
         api_address: Callable[[], tuple[str, int] | None] = lambda: None,
+        api_keys: tuple[str, ...] = (),
+        gateway_key: str | None = None,
+        logger: Logger | None = None,
     ) -> None:
         self.directory = directory
         self.status_from = status_from  # the actor that answers GetStatus (a passive node's router)
@@ -100,14 +106,20 @@ class ConsoleServer:
         self._api_address = api_address
         self._thread = LoopThread("console")
         self._runner: web.AppRunner | None = None
-        self._proxy = ApiProxy(api_address)
+        self._proxy = ApiProxy(api_address, gateway_key)
+        self._auth = ConsoleAuth(api_keys)
+        self._log = logger.bind(actor="console") if logger is not None else None
         self._feed = StatusFeed(self._thread.loop, self._snapshot)
 
     def start(self) -> int:
         return self._thread.run(self._start(), timeout=10)
 
     async def _start(self) -> int:
-        app = web.Application()
+        app = web.Application(middlewares=[self._auth.middleware] if self._auth.required else [])
+        if self._auth.required:
+            app.router.add_post("/login", self._auth.login)
+            if self._log is not None:
+                self._log.info("console.api_keys", keys=self._auth.keys.fingerprints)
         app.router.add_get("/", self._index)
         app.router.add_static("/static/", STATIC)
         app.router.add_get("/api/status", self._status)

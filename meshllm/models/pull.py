@@ -44,8 +44,10 @@ def mesh_view(cfg: NodeConfig, timeout: float = 2.0) -> MeshView:
         server = None
     capacity = detect_capacity(cfg.node.vram_gb, server).bytes
     url = f"http://{cfg.console.listen.host}:{cfg.console.listen.port}/api/status"
+    keys = cfg.console.api_keys
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {keys[0]}"} if keys else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             status: dict[str, Any] = json.loads(resp.read())
     except (OSError, ValueError):
         return MeshView(capacity, {}, "machine")

@@ -4,7 +4,8 @@
 are routed by their ``model`` field to this node's llama-server or through an HTTP tunnel to a host,
 streaming passed through as it comes. Errors use OpenAI's JSON error shape. A host that fails before
 the first response byte is skipped and the request tried on the next host of that model. Its routes and
-caps are :mod:`meshllm.serving.openai_api`'s, which the host side of a tunnel enforces too.
+caps are :mod:`meshllm.serving.openai_api`'s, which the host side of a tunnel enforces too. With
+``[api] api_keys`` every request but ``/health`` needs ``Authorization: Bearer <key>``.
 
 It runs on the transport's event loop, so tunnels are opened without crossing threads.
 """
@@ -22,12 +23,14 @@ from typing import TypeVar
 import aiohttp
 import pykka
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
+from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body
 from meshllm.wire.admission import AuthError
@@ -50,6 +53,7 @@ ASK_TIMEOUT_S = 5.0
 TUNNEL_OPEN_TIMEOUT_S = 10.0
 LIVENESS_S = 2.0
 RETRY_AFTER_S = 5
+OPEN_PATHS = ("/health",)
 T = TypeVar("T")
 ReplyT = TypeVar("ReplyT", RouteReply, ModelList)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +63,20 @@ def openai_error(
     status: int, message: str, kind: str, code: str | None = None, **headers: str
 ) -> web.Response:
     return web.json_response(error_body(message, kind, code), status=status, headers=headers or None)
+
+
+def require_key(keys: KeyCheck) -> Middleware:
+    """A middleware that answers 401 to a request without one of ``keys`` (``/health`` stays open)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            presented = bearer(request.headers)
+            if not keys.valid(presented):
+                return unauthorized(presented)
+        return await handler(request)
+
+    return check
 
 
 @web.middleware
@@ -102,8 +120,10 @@ class Gateway:
         port: int,
         logger: Logger,
         demand: DemandCounter | None = None,
+        api_keys: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
+        self.keys = KeyCheck(api_keys)
         self.demand = demand or DemandCounter()
         self._published: dict[str, float] = {}
         self._publisher: asyncio.Task[None] | None = None
@@ -121,12 +141,15 @@ class Gateway:
         return self.endpoint.loop_thread.run(self._start(), timeout=10)
 
     async def _start(self) -> int:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_as_openai])
+        middlewares: list[Middleware] = [require_key(self.keys)] if self.keys.required else []
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[*middlewares, errors_as_openai])
         app.router.add_get("/v1/models", self.models)
         for method, path in PROXIED:
             app.router.add_route(method, path, self.proxy)
         app.router.add_get("/health", self.health)
         self._runner, self.port = await start_http(app, self.host, self.port, SERVER_LIMITS)
+        if self.keys.required:
+            self.log.info("gateway.api_keys", keys=self.keys.fingerprints)
         self._session = new_session()
         self._publisher = asyncio.ensure_future(self._publish_demand())
         return self.port

@@ -332,8 +332,16 @@ function connect() {
   };
   source.onerror = () => {
     setConn("reconnecting", "reconnecting…");
-    // EventSource retries by itself unless the answer was not an event stream; then start over.
-    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 1000);
+    // EventSource retries by itself unless the answer was not an event stream; then start over,
+    // unless the console wants a key (its login cookie expired or the keys changed): log in again.
+    if (source.readyState === EventSource.CLOSED) {
+      fetch("api/status")
+        .then((resp) => {
+          if (resp.status === 401) window.location.reload();
+          else setTimeout(connect, 1000);
+        })
+        .catch(() => setTimeout(connect, 1000));
+    }
   };
 }
 
