@@ -3,6 +3,11 @@
 It decides whom to gossip with and when, turns gossip and notices into topology events for its
 subscribers (PeerJoined, PeerUpdated, PeerDied, PeerLeft), and keeps the transport's gossip snapshot
 current. The merge rules live in :mod:`meshllm.peerview`.
+
+It signs its own announcement with the node key (a :class:`~meshllm.wire.announcement.Signer` given
+at construction) each time it changes, since other nodes refuse unsigned records; records that fail
+their check here are dropped and logged once per (sender, node), so a hostile peer repeating a
+forgery every round - or inventing node ids - cannot flood the log.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from actors.base import Directory, MsgpackActor, handles
 from meshllm.config import TimingSection
 from meshllm.logsetup import Logger
 from meshllm.peerview import Change, PeerView
+from meshllm.wire.announcement import Signer, sign_announcement
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     BroadcastPeerDown,
@@ -53,6 +59,8 @@ DIAL_BACKOFF_MAX_S = 30.0
 GRAVE_REDIAL_S = 5.0
 GPU_REFRESH_S = 5.0
 GPU_MOVE_BYTES = 256 << 20
+REFUSALS_LOGGED = 1024
+"""(sender, node) pairs whose refused records were logged; past this, one line says more are unlogged."""
 
 
 def gpus_moved(old: tuple[GpuReport, ...], new: tuple[GpuReport, ...]) -> bool:
@@ -74,14 +82,18 @@ class PeerRegistry(MsgpackActor):
         logger: Logger,
         own: PeerAnnouncement,
         timing: TimingSection,
+        signer: Signer,
         gpus_now: Callable[[], tuple[GpuReport, ...]] | None = None,
     ) -> None:
         super().__init__(directory, logger)
-        self.own = own
+        self.signer = signer
+        self.own = sign_announcement(own, signer)
         self.timing = timing
         self.gpus_now = gpus_now
         self.view = PeerView(own.node_id, timing.dead_ttl_s)
         self.subscribers: list[str] = []
+        self.refusals_logged: set[tuple[str, str]] = set()
+        self.refusals_unlogged = 0
 
     def on_start(self) -> None:
         self._push_snapshot()
@@ -108,6 +120,33 @@ class PeerRegistry(MsgpackActor):
         for node_id, addrs in self.view.due_candidates(now):
             self.view.candidate_attempted(node_id, now, DIAL_BACKOFF_S * 5)
             self._exchange(node_id, addrs)
+
+    def _set_own(self, updated: PeerAnnouncement) -> None:
+        """Adopt a changed own announcement as the next version, signed (other nodes check it), and
+        offer it to the transport."""
+        self.own = sign_announcement(replace(updated, version=self.own.version + 1), self.signer)
+        self._push_snapshot()
+
+    def _log_refused(self, sender: str, change: Change) -> None:
+        for ann, reason in change.refused:
+            key = (sender, ann.node_id)
+            if key in self.refusals_logged:
+                continue
+            if len(self.refusals_logged) >= REFUSALS_LOGGED:
+                self.refusals_unlogged += 1
+                if self.refusals_unlogged == 1:
+                    self.log.warning("gossip.refused_unlogged", sender=sender, limit=REFUSALS_LOGGED)
+                continue
+            self.refusals_logged.add(key)
+            self.log.warning(
+                "gossip.refused",
+                sender=sender,
+                peer=ann.node_id,
+                peer_name=ann.name,
+                incarnation=ann.incarnation,
+                version=ann.version,
+                reason=reason,
+            )
 
     def _apply(self, change: Change, now: float) -> None:
         for ann in change.joined:
@@ -165,7 +204,9 @@ class PeerRegistry(MsgpackActor):
     @handles(GossipReceived)
     def on_gossip(self, msg: GossipReceived) -> None:
         now = time.monotonic()
-        self._apply(self.view.merge_direct(msg.peer_id, msg.announcements, now), now)
+        change = self.view.merge_direct(msg.peer_id, msg.announcements, now)
+        self._log_refused(msg.peer_id, change)
+        self._apply(change, now)
 
     @handles(GossipFailed)
     def on_gossip_failed(self, msg: GossipFailed) -> None:
@@ -229,12 +270,10 @@ class PeerRegistry(MsgpackActor):
             rpc_ready=msg.rpc_ready,
             stuck=msg.stuck,
             model_bytes=dict(msg.model_bytes),
-            version=self.own.version + 1,
         )
-        if replace(updated, version=self.own.version) == self.own:
+        if updated == self.own:
             return
-        self.own = updated
-        self._push_snapshot()
+        self._set_own(updated)
         for node_id, ann in self.view.peers.items():
             self._exchange(node_id, ann.addrs)
 
@@ -243,16 +282,14 @@ class PeerRegistry(MsgpackActor):
         assert self.gpus_now is not None
         now = self.gpus_now()
         if gpus_moved(self.own.gpus, now):
-            self.own = replace(self.own, gpus=now, version=self.own.version + 1)
-            self._push_snapshot()
+            self._set_own(replace(self.own, gpus=now))
 
     @handles(SetDemand)
     def on_demand(self, msg: SetDemand) -> None:
         """This node's request counts travel in its announcement (standbys promote on them)."""
         if msg.demand == self.own.demand:
             return
-        self.own = replace(self.own, demand=dict(msg.demand), version=self.own.version + 1)
-        self._push_snapshot()
+        self._set_own(replace(self.own, demand=dict(msg.demand)))
 
     @handles(GetStatus)
     def on_status(self, msg: GetStatus) -> StatusReply:

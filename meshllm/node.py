@@ -251,6 +251,7 @@ class Node(StandbyRoles):
                 PeerRegistry,
                 own=own,
                 timing=cfg.timing,
+                signer=self.identity,  # signs each version of the announcement: peers refuse unsigned ones
                 gpus_now=self._gpu_reports if own.gpus else None,
             )
             self._spawn(Heartbeat, timing=cfg.timing)

@@ -2,12 +2,18 @@
 
 No I/O and no clock of its own (callers pass ``now``), so every rule - newest wins, no resurrection
 by stale gossip, a restarted node is accepted again - is tested without a network.
+
+Every announcement that would change the view - a join, an update, a candidate to dial - must first
+be signed by the node it describes (:mod:`meshllm.wire.announcement`); one that is not is refused
+and reported in the :class:`Change`, and never replaces what the view holds. Records that would
+change nothing (not newer than what we hold) are not even checked: gossip repeats them every round.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshllm.wire.announcement import AnnouncementVerifier
 from meshllm.wire.messages import PeerAnnouncement
 
 
@@ -34,14 +40,16 @@ class Change:
     joined: list[PeerAnnouncement] = field(default_factory=list)
     updated: list[PeerAnnouncement] = field(default_factory=list)
     new_candidates: list[str] = field(default_factory=list)
+    refused: list[tuple[PeerAnnouncement, str]] = field(default_factory=list)  # with the reason
 
 
 class PeerView:
     """Active peers by node id, the dead set, and nodes heard of but not yet met."""
 
-    def __init__(self, own_id: str, dead_ttl_s: float) -> None:
+    def __init__(self, own_id: str, dead_ttl_s: float, verifier: AnnouncementVerifier | None = None) -> None:
         self.own_id = own_id
         self.dead_ttl_s = dead_ttl_s
+        self.verifier = verifier or AnnouncementVerifier()
         self.peers: dict[str, PeerAnnouncement] = {}
         self.last_seen: dict[str, float] = {}
         self.dead: dict[str, DeadEntry] = {}
@@ -56,7 +64,7 @@ class PeerView:
         """A gossip exchange with ``peer_id`` itself succeeded: it is alive and active."""
         change = Change()
         own = next((a for a in anns if a.node_id == peer_id), None)
-        if own is not None and own.role == "active":
+        if own is not None and own.role == "active" and self._believed(own, change):
             self.dead.pop(peer_id, None)  # it answered us directly, whatever we heard before
             self.candidates.pop(peer_id, None)
             known = self.peers.get(peer_id)
@@ -73,19 +81,31 @@ class PeerView:
             self._merge_hearsay(ann, now, change)
         return change
 
+    def _believed(self, ann: PeerAnnouncement, change: Change) -> bool:
+        """Whether ``ann`` may change the view: true when it would change nothing (no need to check a
+        record we already hold or that is older), else only when its own node signed it."""
+        known = self.peers.get(ann.node_id)
+        if known is not None and not ann.newer_than(known):
+            return True
+        reason = self.verifier.refusal(ann)
+        if reason is not None:
+            change.refused.append((ann, reason))
+            return False
+        return True
+
     def _merge_hearsay(self, ann: PeerAnnouncement, now: float, change: Change) -> None:
         if self.is_buried(ann, now):
             return
         known = self.peers.get(ann.node_id)
-        if known is not None:
-            if ann.newer_than(known):
-                if ann.incarnation > known.incarnation:
-                    # A restart we have not seen directly: meet it again before trusting it.
-                    self._add_candidate(ann, change)
-                    return
-                self.peers[ann.node_id] = ann
-                change.updated.append(ann)
+        if known is not None and not ann.newer_than(known):
             return
+        if not self._believed(ann, change):
+            return
+        if known is not None and ann.incarnation == known.incarnation:
+            self.peers[ann.node_id] = ann
+            change.updated.append(ann)
+            return
+        # Not met yet, or a restart we have not seen directly: meet it before trusting it.
         self._add_candidate(ann, change)
 
     def _add_candidate(self, ann: PeerAnnouncement, change: Change) -> None:

@@ -16,6 +16,7 @@ import pytest
 import actors.peer_registry as registry_module
 from actors.peer_registry import DIAL_BACKOFF_S, GPU_MOVE_BYTES, GRAVE_REDIAL_S, PeerRegistry, gpus_moved
 from meshllm.config import TimingSection
+from meshllm.wire.announcement import announcement_payload, refusal
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     BroadcastPeerDown,
@@ -42,43 +43,49 @@ from meshllm.wire.messages import (
     PeerStatus,
     PeerUpdated,
     Seed,
+    SetDemand,
     SetLocalAnnouncement,
     StatusReply,
     Subscribe,
     Tick,
 )
 from tests.actor_dummies import FakeClock, Harness, Inbox
+from tests.signing import identity, nid, signed
 
 QUIET = TimingSection(gossip_interval_s=600.0, dead_ttl_s=60.0)
-OWN = PeerAnnouncement(
-    node_id="me",
-    name="me-name",
-    role="active",
-    addrs=("me.test:1",),
-    vram_bytes=100,
-    models=("m",),
-    incarnation=7,
+ME, A, B, C = nid("me"), nid("a"), nid("b"), nid("c")
+OWN = signed(
+    PeerAnnouncement(
+        node_id=ME,
+        name="me-name",
+        role="active",
+        addrs=("me.test:1",),
+        vram_bytes=100,
+        models=("m",),
+        incarnation=7,
+    )
 )
 SUBSCRIBERS = ("router", "election")
 
 
-def ann(node_id: str, version: int = 0, incarnation: int = 1, **fields: Any) -> PeerAnnouncement:
+def ann(name: str, version: int = 0, incarnation: int = 1, **fields: Any) -> PeerAnnouncement:
+    """The announcement of the test node called ``name``, signed by it."""
     base = PeerAnnouncement(
-        node_id=node_id,
-        name=f"n-{node_id}",
+        node_id=nid(name),
+        name=f"n-{name}",
         role="active",
-        addrs=(f"{node_id}.test:1",),
+        addrs=(f"{name}.test:1",),
         vram_bytes=10,
         incarnation=incarnation,
         version=version,
     )
-    return replace(base, **fields)
+    return signed(replace(base, **fields))
 
 
 def start(h: Harness, timing: TimingSection = QUIET, subscribe: tuple[str, ...] = SUBSCRIBERS) -> None:
     for name in ("transport", "heartbeat", *subscribe):
         h.dummy(name)
-    PeerRegistry.start(h.directory, h.logger, own=OWN, timing=timing)
+    PeerRegistry.start(h.directory, h.logger, own=OWN, timing=timing, signer=identity("me"))
     for name in subscribe:
         h.tell("registry", Subscribe(subscriber=name))
     settle(h)
@@ -144,9 +151,9 @@ def test_direct_gossip_from_a_new_peer_is_a_join(h: Harness) -> None:
     assert snapshot(transport) == (OWN, a, b)
     # News of a newcomer is spread at once to the peers we already had.
     [spread] = transport.messages(ExchangeGossip, since=mark)
-    assert spread.node_id == "a" and spread.addrs == a.addrs
+    assert spread.node_id == A and spread.addrs == a.addrs
     assert spread.gossip == Gossip(announcements=(OWN, a, b))
-    assert [p.node_id for p in status(h).peers] == ["a", "b"]
+    assert [p.node_id for p in status(h).peers] == [A, B]
 
 
 def test_a_newer_announcement_is_an_update_and_a_stale_one_is_ignored(h: Harness) -> None:
@@ -177,9 +184,9 @@ def test_hearsay_is_dialled_not_joined(h: Harness) -> None:
     say(h, gossip(a, c, OWN, ann("client", role="client")))
     assert events(router) == [PeerJoined(peer=a)]  # only the node we talked to
     # c is met before it is trusted; a passive node is nobody's peer, and we are not our own.
-    assert exchanges(transport) == ["c"]
+    assert exchanges(transport) == [C]
     assert transport.last(ExchangeGossip).addrs == c.addrs
-    assert [p.node_id for p in status(h).peers] == ["a"]
+    assert [p.node_id for p in status(h).peers] == [A]
 
 
 def test_hearsay_updates_a_known_peer_of_the_same_life(h: Harness) -> None:
@@ -196,7 +203,93 @@ def test_hearsay_updates_a_known_peer_of_the_same_life(h: Harness) -> None:
     mark, dials = router.mark(), transport.mark()
     say(h, gossip(a, ann("b", incarnation=5)))
     assert events(router, since=mark) == []
-    assert exchanges(transport, since=dials) == ["b"]
+    assert exchanges(transport, since=dials) == [B]
+
+
+# -- forged announcements (issue #12) -------------------------------------------------------------------------
+
+
+def forge(victim: PeerAnnouncement, **fields: Any) -> PeerAnnouncement:
+    """What a hostile member relays: the victim's record pushed far ahead, its signature kept."""
+    return replace(victim, **fields)
+
+
+def test_a_members_forged_record_of_another_node_is_refused_and_its_real_updates_still_apply(
+    h: Harness,
+) -> None:
+    start(h)
+    router, transport = h.inboxes["router"], h.inboxes["transport"]
+    attacker, victim = ann("a"), ann("b")
+    say(h, gossip(attacker), gossip(victim))
+    mark = router.mark()
+
+    forged = forge(victim, version=10**12, serving=("fake-model",), models=("fake-model",))
+    say(h, gossip(attacker, forged), gossip(attacker, forged))  # relayed every round
+    assert events(router, since=mark) == []
+    assert snapshot(transport) == (OWN, attacker, victim)  # not passed on either
+    [refused] = h.log.events("gossip.refused")  # once per (sender, node), however often it comes
+    assert refused["sender"] == A and refused["peer"] == B and refused["version"] == 10**12
+    assert refused["reason"] == "bad signature" and refused["level"] == "warning"
+
+    # The victim's real next version still propagates, directly and as hearsay.
+    real = ann("b", version=1, serving=("m",))
+    say(h, gossip(real))
+    real2 = ann("b", version=2, serving=("m", "n"))
+    say(h, gossip(attacker, forged, real2))
+    assert events(router, since=mark) == [PeerUpdated(peer=real), PeerUpdated(peer=real2)]
+    assert [p.serving for p in status(h).peers] == [(), ("m", "n")]
+
+
+def test_a_record_re_signed_with_the_members_own_key_is_refused(h: Harness) -> None:
+    start(h)
+    attacker, victim = ann("a"), ann("b")
+    say(h, gossip(attacker), gossip(victim))
+    theirs = forge(victim, version=99, serving=("fake-model",), public_key=identity("a").public_key)
+    forged = replace(theirs, signature=identity("a").sign(announcement_payload(theirs)))
+    say(h, gossip(attacker, forged))
+    assert [e["reason"] for e in h.log.events("gossip.refused")] == ["node id does not match the public key"]
+    assert status(h).peers[1].serving == ()
+
+
+def test_an_unsigned_peer_does_not_join_and_the_registry_keeps_working(h: Harness) -> None:
+    start(h)
+    unsigned = replace(ann("a"), signature=b"")
+    junk = replace(ann("c"), public_key=b"short")
+    say(h, GossipReceived(peer_id=A, announcements=(unsigned, junk)))
+    assert events(h.inboxes["router"]) == [] and status(h).peers == ()
+    assert {(e["peer"], e["reason"]) for e in h.log.events("gossip.refused")} == {
+        (A, "signature of 0 bytes, not 64"),
+        (C, "public key of 5 bytes, not 32"),
+    }
+    say(h, gossip(ann("a")))
+    assert [p.node_id for p in status(h).peers] == [A]
+
+
+def test_refusals_are_logged_once_per_sender_and_node_up_to_a_cap(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile member inventing node ids cannot flood the log."""
+    monkeypatch.setattr(registry_module, "REFUSALS_LOGGED", 3)
+    start(h)
+    attacker = ann("a")
+    say(h, gossip(attacker))
+    strangers = [replace(ann(f"x{i}"), signature=bytes(64)) for i in range(6)]
+    for _ in range(3):
+        say(h, gossip(attacker, *strangers))
+    assert [e["peer"] for e in h.log.events("gossip.refused")] == [nid(f"x{i}") for i in range(3)]
+    assert len(h.log.events("gossip.refused_unlogged")) == 1
+    assert exchanges(h.inboxes["transport"]) == []  # nor dialled on their say-so
+
+
+def test_its_own_announcement_is_signed_again_at_each_version(h: Harness) -> None:
+    start(h)
+    transport = h.inboxes["transport"]
+    assert refusal(snapshot(transport)[0]) is None
+    say(h, SetLocalAnnouncement(models=("m",), serving=("m",), vram_bytes=200))
+    say(h, SetDemand(demand={"m": 3.0}))
+    own = snapshot(transport)[0]
+    assert (own.version, own.demand, own.serving) == (2, {"m": 3.0}, ("m",))
+    assert refusal(own) is None
 
 
 # -- deaths and departures ------------------------------------------------------------------------------------
@@ -209,17 +302,15 @@ def test_declare_dead_publishes_the_death_and_broadcasts_it(h: Harness) -> None:
     say(h, gossip(a), gossip(b))
     mark = transport.mark()
 
-    say(h, DeclareDead(node_id="a", reason="no answer for 3.5s"))
+    say(h, DeclareDead(node_id=A, reason="no answer for 3.5s"))
     for name in SUBSCRIBERS:
-        assert events(h.inboxes[name])[-1] == PeerDied(
-            node_id="a", incarnation=3, reason="no answer for 3.5s"
-        )
+        assert events(h.inboxes[name])[-1] == PeerDied(node_id=A, incarnation=3, reason="no answer for 3.5s")
     assert transport.messages(since=mark) == [
         GossipSnapshot(gossip=Gossip(announcements=(OWN, b))),
-        BroadcastPeerDown(notice=PeerDown(node_id="a", incarnation=3, reporter="me")),
+        BroadcastPeerDown(notice=PeerDown(node_id=A, incarnation=3, reporter=ME)),
     ]
     reply = status(h)
-    assert [p.node_id for p in reply.peers] == ["b"] and reply.dead == ("a",)
+    assert [p.node_id for p in reply.peers] == [B] and reply.dead == (A,)
 
 
 def test_a_death_taken_from_a_notice_is_not_broadcast_again(h: Harness) -> None:
@@ -227,11 +318,11 @@ def test_a_death_taken_from_a_notice_is_not_broadcast_again(h: Harness) -> None:
     transport = h.inboxes["transport"]
     say(h, gossip(ann("a")))
     mark = transport.mark()
-    say(h, DeclareDead(node_id="a", reason="reported by b", broadcast=False))
-    assert events(h.inboxes["router"])[-1] == PeerDied(node_id="a", incarnation=1, reason="reported by b")
+    say(h, DeclareDead(node_id=A, reason="reported by b", broadcast=False))
+    assert events(h.inboxes["router"])[-1] == PeerDied(node_id=A, incarnation=1, reason="reported by b")
     assert transport.messages(since=mark) == [
         GossipSnapshot(gossip=Gossip(announcements=(OWN,))),
-        ForgetPeer(node_id="a"),
+        ForgetPeer(node_id=A),
     ]
 
 
@@ -240,7 +331,7 @@ def test_declare_dead_about_a_node_it_does_not_know_does_nothing(h: Harness) -> 
     say(h, gossip(ann("a")))
     marks = {name: inbox.mark() for name, inbox in h.inboxes.items()}
     say(h, DeclareDead(node_id="x", reason="?"))
-    say(h, DeclareDead(node_id="a", reason="first"), DeclareDead(node_id="a", reason="again"))
+    say(h, DeclareDead(node_id=A, reason="first"), DeclareDead(node_id=A, reason="again"))
     assert [m.reason for m in h.inboxes["router"].messages(PeerDied)] == ["first"]
     assert h.inboxes["transport"].count(BroadcastPeerDown, since=marks["transport"]) == 1
 
@@ -249,7 +340,7 @@ def test_a_dead_peer_comes_back_only_by_talking_to_us(h: Harness) -> None:
     start(h)
     router, transport = h.inboxes["router"], h.inboxes["transport"]
     a, b = ann("a", incarnation=3), ann("b")
-    say(h, gossip(a), gossip(b), DeclareDead(node_id="a", reason="silent"))
+    say(h, gossip(a), gossip(b), DeclareDead(node_id=A, reason="silent"))
 
     mark, dials = router.mark(), transport.mark()
     say(h, gossip(b, a), gossip(b, ann("a", incarnation=3, version=9)))  # stale gossip about it
@@ -268,29 +359,29 @@ def test_a_leaving_peer_is_a_departure(h: Harness) -> None:
     say(h, gossip(a), gossip(b))
     marks = {name: inbox.mark() for name, inbox in h.inboxes.items()}
 
-    say(h, PeerLeavingReceived(notice=PeerLeaving(node_id="a", incarnation=3)))  # an older life: ignored
+    say(h, PeerLeavingReceived(notice=PeerLeaving(node_id=A, incarnation=3)))  # an older life: ignored
     say(h, PeerLeavingReceived(notice=PeerLeaving(node_id="x", incarnation=1)))  # nobody we know
     assert all(inbox.mark() == marks[name] for name, inbox in h.inboxes.items())
 
-    say(h, PeerLeavingReceived(notice=PeerLeaving(node_id="a", incarnation=4)))
+    say(h, PeerLeavingReceived(notice=PeerLeaving(node_id=A, incarnation=4)))
     for name in SUBSCRIBERS:
-        assert events(h.inboxes[name], since=marks[name]) == [PeerLeft(node_id="a", incarnation=4)]
+        assert events(h.inboxes[name], since=marks[name]) == [PeerLeft(node_id=A, incarnation=4)]
     assert transport.messages(since=marks["transport"]) == [
         GossipSnapshot(gossip=Gossip(announcements=(OWN, b)))
     ]
     assert not h.inboxes["heartbeat"].messages()
     say(h, gossip(b, a))
-    assert [p.node_id for p in status(h).peers] == ["b"]  # not brought back by hearsay
+    assert [p.node_id for p in status(h).peers] == [B]  # not brought back by hearsay
 
 
 def test_a_death_notice_about_itself_is_not_acted_on(h: Harness) -> None:
     start(h)
     say(h, gossip(ann("a")))
     marks = {name: inbox.mark() for name, inbox in h.inboxes.items()}
-    say(h, PeerDownReceived(notice=PeerDown(node_id="me", incarnation=7, reporter="a"), from_peer="a"))
+    say(h, PeerDownReceived(notice=PeerDown(node_id=ME, incarnation=7, reporter=A), from_peer=A))
     assert all(inbox.mark() == marks[name] for name, inbox in h.inboxes.items())
-    assert [e["reporter"] for e in h.log.events("mesh.reported_dead")] == ["a"]
-    assert [p.node_id for p in status(h).peers] == ["a"]
+    assert [e["reporter"] for e in h.log.events("mesh.reported_dead")] == [A]
+    assert [p.node_id for p in status(h).peers] == [A]
 
 
 def test_a_death_notice_about_a_known_peer_is_the_heartbeats_to_judge(h: Harness) -> None:
@@ -299,16 +390,16 @@ def test_a_death_notice_about_a_known_peer_is_the_heartbeats_to_judge(h: Harness
     say(h, gossip(ann("a", incarnation=3)))
     mark = router.mark()
 
-    older = PeerDown(node_id="a", incarnation=2, reporter="b")
-    current = PeerDown(node_id="a", incarnation=3, reporter="b")
+    older = PeerDown(node_id=A, incarnation=2, reporter=B)
+    current = PeerDown(node_id=A, incarnation=3, reporter=B)
     say(
         h,
-        PeerDownReceived(notice=older, from_peer="b"),  # about an older life: nothing to check
-        PeerDownReceived(notice=current, from_peer="b"),
+        PeerDownReceived(notice=older, from_peer=B),  # about an older life: nothing to check
+        PeerDownReceived(notice=current, from_peer=B),
     )
     assert heartbeat.messages() == [DeathReported(notice=current)]
     assert events(router, since=mark) == []  # no verdict of its own
-    assert [p.node_id for p in status(h).peers] == ["a"]
+    assert [p.node_id for p in status(h).peers] == [A]
 
 
 def test_a_death_notice_about_a_stranger_keeps_it_from_being_dialled(h: Harness) -> None:
@@ -318,24 +409,24 @@ def test_a_death_notice_about_a_stranger_keeps_it_from_being_dialled(h: Harness)
     say(
         h,
         gossip(a),
-        PeerDownReceived(notice=PeerDown(node_id="c", incarnation=3, reporter="b"), from_peer="b"),
+        PeerDownReceived(notice=PeerDown(node_id=C, incarnation=3, reporter=B), from_peer=B),
     )
-    assert status(h).dead == ("c",)
+    assert status(h).dead == (C,)
     assert not h.inboxes["heartbeat"].messages()
 
     say(h, gossip(a, ann("c", incarnation=3)))  # stale news of the dead life
     assert exchanges(transport) == []
     say(h, gossip(a, ann("c", incarnation=4)))  # a newer life is worth meeting
-    assert exchanges(transport) == ["c"]
+    assert exchanges(transport) == [C]
 
 
 def test_connection_lost_is_left_to_the_heartbeat(h: Harness) -> None:
     start(h)
     say(h, gossip(ann("a")))
     marks = {name: inbox.mark() for name, inbox in h.inboxes.items()}
-    say(h, ConnectionLost(node_id="a", reason="idle"))
+    say(h, ConnectionLost(node_id=A, reason="idle"))
     assert all(inbox.mark() == marks[name] for name, inbox in h.inboxes.items())
-    assert [p.node_id for p in status(h).peers] == ["a"]
+    assert [p.node_id for p in status(h).peers] == [A]
 
 
 # -- subscribers, the local announcement, status -------------------------------------------------------------
@@ -364,17 +455,17 @@ def test_set_local_announcement_bumps_the_version_and_gossips_it(h: Harness) -> 
     mark = transport.mark()
 
     say(h, SetLocalAnnouncement(models=("m", "n"), serving=("m",), vram_bytes=200, rpc_ready=("n",)))
-    me = replace(OWN, models=("m", "n"), serving=("m",), vram_bytes=200, rpc_ready=("n",), version=1)
+    me = signed(replace(OWN, models=("m", "n"), serving=("m",), vram_bytes=200, rpc_ready=("n",), version=1))
     assert transport.messages(since=mark)[0] == GossipSnapshot(gossip=Gossip(announcements=(me, a, b)))
     sent = transport.messages(ExchangeGossip, since=mark)
-    assert sorted(m.node_id for m in sent) == ["a", "b"]  # every peer hears of it at once
+    assert sorted(m.node_id for m in sent) == sorted([A, B])  # every peer hears of it at once
     assert all(m.gossip.announcements[0] == me for m in sent)
 
     mark = transport.mark()
     say(h, SetLocalAnnouncement(models=("m", "n"), serving=("m",), vram_bytes=200, rpc_ready=("n",)))
     assert transport.messages(since=mark) == []  # nothing new to say
     say(h, SetLocalAnnouncement(models=("m", "n"), serving=(), vram_bytes=200, rpc_ready=("n",)))
-    assert snapshot(transport)[0] == replace(me, serving=(), version=2)
+    assert snapshot(transport)[0] == signed(replace(me, serving=(), version=2))
 
 
 def test_the_sizes_of_its_models_travel_in_its_announcement(h: Harness) -> None:
@@ -393,7 +484,9 @@ def test_gpu_free_memory_is_announced_again_when_it_moves_enough(h: Harness) -> 
     gib = 1 << 30
     now = [(GpuReport("H200", 141 * gib, 140 * gib),)]
     own = replace(OWN, gpus=now[0])
-    PeerRegistry.start(h.directory, h.logger, own=own, timing=QUIET, gpus_now=lambda: now[0])
+    PeerRegistry.start(
+        h.directory, h.logger, own=own, timing=QUIET, signer=identity("me"), gpus_now=lambda: now[0]
+    )
     settle(h)
     transport = h.inboxes["transport"]
     now[0] = (GpuReport("H200", 141 * gib, 140 * gib - (100 << 20)),)
@@ -425,12 +518,12 @@ def test_get_status_describes_the_node_and_its_peers(h: Harness) -> None:
         model_bytes={"m": 48},
         gpus=(gpu,),
     )
-    say(h, gossip(a), gossip(ann("b")), DeclareDead(node_id="b", reason="silent"))
+    say(h, gossip(a), gossip(ann("b")), DeclareDead(node_id=B, reason="silent"))
     reply = status(h)
-    assert (reply.node_id, reply.name, reply.role, reply.vram_bytes) == ("me", "me-name", "active", 100)
+    assert (reply.node_id, reply.name, reply.role, reply.vram_bytes) == (ME, "me-name", "active", 100)
     [peer] = reply.peers
     assert replace(peer, last_seen_s=0.0) == PeerStatus(
-        node_id="a",
+        node_id=A,
         name="n-a",
         role="active",
         vram_bytes=64,
@@ -442,7 +535,7 @@ def test_get_status_describes_the_node_and_its_peers(h: Harness) -> None:
         gpus=(gpu,),
     )
     assert 0.0 <= peer.last_seen_s < 5.0
-    assert reply.dead == ("b",)
+    assert reply.dead == (B,)
 
 
 # -- joining, dialling, gossip rounds --------------------------------------------------------------------------
@@ -453,7 +546,7 @@ def test_join_mesh_dials_the_seeds(h: Harness) -> None:
     transport = h.inboxes["transport"]
     say(
         h,
-        JoinMesh(seeds=(Seed("s1", ("s1.test:1",)), Seed("me", ("me.test:1",)), Seed("s2", ("s2.test:1",)))),
+        JoinMesh(seeds=(Seed("s1", ("s1.test:1",)), Seed(ME, ("me.test:1",)), Seed("s2", ("s2.test:1",)))),
     )
     sent = transport.messages(ExchangeGossip)
     assert [(m.node_id, m.addrs) for m in sent] == [("s1", ("s1.test:1",)), ("s2", ("s2.test:1",))]
@@ -487,21 +580,21 @@ def test_a_failed_seed_is_dialled_again_after_a_backoff(h: Harness, clock: FakeC
 def test_the_dead_are_dialled_again_until_their_record_expires(h: Harness, clock: FakeClock) -> None:
     start(h)
     transport = h.inboxes["transport"]
-    say(h, gossip(ann("a", incarnation=2)), DeclareDead(node_id="a", reason="silent"))
+    say(h, gossip(ann("a", incarnation=2)), DeclareDead(node_id=A, reason="silent"))
     mark = transport.mark()
     clock.advance(GRAVE_REDIAL_S - 0.25)
     say(h, Tick("gossip"))
     assert exchanges(transport, since=mark) == []
     clock.advance(0.25)
     say(h, Tick("gossip"))  # two nodes that buried each other by mistake meet again this way
-    assert exchanges(transport, since=mark) == ["a"]
+    assert exchanges(transport, since=mark) == [A]
 
     clock.advance(QUIET.dead_ttl_s)
     say(h, Tick("gossip"))
     assert status(h).dead == ()
-    assert exchanges(transport, since=mark) == ["a"]
+    assert exchanges(transport, since=mark) == [A]
     say(h, gossip(ann("b"), ann("a", incarnation=2)))  # forgotten: hearsay may bring it back now
-    assert exchanges(transport, since=mark) == ["a", "a"]
+    assert exchanges(transport, since=mark) == [A, A]
 
 
 def test_its_gossip_timer_exchanges_with_peers(h: Harness) -> None:
@@ -509,5 +602,5 @@ def test_its_gossip_timer_exchanges_with_peers(h: Harness) -> None:
     transport = h.inboxes["transport"]
     a = ann("a")
     say(h, gossip(a))
-    exchange = transport.wait_for(ExchangeGossip, lambda m: m.node_id == "a", n=3)
+    exchange = transport.wait_for(ExchangeGossip, lambda m: m.node_id == A, n=3)
     assert exchange.addrs == a.addrs and exchange.gossip == Gossip(announcements=(OWN, a))

@@ -27,7 +27,11 @@ class GpuReport:
 
 @dataclass(frozen=True)
 class PeerAnnouncement:
-    """What a node says about itself in gossip; the newest (incarnation, version) wins per node."""
+    """What a node says about itself in gossip; the newest (incarnation, version) wins per node.
+
+    Relayed from node to node, so it is signed by the node it describes (the last two fields) and
+    checked on every merge: see :mod:`meshllm.wire.announcement`.
+    """
 
     node_id: str
     name: str
@@ -45,6 +49,8 @@ class PeerAnnouncement:
     stuck: tuple[str, ...] = ()  # models it wants but cannot serve now (waiting for memory, refused, failed)
     model_bytes: dict[str, int] = field(default_factory=dict)  # size of each of its models (0: not known yet)
     gpus: tuple[GpuReport, ...] = ()  # free memory re-announced when it moves by 256 MiB or more
+    public_key: bytes = b""  # the node's raw Ed25519 key: node_id must be node_id_of(public_key)
+    signature: bytes = b""  # by that key, over meshllm.wire.announcement.announcement_payload
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
