@@ -23,11 +23,13 @@ from pathlib import Path
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.models.catalog import ModelRef
+from meshllm.models.devices import GpuMemory
 from meshllm.models.fit import download_fit
 from meshllm.placement import Candidate, Shortfall, fits_solo, needed_bytes, plan_split
 from meshllm.serving.cache_fill import fill_in_background
 from meshllm.serving.local_model import LocalModel
 from meshllm.serving.process_specs import parse_key, rpc_spec, server_spec, split_server_spec
+from meshllm.serving.tensor_split import expected_devices, tensor_split
 from meshllm.wire.messages import (
     AllowRpcHost,
     DesiredProcesses,
@@ -81,8 +83,13 @@ class Election(MsgpackActor):
         context: int | None = None,
         pending: tuple[str, ...] = (),
         promoted_for: str = "",
+        gpus: tuple[GpuMemory, ...] = (),
     ) -> None:
         super().__init__(directory, logger)
+        # The GPUs this node's llama.cpp build lists (empty for a CPU build): with them, a solo model
+        # is offloaded, a split host keeps its share on them, and a worker's rpc-server exposes them.
+        self.gpus = gpus
+        self.gpu_names = tuple(g.device for g in gpus if g.device)
         self.cache_dir = cache_dir
         self.threads = threads
         self.context = context  # -c for llama-server (None: llama.py's default)
@@ -174,13 +181,13 @@ class Election(MsgpackActor):
         or with the cache off, the rpc-server starts bare and every weight crosses the mesh."""
         name = local.ref.name
         if self.cache_dir is None or not local.on_disk:
-            return [rpc_spec(name, self.threads)]
+            return [rpc_spec(name, self.threads, devices=self.gpu_names)]
         if local.cache == "empty":
             local.cache = "filling"
             fill_in_background(local.ref, self.cache_dir, self.teller())
         if local.cache != "filled":
             return []
-        return [rpc_spec(name, self.threads, self.cache_dir)]
+        return [rpc_spec(name, self.threads, self.cache_dir, self.gpu_names)]
 
     @handles(RpcCacheFilled)
     def on_cache_filled(self, msg: RpcCacheFilled) -> None:
@@ -213,7 +220,7 @@ class Election(MsgpackActor):
             self.free -= need
             if not local.on_disk:
                 return self._fetch(local)
-            return [server_spec(local.ref, self.threads, context=self.context)]
+            return [server_spec(local.ref, self.threads, context=self.context, gpu=bool(self.gpus))]
         plan = plan_split(cands, size, force)
         if isinstance(plan, Shortfall):
             peers = [c.vram_bytes for c in cands if c.node_id != self.own_id]
@@ -236,24 +243,54 @@ class Election(MsgpackActor):
         if not plan.workers:  # forced, but nobody to split with
             local.mode = "solo"
             local.detail = "split forced but no other node serves this model"
-            return [server_spec(local.ref, self.threads, context=self.context)]
+            return [server_spec(local.ref, self.threads, context=self.context, gpu=bool(self.gpus))]
         local.mode = "split"
+        if self.gpus:
+            return self._gpu_split(local, plan.workers, plan.fractions)
         # The host's own share goes to its own rpc-server over loopback: a tensor cache would save a
         # local copy at memory speed and cost a read, hash and write of the whole model first.
         specs = [rpc_spec(name, self.threads)]
-        not_ready = [w for w in plan.workers if name not in self.peers[w].rpc_ready]
-        if local.rpc != "ready" or not_ready:
-            local.detail = "waiting for rpc-servers: " + ", ".join(
-                (["this node"] if local.rpc != "ready" else []) + [w[:12] for w in not_ready]
-            )
-            return specs
-        if set(local.listening) != set(plan.workers):
-            self._ask_listeners(local, plan.workers)
-            local.detail = "opening RPC tunnel listeners"
+        if not self._tunnels_ready(local, plan.workers, own_rpc=True):
             return specs
         ports = [local.rpc_port] + [local.listening[w] for w in plan.workers]
-        specs.append(split_server_spec(local.ref, self.threads, ports, plan.fractions, self.context))
+        endpoints = [(f"127.0.0.1:{p}", [0]) for p in ports[:1]]
+        endpoints += [(f"127.0.0.1:{local.listening[w]}", self._worker_frees(w)) for w in plan.workers]
+        shares = dict(zip((e for e, _ in endpoints), plan.fractions, strict=True))
+        split = tensor_split(expected_devices((), endpoints), (), shares)
+        specs.append(split_server_spec(local.ref, self.threads, ports, split, self.context))
         return specs
+
+    def _gpu_split(
+        self, local: LocalModel, workers: tuple[str, ...], fractions: tuple[float, ...]
+    ) -> list[ProcessSpec]:
+        """A host with GPUs keeps its share on them, in its own llama-server: no rpc-server of its own."""
+        if not self._tunnels_ready(local, workers, own_rpc=False):
+            return []
+        endpoints = [(f"127.0.0.1:{local.listening[w]}", self._worker_frees(w)) for w in workers]
+        shares = dict(zip((e for e, _ in endpoints), fractions[1:], strict=True))
+        split = tensor_split(expected_devices(self.gpus, endpoints), self.gpus, shares, fractions[0])
+        ports = [local.listening[w] for w in workers]
+        return [split_server_spec(local.ref, self.threads, ports, split, self.context, gpu_host=True)]
+
+    def _tunnels_ready(self, local: LocalModel, workers: tuple[str, ...], own_rpc: bool) -> bool:
+        """Every worker's rpc-server (and, ``own_rpc``, this node's) up, and a listener open to each."""
+        name = local.ref.name
+        not_ready = [w for w in workers if name not in self.peers[w].rpc_ready]
+        own_waiting = own_rpc and local.rpc != "ready"
+        if own_waiting or not_ready:
+            local.detail = "waiting for rpc-servers: " + ", ".join(
+                (["this node"] if own_waiting else []) + [w[:12] for w in not_ready]
+            )
+            return False
+        if set(local.listening) != set(workers):
+            self._ask_listeners(local, workers)
+            local.detail = "opening RPC tunnel listeners"
+            return False
+        return True
+
+    def _worker_frees(self, worker: str) -> list[int]:
+        """The free bytes of each device a worker's rpc-server exposes: its announced GPUs, or its CPU."""
+        return [g.free_bytes for g in self.peers[worker].gpus] or [0]
 
     def _wait(
         self, local: LocalModel, needed: int, why: str, available: int | None = None

@@ -34,6 +34,7 @@ from actors.transport_bridge import TransportBridge
 from meshllm.config import ConfigError, NodeConfig
 from meshllm.console.server import ConsoleServer
 from meshllm.console.timeline import Timeline
+from meshllm.llama_build import installed_variant
 from meshllm.logsetup import Logger, close_logger, make_logger
 from meshllm.models.capacity import Capacity, GpuFreeMemory, detect_capacity
 from meshllm.models.catalog import HUB, ModelNotFound, ModelRef, resolve_model
@@ -190,6 +191,14 @@ class Node(StandbyRoles):
         self.gpu_free = GpuFreeMemory(vram.gpus)
         if vram.list_error:
             self.log.warning("capacity.list_devices_failed", reason=vram.list_error)
+        if binaries is not None:
+            self.log.info(
+                "llama.backend",
+                backend=vram.backend,
+                devices=[f"{d.name}: {d.description}" for d in vram.devices or ()],
+                bin_dir=str(binaries.server.parent),
+                variant=installed_variant(binaries.server),
+            )
         self.incarnation = time.time_ns()
 
         listen = cfg.node.quic_listen
@@ -275,6 +284,7 @@ class Node(StandbyRoles):
                 context=cfg.models.context,
                 pending=tuple(name for name, _ in hub_models),
                 promoted_for=self.promoted_for,
+                gpus=vram.llama_gpus,
             )
             if hub_models:  # after the Election: it is who the Downloader reports to
                 self._spawn(

@@ -20,6 +20,7 @@ import pytest
 import actors.election as election_module
 from actors.election import REPLAN_DEBOUNCE_S, SUSPECT_S, Election
 from meshllm.models.catalog import ModelRef
+from meshllm.models.devices import GpuMemory
 from meshllm.placement import needed_bytes
 from meshllm.serving.process_specs import rpc_spec, server_spec, split_server_spec
 from meshllm.serving.rpc_cache import cache_dir_env
@@ -84,6 +85,7 @@ def start(
     cache_dir: Path | None = None,
     threads: int | None = None,
     pending: tuple[str, ...] = (),
+    gpus: tuple[GpuMemory, ...] = (),
 ) -> None:
     """Start the election; with a fake clock, also let it make its first plan (with no peers known
     yet, as a node's election does when it starts), so every later plan follows a told change."""
@@ -99,6 +101,7 @@ def start(
         cache_dir=cache_dir,
         threads=threads,
         pending=pending,
+        gpus=gpus,
     )
     if clock is not None:
         replan(h, clock)
@@ -460,7 +463,9 @@ def test_a_worker_leaving_closes_the_listeners(h: Harness, clock: FakeClock, tmp
     assert {(m.port, m.kind) for m in local_serving(h)[-2:]} == {(0, "llama-server"), (0, "rpc-server")}
 
 
-def test_a_split_hosts_own_rpc_server_has_no_tensor_cache(h: Harness, clock: FakeClock, tmp_path: Path) -> None:
+def test_a_split_hosts_own_rpc_server_has_no_tensor_cache(
+    h: Harness, clock: FakeClock, tmp_path: Path
+) -> None:
     """The host's share crosses only loopback: no fill, no -c, even with a cache dir."""
     big = fake_model(tmp_path, "big", 8000)
     start(h, 6000, big, cache_dir=tmp_path / "cache", threads=2, clock=clock)
@@ -471,7 +476,9 @@ def test_a_split_hosts_own_rpc_server_has_no_tensor_cache(h: Harness, clock: Fak
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_worker_without_the_file_runs_a_bare_rpc_server(h: Harness, clock: FakeClock, tmp_path: Path) -> None:
+def test_a_worker_without_the_file_runs_a_bare_rpc_server(
+    h: Harness, clock: FakeClock, tmp_path: Path
+) -> None:
     """Workers never download: a hub model not on disk here means nothing to fill the cache from."""
     big = ModelRef(name="big", path=tmp_path / "not-here.gguf", size_bytes=0)
     start(h, 4000, big, cache_dir=tmp_path / "cache", threads=2, clock=clock, pending=("big",))
@@ -552,3 +559,49 @@ def test_supervisor_reports_become_state_ports_and_announcements(
     mark = h.inboxes["registry"].mark()
     say(h, LlamaReady(key="server:unknown", kind="llama-server", port=9, pid=3))  # not a model of ours
     assert h.inboxes["registry"].mark() == mark
+
+
+# -- GPUs -----------------------------------------------------------------------------------------------------
+
+H200 = GpuMemory(0, "GPU-h200", "NVIDIA H200", 6000, 5000, "CUDA0")
+
+
+def test_a_gpu_node_offloads_a_solo_model(h: Harness, clock: FakeClock, tmp_path: Path) -> None:
+    small = fake_model(tmp_path, "small", 1000)
+    start(h, 6000, small, clock=clock, gpus=(H200,))
+    (spec,) = desired(h)[-1]
+    assert spec == server_spec(small, None, gpu=True)
+    assert spec.args[-2:] == ("-ngl", "999")
+
+
+def test_a_gpu_worker_exposes_its_gpus_in_its_rpc_server(
+    h: Harness, clock: FakeClock, tmp_path: Path
+) -> None:
+    big = fake_model(tmp_path, "big", 8000)
+    start(h, 4000, big, clock=clock, gpus=(H200, replace(H200, index=1, uuid="GPU-2", device="CUDA1")))
+    say(h, PeerJoined(peer=peer("a", 6000)))  # bigger: the host
+    replan(h, clock)
+    assert plan(h, "big").workers == ("me",)
+    (spec,) = desired(h)[-1]
+    assert spec == rpc_spec("big", None, devices=("CUDA0", "CUDA1"))
+    assert spec.args[:2] == ("-d", "CUDA0,CUDA1")
+
+
+def test_a_gpu_split_host_keeps_its_share_on_its_gpus(h: Harness, clock: FakeClock, tmp_path: Path) -> None:
+    """No rpc-server of its own; the worker's RPC device comes first in llama.cpp's model order, the
+    host's GPU last, and the output matrix is no longer pinned to the CPU."""
+    big = fake_model(tmp_path, "big", 8000)
+    start(h, 6000, big, clock=clock, gpus=(H200,))
+    p = peer("p", 4000, rpc_ready=("big",))
+    say(h, PeerJoined(peer=p))
+    replan(h, clock)
+    assert desired(h)[-1] == ()  # nothing to start before the tunnel listener: no own rpc-server
+    assert listeners(h) == [EnsureRpcListeners(model="big", workers=(Seed("p", ("p.test:1",)),))]
+    say(h, RpcListeners(model="big", ports={"p": 6001}))
+    replan(h, clock)
+    (server,) = desired(h)[-1]
+    assert server == split_server_spec(big, None, [6001], (0.4, 0.6), gpu_host=True)
+    args = server.args
+    assert args[args.index("--rpc") + 1] == "127.0.0.1:6001"
+    assert args[args.index("--tensor-split") + 1] == "0.4,0.6"  # worker (RPC0) first, CUDA0 last
+    assert "-ot" not in args and args[-2:] == ("-ngl", "999")

@@ -443,9 +443,32 @@ def nvml_memory(gpus: list[FakeGpu]) -> tuple[GpuMemory, ...]:
     return tuple(GpuMemory(i, g.uuid, g.name, g.total, g.free) for i, g in enumerate(gpus))
 
 
-def test_config_overrides_everything(tmp_path: Path, nvml_a100s: list[FakeGpu]) -> None:
-    server = fake_llama_server(tmp_path, "exit 1")  # not even run
-    assert detect_capacity(2.5, server) == Capacity(int(2.5 * GIB), "config", nvml_memory(nvml_a100s))
+def test_config_overrides_the_bytes_but_the_build_is_still_asked(
+    tmp_path: Path, nvml_a100s: list[FakeGpu]
+) -> None:
+    """The override is the memory offered; the device list still says which backend runs the model
+    and which GPUs the Election offloads to."""
+    capacity = detect_capacity(2.5, printing(tmp_path, "list-devices-cuda-2gpu.txt"))
+    assert capacity == Capacity(int(2.5 * GIB), "config", nvml_memory(nvml_a100s))
+    assert capacity.backend == "cuda"
+    assert [(g.device, g.uuid) for g in capacity.llama_gpus] == [("CUDA0", "GPU-aaaa"), ("CUDA1", "GPU-bbbb")]
+    failed = detect_capacity(2.5, fake_llama_server(tmp_path, "exit 1"))
+    assert (failed.bytes, failed.source, failed.backend, failed.llama_gpus) == (
+        int(2.5 * GIB),
+        "config",
+        "unknown",
+        (),
+    )
+    assert failed.list_error is not None and "exited with 1" in failed.list_error
+
+
+def test_backend_and_gpus_the_build_will_use(tmp_path: Path, nvml_a100s: list[FakeGpu]) -> None:
+    cpu = detect_capacity(None, printing(tmp_path, "list-devices-cpu.txt"))
+    assert (cpu.backend, cpu.llama_gpus, cpu.devices) == ("cpu", (), ())
+    gpu = detect_capacity(None, printing(tmp_path, "list-devices-cuda-2gpu.txt"))
+    assert gpu.backend == "cuda" and gpu.llama_gpus == gpu.gpus
+    assert [d.name for d in gpu.devices or ()] == ["CUDA0", "CUDA1"]
+    assert detect_capacity(None, None).backend == "unknown"
 
 
 def test_gpu_build_counts_its_gpus_with_nvml_numbers(tmp_path: Path, nvml_a100s: list[FakeGpu]) -> None:

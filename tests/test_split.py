@@ -65,6 +65,8 @@ def test_forced_split_serves_through_both_nodes_and_survives_host_death(
     model = wait_split(a, "tiny4", {b.node_id})
     assert model["host"] == a.node_id and model["fractions"] == [0.667, 0.333]
     assert b.events("llama.ready", kind="rpc-server"), "the worker runs an rpc-server"
+    (backend,) = a.events("llama.backend")  # the device list capacity detection read, logged once
+    assert (backend["backend"], backend["devices"], backend["variant"]) == ("cpu", [], "cpu")
     server = a.events("llama.starting", kind="llama-server")[-1]
     assert "--rpc" in server["cmd"] and "--tensor-split 0.667,0.333" in server["cmd"]
     text = complete(a, "tiny4")

@@ -10,8 +10,11 @@
 4. no binary (a node that serves nothing), or a device list that could not be read: NVML's GPUs
    (source ``"nvml"``), else the RAM share.
 
-The GPUs NVML sees (``CUDA_VISIBLE_DEVICES`` honoured) are reported in every case for status. Nothing is
-logged here: :attr:`Capacity.list_error` says why a device list was not used.
+The GPUs NVML sees (``CUDA_VISIBLE_DEVICES`` honoured) are reported in every case for status. The
+device list is read whenever there is a binary, the config's override included: besides the bytes it
+says which backend runs the model (:attr:`Capacity.backend`, logged at start) and which GPUs the
+Election offloads to (:attr:`Capacity.llama_gpus`). Nothing is logged here: :attr:`Capacity.list_error`
+says why a device list was not used.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -28,6 +31,7 @@ from meshllm.models.devices import (
     LIST_DEVICES_TIMEOUT_S,
     DeviceListError,
     GpuMemory,
+    LlamaDevice,
     cross_check,
     gpu_devices,
     list_llama_devices,
@@ -45,12 +49,30 @@ class Capacity:
     ``source`` is ``"config"``, ``"gpu"`` (the llama.cpp build's GPUs), ``"nvml"`` (no build asked)
     or ``"system-ram"``. ``gpus`` are the GPUs counted for ``"gpu"``; otherwise the ones NVML sees,
     reported for status only. ``list_error`` is why ``--list-devices`` gave nothing usable, if it failed.
+
+    ``devices`` is everything the build listed (``None``: not read) and ``llama_gpus`` the GPUs among
+    them, cross-checked with NVML: what llama.cpp will run on. Both are records of the same reading,
+    left out of equality, which is about the capacity itself.
     """
 
     bytes: int
     source: str
     gpus: tuple[GpuMemory, ...] = ()
     list_error: str | None = None
+    devices: tuple[LlamaDevice, ...] | None = field(default=None, compare=False)
+    llama_gpus: tuple[GpuMemory, ...] = field(default=(), compare=False)
+
+    @property
+    def backend(self) -> str:
+        """``cpu``, or the GPU backends of the listed GPUs (``cuda``), or ``unknown`` (list not read)."""
+        if self.devices is None:
+            return "unknown"
+        found = dict.fromkeys(d.backend.lower() for d in self.llama_gpus_devices())
+        return ",".join(found) or "cpu"
+
+    def llama_gpus_devices(self) -> tuple[LlamaDevice, ...]:
+        """The listed devices that are GPUs of this node (each card once)."""
+        return gpu_devices(self.devices or ())
 
 
 def ram_share_bytes() -> int:
@@ -72,19 +94,21 @@ def detect_capacity(
     ``CUDA_VISIBLE_DEVICES`` picks the GPUs for both NVML and llama.cpp.
     """
     nvml = nvml_gpus(environ)
-    if override_gb is not None:
-        return Capacity(int(override_gb * GIB), "config", nvml)
     list_error: str | None = None
+    devices: tuple[LlamaDevice, ...] | None = None
     if server_binary is not None:
         try:
-            listed = gpu_devices(list_llama_devices(server_binary, timeout_s=timeout_s, environ=environ))
+            devices = list_llama_devices(server_binary, timeout_s=timeout_s, environ=environ)
         except DeviceListError as e:
             list_error = str(e)
-        else:
-            if not listed:
-                return Capacity(ram_share_bytes(), "system-ram", nvml)
-            gpus = cross_check(listed, nvml)
-            return Capacity(sum(g.total_bytes for g in gpus), "gpu", gpus)
+    listed = gpu_devices(devices or ())
+    gpus = cross_check(listed, nvml) if listed else ()
+    if override_gb is not None:
+        return Capacity(int(override_gb * GIB), "config", nvml, list_error, devices, gpus)
+    if devices is not None:
+        if not gpus:
+            return Capacity(ram_share_bytes(), "system-ram", nvml, None, devices, gpus)
+        return Capacity(sum(g.total_bytes for g in gpus), "gpu", gpus, None, devices, gpus)
     if nvml:
         return Capacity(sum(g.total_bytes for g in nvml), "nvml", nvml, list_error)
     return Capacity(ram_share_bytes(), "system-ram", (), list_error)

@@ -12,11 +12,17 @@ from pathlib import Path
 
 from meshllm.models.catalog import ModelRef
 from meshllm.serving.rpc_cache import cache_dir_env
+from meshllm.serving.tensor_split import format_split
 from meshllm.wire.messages import ProcessSpec
 
-SPLIT_SERVER_ARGS = ("-ngl", "999", "-ot", r"token_embd\.weight=CPU")
+GPU_OFFLOAD_ARGS = ("-ngl", "999")
+"""Every layer on the GPUs (the Election only plans a model where it fits)."""
+SPLIT_SERVER_ARGS = (*GPU_OFFLOAD_ARGS, "-ot", r"token_embd\.weight=CPU")
 """All layers on the RPC devices; the (often tied) embedding/output matrix stays with llama-server,
 so logits are computed on the host instead of crossing the tunnel every token."""
+GPU_SPLIT_SERVER_ARGS = GPU_OFFLOAD_ARGS
+"""A host with GPUs of its own: llama.cpp puts the output layer on the last device of the model, a
+local GPU, so the logits stay on the host without pinning the matrix to the CPU."""
 
 
 def server_key(model: str) -> str:
@@ -38,16 +44,23 @@ def thread_args(threads: int | None) -> tuple[str, ...]:
 
 
 def server_spec(
-    ref: ModelRef, threads: int | None, extra: Sequence[str] = (), context: int | None = None
+    ref: ModelRef,
+    threads: int | None,
+    extra: Sequence[str] = (),
+    context: int | None = None,
+    gpu: bool = False,
 ) -> ProcessSpec:
     """llama-server for a model; ``--alias`` makes answers name the model as clients asked for it,
-    ``-c`` is the context the fit check counted (None: llama.py's default)."""
+    ``-c`` is the context the fit check counted (None: llama.py's default). ``gpu``: this node's build
+    lists GPUs, so every layer goes to them (spread by free memory, llama.cpp's default); a CPU build
+    gets no ``-ngl`` at all, as before."""
     ctx = ("-c", str(context)) if context is not None else ()
+    offload = GPU_OFFLOAD_ARGS if gpu else ()
     return ProcessSpec(
         key=server_key(ref.name),
         kind="llama-server",
         model_path=str(ref.path),
-        args=("--alias", ref.name, *ctx, *thread_args(threads), *extra),
+        args=("--alias", ref.name, *ctx, *thread_args(threads), *offload, *extra),
     )
 
 
@@ -55,28 +68,35 @@ def split_server_spec(
     ref: ModelRef,
     threads: int | None,
     rpc_ports: Sequence[int],
-    fractions: Sequence[float],
+    split: Sequence[float],
     context: int | None = None,
+    gpu_host: bool = False,
 ) -> ProcessSpec:
-    """The host's llama-server of a split: its RPC devices (own rpc-server first, then the tunnel
-    listeners to the workers, in plan order) and the tensor split that follows the plan."""
-    args = (
-        "--rpc",
-        ",".join(f"127.0.0.1:{p}" for p in rpc_ports),
-        "--tensor-split",
-        ",".join(f"{f:g}" for f in fractions),
+    """The host's llama-server of a split: its RPC devices (a CPU host's own rpc-server first, then
+    the tunnel listeners to the workers, in plan order) and the tensor split, one weight per device in
+    llama.cpp's model order (:mod:`meshllm.serving.tensor_split`; for CPU nodes, the plan's fractions).
+    ``gpu_host``: the host's share is on its own GPUs, which come last in that order."""
+    args = ("--rpc", ",".join(f"127.0.0.1:{p}" for p in rpc_ports), "--tensor-split", format_split(split))
+    return server_spec(
+        ref, threads, args + (GPU_SPLIT_SERVER_ARGS if gpu_host else SPLIT_SERVER_ARGS), context
     )
-    return server_spec(ref, threads, args + SPLIT_SERVER_ARGS, context)
 
 
-def rpc_spec(model: str, threads: int | None, cache_dir: Path | None = None) -> ProcessSpec:
-    """An rpc-server for a model; with a cache dir it serves tensors from the cache (``-c``)."""
+def rpc_spec(
+    model: str, threads: int | None, cache_dir: Path | None = None, devices: Sequence[str] = ()
+) -> ProcessSpec:
+    """An rpc-server for a model; with a cache dir it serves tensors from the cache (``-c``).
+    ``devices``: this node's GPUs as llama.cpp names them (``CUDA0``), all exposed by the one server
+    (``-d``), the ones the node counted and announced; none: llama.cpp's choice (the CPU, on a CPU build)."""
+    dev = ("-d", ",".join(devices)) if devices else ()
     if cache_dir is None:
-        return ProcessSpec(key=rpc_key(model), kind="rpc-server", model_path="", args=thread_args(threads))
+        return ProcessSpec(
+            key=rpc_key(model), kind="rpc-server", model_path="", args=(*dev, *thread_args(threads))
+        )
     return ProcessSpec(
         key=rpc_key(model),
         kind="rpc-server",
         model_path="",
-        args=("-c", *thread_args(threads)),
+        args=(*dev, "-c", *thread_args(threads)),
         env=cache_dir_env(cache_dir),
     )
