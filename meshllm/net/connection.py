@@ -8,6 +8,7 @@ every stream the other side opens to the endpoint's control server.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -15,12 +16,12 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
 from meshllm.net.library_internals import peer_certificate, quiet_ping, stream_readers
+from meshllm.net.preauth import AUTH_DEADLINE_S, MAX_PREAUTH_BYTES
 from meshllm.wire.identity import node_id_of, public_key_of_certificate
 
 if TYPE_CHECKING:
     from meshllm.net.endpoint import MeshEndpoint
-
-HELLO_DEADLINE_S = 10.0
+    from meshllm.net.preauth_guard import PreAuthGuard
 
 
 class MeshConnection(QuicConnectionProtocol):
@@ -40,14 +41,58 @@ class MeshConnection(QuicConnectionProtocol):
         self.auth_lock = asyncio.Lock()
         self.datagram_transport: asyncio.BaseTransport | None = None
         self.terminated = False
+        self._release_slot: Callable[[], None] | None = None
+        self.guard: PreAuthGuard[Any] | None = None  # the listener's, for inbound connections
+        self.source = ""  # the source address as the guard counts it
+        self._counted = False  # its failure before admission was counted (once, by why)
+        self._refused = False  # closed before it authenticated
+        self._preauth_bytes = 0
         if not outbound:
-            # An inbound connection that never proves the mesh secret is closed, not kept.
-            self._loop.call_later(HELLO_DEADLINE_S, self._close_if_unauthenticated)
+            # An inbound connection that never proves its grant is closed, not kept.
+            self._loop.call_later(AUTH_DEADLINE_S, self._close_if_unauthenticated)
+
+    def hold_preauth_slot(self, release: Callable[[], None], guard: PreAuthGuard[Any], source: str) -> None:
+        """This inbound connection holds a pre-admission slot of the listener's guard until it
+        authenticates or closes; ``release`` gives it back."""
+        self._release_slot, self.guard, self.source = release, guard, source
+
+    def _settle_preauth(self) -> None:
+        release, self._release_slot = self._release_slot, None
+        if release is not None:
+            release()
+
+    @property
+    def preauth_pending(self) -> bool:
+        """Inbound, counted by the listener's guard, and not authenticated (yet)."""
+        return self.guard is not None and not self.authenticated.is_set()
+
+    def note_preauth(self, why: str, event: str = "preauth.closed", **fields: Any) -> None:
+        """Count and log (throttled) why this unauthenticated connection failed; once per connection
+        (a refused Hello stays counted as such when the deadline then closes the connection)."""
+        if self.guard is not None and not self._counted:
+            self._counted = True
+            self.guard.note(why, self.source, event=event, **fields)
+
+    def refuse_preauth(self, why: str, linger_s: float = 0.0, **fields: Any) -> None:
+        """Close an inbound connection that has not authenticated (counted once, see above); with
+        ``linger_s``, a moment later, so that a Refused frame just written still goes out."""
+        if self.authenticated.is_set() or self._refused or self.terminated:
+            return
+        self._refused = True
+        self.note_preauth(why, **fields)
+        self._settle_preauth()
+        if linger_s > 0:
+            self._loop.call_later(linger_s, self.endpoint.drop, self)
+        else:
+            self.endpoint.drop(self)
+
+    def mark_authenticated(self) -> None:
+        """The other side proved its grant (inbound) or answered our Hello (outbound)."""
+        self.authenticated.set()
+        self._settle_preauth()
 
     def _close_if_unauthenticated(self) -> None:
-        if not self.authenticated.is_set() and not self.terminated:
-            self.endpoint.log.warning("auth.timeout", reason="no Hello within deadline")
-            self.close(reason_phrase="no Hello within deadline")
+        self.refuse_preauth("deadline")
 
     @property
     def passive(self) -> bool:
@@ -57,12 +102,25 @@ class MeshConnection(QuicConnectionProtocol):
         self.endpoint.spawn(self.endpoint.control.serve_stream(self, reader, writer))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
+        if (
+            isinstance(event, events.StreamDataReceived)
+            and not self.outbound
+            and not self.authenticated.is_set()
+        ):
+            self._preauth_bytes += len(event.data)
+            if self._preauth_bytes > MAX_PREAUTH_BYTES:
+                reason = f"over {MAX_PREAUTH_BYTES} bytes before admission"
+                self.refuse_preauth("garbage", event="stream.rejected", kind=None, reason=reason)
+                return
         if isinstance(event, events.StreamReset):
             reader = stream_readers(self).pop(event.stream_id, None)
             if reader is not None:
                 reader.feed_eof()
         elif isinstance(event, events.ConnectionTerminated):
             self.terminated = True
+            if self._release_slot is not None:  # closed by the other side before it authenticated
+                self.note_preauth("gone", reason=event.reason_phrase or f"error {event.error_code}")
+            self._settle_preauth()
             self.endpoint.on_terminated(self, event.reason_phrase or f"error {event.error_code}")
         super().quic_event_received(event)
         if isinstance(event, events.StreamDataReceived) and event.end_stream:

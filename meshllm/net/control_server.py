@@ -25,8 +25,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from meshllm.net.connection import MeshConnection
+from meshllm.net.preauth import MAX_HELLO_BYTES
 from meshllm.wire.admission import AuthError
-from meshllm.wire.codec import CodecError, Message
+from meshllm.wire.codec import MAX_MESSAGE_BYTES, CodecError, Message
 from meshllm.wire.framing import FrameError, StreamKind, pack_frame, parse_kind, read_frame
 from meshllm.wire.messages import (
     Ack,
@@ -54,6 +55,8 @@ ROUTE_REQUEST_TIMEOUT_S = 3.0
 answer in this time is likely dead, and the next one is asked (a client whose only contact died must
 not wait the whole control timeout before it learns the new host)."""
 TunnelHandler = Callable[[MeshConnection, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+REFUSED_LINGER_S = 0.5
+"""An unauthenticated connection refused for garbage is closed this long after its Refused frame."""
 HELLO_KINDS = (StreamKind.GOSSIP, StreamKind.ROUTE_REQUEST)
 """The only streams that may open a connection with a Hello."""
 
@@ -85,13 +88,20 @@ class ControlServer:
                 return
             await asyncio.wait_for(self._serve_control(conn, kind, reader, writer), self.timeout_s)
         except AuthError as exc:
-            ep.log.warning("auth.refused", peer=conn.peer_id, reason=str(exc), side="listener")
+            fields = {"peer": conn.peer_id, "reason": str(exc), "side": "listener"}
+            if conn.preauth_pending:  # counted, throttled; the deadline closes the connection
+                conn.note_preauth("bad_hello", event="auth.refused", **fields)
+            else:
+                ep.log.warning("auth.refused", **fields)
             writer.write(pack_frame(Refused(reason=str(exc))))
         except (CodecError, TimeoutError) as exc:
             reason = "stalled" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            ep.log.warning(
-                "stream.rejected", peer=conn.peer_id, kind=kind.name if kind else None, reason=reason
-            )
+            kind_name = kind.name if kind else None
+            if conn.preauth_pending:  # no Hello yet and already garbage: closed (after the Refused)
+                fields = {"peer": None, "kind": kind_name, "reason": reason}
+                conn.refuse_preauth("garbage", REFUSED_LINGER_S, event="stream.rejected", **fields)
+            else:
+                ep.log.warning("stream.rejected", peer=conn.peer_id, kind=kind_name, reason=reason)
             with contextlib.suppress(Exception):
                 writer.write(pack_frame(Refused(reason=reason)))
         except (ConnectionError, OSError) as exc:
@@ -145,7 +155,7 @@ class ControlServer:
             conn.peer_role = admitted.role if admitted.role in ("client", "standby") else "passive"
         else:
             conn.peer_role = admitted.role
-        conn.authenticated.set()
+        conn.mark_authenticated()
         return ep.gate.answer(hello, ep.role)
 
     async def _serve_control(
@@ -156,7 +166,10 @@ class ControlServer:
         writer: asyncio.StreamWriter,
     ) -> None:
         ep = self.endpoint
-        first = await read_frame(reader)
+        # Before admission only a Hello may come, and a Hello is small: a longer frame is refused
+        # before any of it is buffered.
+        unproven = not conn.outbound and not conn.authenticated.is_set()
+        first = await read_frame(reader, MAX_HELLO_BYTES if unproven else MAX_MESSAGE_BYTES)
         ep.counters.frames_received[kind.name] += 1
         reply_hello: Hello | None = None
         if isinstance(first, Hello):

@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography.hazmat.primitives import serialization
 
@@ -36,7 +35,9 @@ from meshllm.net.connection import MeshConnection
 from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelHandler
 from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
+from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.net.published import Counters, Published
+from meshllm.net.quic_listener import GuardedQuicServer
 from meshllm.net.revocation import Revocations
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, M, Message
@@ -100,7 +101,7 @@ class MeshEndpoint:
         self.port = 0
         self.loop_thread = LoopThread(f"quic-{identity.node_id[:8]}")
         self.loop = self.loop_thread.loop
-        self._server: QuicServer | None = None
+        self._server: GuardedQuicServer | None = None
         self.peers: dict[str, MeshConnection] = {}  # authenticated active peers by node id
         self._all: set[MeshConnection] = set()
         self._connecting: dict[str, asyncio.Future[MeshConnection]] = {}
@@ -129,9 +130,10 @@ class MeshEndpoint:
     async def _start(self) -> int:
         config = self.configuration(is_client=False)
         transport, self._server = await self.loop.create_datagram_endpoint(
-            lambda: QuicServer(
+            lambda: GuardedQuicServer(
                 configuration=config,
                 create_protocol=lambda quic, **kw: MeshConnection(quic, endpoint=self, outbound=False),
+                log=self.log,
             ),
             local_addr=(self.host, self._requested_port),
         )
@@ -146,6 +148,10 @@ class MeshEndpoint:
                 if granted < SERVER_RCVBUF:
                     self.log.info("transport.rcvbuf", requested=SERVER_RCVBUF, granted=granted)
         return self.port
+
+    @property
+    def quic_guard(self) -> PreAuthGuard[Any] | None:  # counts before admission, once started
+        return self._server.guard if self._server is not None else None
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -307,7 +313,7 @@ class MeshEndpoint:
                     answer = await read_frame_as(reader, Hello)
                     self.gate.check_answer(answer, hello, node_id)
                     conn.peer_role = answer.role
-                    conn.authenticated.set()
+                    conn.mark_authenticated()
                     reply = await read_frame_as(reader, reply_type)
                     self.adopt(conn)
                     return reply

@@ -26,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshllm.logsetup import Logger
+from meshllm.net.preauth import MAX_HELLO_BYTES, Verdict, source_key
+from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, Message
 from meshllm.wire.framing import pack_frame, read_frame, read_frame_as
@@ -36,6 +38,10 @@ from meshllm.wire.messages import Hello, Refused
 ALPN_FAST = "meshllm-fast/1"
 CONNECT_TIMEOUT_S = 3.0
 HEADER_TIMEOUT_S = 10.0
+"""After admission: the tunnel's header frame (sent with the Hello by our dialler)."""
+LISTEN_BACKLOG = 1024
+"""Connections the kernel completes before we accept them (asyncio's default is 100): during a flood
+the accept queue must not overflow and drop a real peer's SYN (a 1 s retransmission)."""
 
 FastHandler = Callable[[Any, Hello, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -89,6 +95,16 @@ def _split(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _wake(admitted: bool) -> Callable[[asyncio.Future[bool]], None]:
+    """Resolve a queued connection's ticket: True, it holds a slot now; False, it waited too long."""
+
+    def wake(ticket: asyncio.Future[bool]) -> None:
+        if not ticket.done():
+            ticket.set_result(admitted)
+
+    return wake
+
+
 class FastPath:
     """Listener and dialler of the fast path; lives on the transport's event loop."""
 
@@ -101,14 +117,19 @@ class FastPath:
         self._server: asyncio.base_events.Server | None = None
         self._handlers: dict[type[Message], tuple[FastHandler, bool]] = {}
         self.enabled = os.environ.get("MESHLLM_FAST_PATH", "1") != "0"
+        self.guard: PreAuthGuard[asyncio.Future[bool]] | None = None
 
     def register(self, header: type[Message], handler: FastHandler, passive_ok: bool) -> None:
         """Serve connections whose header frame is of this type (``passive_ok``: clients may use it)."""
         self._handlers[header] = (handler, passive_ok)
 
     async def listen(self, host: str, port: int) -> bool:
+        """Listen on TCP. TLS starts only once the connection holds a pre-admission slot (asyncio's
+        own TLS listener would run every handshake, for up to a minute, before we see the socket)."""
+        loop = asyncio.get_running_loop()
+        self.guard = PreAuthGuard("fast", self.log, loop, on_expire=_wake(False))
         try:
-            self._server = await asyncio.start_server(self._serve, host, port, ssl=self._server_tls)
+            self._server = await asyncio.start_server(self._serve, host, port, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             self.log.warning("fast_path.unavailable", port=port, reason=str(exc))
             return False
@@ -119,21 +140,91 @@ class FastPath:
             self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tune_socket(writer)
-        peer: str | None = None
+        guard = self.guard
+        assert guard is not None
+        source = source_key(writer.get_extra_info("peername"))
+        ticket: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
-            hello = await asyncio.wait_for(read_frame_as(reader, Hello), HEADER_TIMEOUT_S)
-            admitted = self.gate.admit(hello)
-            peer = admitted.node_id
+            verdict = guard.arrive(source, ticket)
+            if verdict is Verdict.REFUSE:
+                return
+            if verdict is Verdict.QUEUE and not await self._wait_for_slot(guard, source, ticket):
+                return
+            try:
+                admitted, hello = await self._admit(guard, source, reader, writer)
+            finally:
+                for next_ticket in guard.release(source):
+                    _wake(True)(next_ticket)
+            if admitted is not None:
+                await self._serve_admitted(admitted.node_id, admitted.role, hello, reader, writer)
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _wait_for_slot(
+        self, guard: PreAuthGuard[asyncio.Future[bool]], source: str, ticket: asyncio.Future[bool]
+    ) -> bool:
+        """Wait in the queue for a slot; False (counted) when none came in time."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket), guard.limiter.limits.queue_wait_s)
+        except TimeoutError:
+            if guard.withdraw(source, ticket):
+                guard.note("queue_expired", source)
+            elif ticket.done() and ticket.result():  # admitted just as the wait ended: give it back
+                for next_ticket in guard.release(source):
+                    _wake(True)(next_ticket)
+            return False
+
+    async def _admit(
+        self,
+        guard: PreAuthGuard[asyncio.Future[bool]],
+        source: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> tuple[Any, Hello]:
+        """TLS, then a Hello that verifies, within the deadline; (None, hello) when refused."""
+        hello: Any = None
+        try:
+            async with asyncio.timeout(guard.deadline_s):
+                await writer.start_tls(self._server_tls)
+                tune_socket(writer)
+                hello = await read_frame_as(reader, Hello, MAX_HELLO_BYTES)
+                return self.gate.admit(hello), hello
+        except AuthError as exc:
+            peer = hello.node_id if isinstance(hello, Hello) else None
+            guard.note(
+                "bad_hello",
+                source,
+                event="auth.refused",
+                peer=peer,
+                reason=str(exc),
+                side="listener",
+                path="fast",
+            )
+            with contextlib.suppress(Exception):
+                writer.write(pack_frame(Refused(reason=str(exc))))
+                await asyncio.wait_for(writer.drain(), 1.0)
+        except TimeoutError:
+            guard.note("deadline", source)
+        except (CodecError, ssl.SSLError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            guard.note("garbage", source, event="stream.rejected", kind="FAST", reason=reason)
+        except (ConnectionError, OSError) as exc:
+            guard.note("gone", source, reason=f"{type(exc).__name__}: {exc}")
+        return None, hello
+
+    async def _serve_admitted(
+        self, peer: str, role: str, hello: Hello, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """An admitted connection: its tunnel header, then the handler its grant allows."""
+        try:
             header = await asyncio.wait_for(read_frame(reader), HEADER_TIMEOUT_S)
             entry = self._handlers.get(type(header))
             if entry is None:
                 raise AuthError(f"{type(header).__name__} is not served on the fast path")
             handler, passive_ok = entry
-            if admitted.role != "active" and not passive_ok:
-                raise AuthError(
-                    f"{type(header).__name__} is for members only: this connection is {admitted.role}"
-                )
+            if role != "active" and not passive_ok:
+                raise AuthError(f"{type(header).__name__} is for members only: this connection is {role}")
             await handler(header, hello, reader, writer)
         except AuthError as exc:
             self.log.warning("auth.refused", peer=peer, reason=str(exc), side="listener", path="fast")
@@ -141,9 +232,6 @@ class FastPath:
                 writer.write(pack_frame(Refused(reason=str(exc))))
         except (CodecError, TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
             self.log.warning("stream.rejected", kind="FAST", reason=f"{type(exc).__name__}: {exc}")
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
 
     def _greeting(self, addr: str, node_id: str, der: bytes | None, header: Message) -> bytes:
         """Check the listener's certificate against the node id we dialled; then our Hello and the

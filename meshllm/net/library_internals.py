@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 has no public way to do four things we need:
+aioquic 1.7.2 has no public way to do five things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -8,7 +8,11 @@ aioquic 1.7.2 has no public way to do four things we need:
 - a ping, and a wait for the handshake, that can be abandoned (a dial's timeout) without an
   "exception never retrieved" report when the connection later fails (``_ping_waiters`` with the
   connection's ``send_ping``; ``_connected_waiter`` and ``_connected``);
-- read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``).
+- read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``);
+- count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
+  whether a datagram would create one - an Initial with a valid Retry token for an unknown
+  connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
+  connection it created.
 
 The versions are checked when this module is imported: on any other aioquic the node refuses to
 start with a message saying so, rather than misbehave quietly. tests/test_library_internals.py
@@ -21,8 +25,12 @@ import asyncio
 import functools
 from importlib.metadata import version
 
+from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import connection as aioquic_connection
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 
 PINNED = {"aioquic": "1.7.2"}
@@ -95,3 +103,43 @@ def peer_certificate(protocol: QuicConnectionProtocol) -> x509.Certificate | Non
     client, which aioquic's server cannot ask for one)."""
     cert: x509.Certificate | None = protocol._quic.tls._peer_certificate
     return cert
+
+
+def new_connection_attempt(server: QuicServer, data: bytes, addr: tuple[str, int]) -> bytes | None:
+    """The destination connection id when this datagram would make aioquic's server create a
+    connection, else None. With retry on, only an Initial carrying a valid Retry token does (its
+    source address is then proven: it received our Retry); one without a token is answered with a
+    Retry by aioquic and creates nothing."""
+    config = server._configuration
+    if len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+        return None
+    try:
+        header = pull_quic_header(Buffer(data=data), host_cid_length=config.connection_id_length)
+    except ValueError:
+        return None
+    if header.packet_type != QuicPacketType.INITIAL or header.version not in config.supported_versions:
+        return None
+    cid: bytes = header.destination_cid
+    if cid in server._protocols:
+        return None
+    if server._retry is not None:
+        if not header.token:
+            return None
+        try:
+            server._retry.validate_token(
+                address=addr, destination_cid=cid, token=header.token, now=server._loop.time()
+            )
+        except ValueError:
+            return None
+    return cid
+
+
+def server_protocol(server: QuicServer, cid: bytes) -> QuicConnectionProtocol | None:
+    """The connection aioquic's server keeps under this connection id, if any."""
+    proto: QuicConnectionProtocol | None = server._protocols.get(cid)
+    return proto
+
+
+def retry_enabled(server: QuicServer) -> bool:
+    """Whether the server validates client addresses with a Retry before creating connections."""
+    return server._retry is not None
