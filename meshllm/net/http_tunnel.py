@@ -23,6 +23,7 @@ import aiohttp
 
 from actors.base import Directory
 from meshllm.logsetup import Logger
+from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.local_route import local_route
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import (
@@ -182,7 +183,17 @@ class HttpTunnelServer:
             writer.write(
                 pack_frame(TunnelResponse(status=upstream.status, headers=pass_headers(upstream.headers)))
             )
-            with contextlib.suppress(aiohttp.ClientPayloadError):
+            try:
                 async for chunk in upstream.content.iter_any():
                     writer.write(chunk)
                     await writer.drain()
+            except aiohttp.ClientPayloadError as exc:
+                # llama-server broke off mid-answer: reset the tunnel rather than end it, so the
+                # requester's gateway tells its client the answer is incomplete, not whole.
+                self.log.warning("tunnel.upstream_broke", model=request.model, peer=peer, reason=str(exc))
+                abort_tunnel(writer)
+            except (ConnectionError, RuntimeError) as exc:
+                # The requester went away (a reset, or QUIC STOP_SENDING: aioquic raises RuntimeError
+                # on the next write). Leaving this block closes the llama-server connection, and
+                # llama-server stops generating.
+                self.log.info("tunnel.requester_left", model=request.model, peer=peer, reason=str(exc))

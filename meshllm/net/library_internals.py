@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 has no public way to do five things we need:
+aioquic 1.7.2 has no public way to do six things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -9,6 +9,7 @@ aioquic 1.7.2 has no public way to do five things we need:
   "exception never retrieved" report when the connection later fails (``_ping_waiters`` with the
   connection's ``send_ping``; ``_connected_waiter`` and ``_connected``);
 - read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``);
+- stop a tunnel stream whose reader went away (STOP_SENDING from the stream adapter: ``_quic``);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
   whether a datagram would create one - an Initial with a valid Retry token for an unknown
   connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
@@ -22,7 +23,10 @@ checks each patch's effect, so an upgrade shows at once which ones still hold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import socket
+import struct
 from importlib.metadata import version
 
 from aioquic._buffer import Buffer
@@ -103,6 +107,36 @@ def peer_certificate(protocol: QuicConnectionProtocol) -> x509.Certificate | Non
     client, which aioquic's server cannot ask for one)."""
     cert: x509.Certificate | None = protocol._quic.tls._peer_certificate
     return cert
+
+
+TUNNEL_ABANDONED = 0x10  # the application error code a gateway sends when its client went away
+
+
+def abort_tunnel(writer: asyncio.StreamWriter) -> None:
+    """Tell the far end of a tunnel that nobody reads its answer any more, so it stops producing it.
+
+    A QUIC stream gets STOP_SENDING (and our side is reset): the host's next write fails at once, it
+    closes its llama-server connection, and the generation stops. aioquic's stream adapter has no
+    public way to do this. A TCP (fast path) stream is aborted with a reset (SO_LINGER 0), not closed:
+    the far end's next read or write fails, where a FIN would read as the answer's normal end.
+    """
+    transport = writer.transport
+    protocol = getattr(transport, "protocol", None)
+    stream_id = getattr(transport, "stream_id", None)
+    if isinstance(protocol, QuicConnectionProtocol) and isinstance(stream_id, int):
+        quic = protocol._quic
+        for stop in (quic.stop_stream, quic.reset_stream):
+            try:
+                stop(stream_id, TUNNEL_ABANDONED)
+            except (ValueError, AssertionError, RuntimeError):
+                pass  # that direction was already finished or reset
+        protocol._transmit_soon()
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # a reset, not a FIN: the far end must not take the cut for a whole answer
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def new_connection_attempt(server: QuicServer, data: bytes, addr: tuple[str, int]) -> bytes | None:

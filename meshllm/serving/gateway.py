@@ -30,9 +30,11 @@ from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
+from meshllm.net.library_internals import abort_tunnel
 from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body
+from meshllm.serving.relay import relay
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError
 from meshllm.wire.framing import PeerRefused, StreamKind, read_frame_as
@@ -266,25 +268,29 @@ class Gateway:
     async def _forward(
         self, request: web.Request, target: Target, model: str, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:
-        if target.host is None:
-            assert self._session is not None
-            self.demand.hit(model)
-            upstream = await open_local(
-                self._session, target.local_port, request.method, request.path, headers, body
+        if target.host is not None:
+            return await self._forward_tunnel(request, target.host, model, headers, body)
+        assert self._session is not None
+        self.demand.hit(model)
+        upstream = await open_local(self._session, target.local_port, request.method, request.path, headers, body)
+        async with upstream:
+            try:
+                first = await upstream.content.readany()
+            except aiohttp.ClientPayloadError as exc:
+                raise UpstreamUnavailable(f"llama-server broke off before its first byte: {exc}") from exc
+            if not first and upstream.status == 200:
+                raise UpstreamUnavailable("llama-server ended its answer before its first byte")
+            return await relay(
+                request,
+                upstream.status,
+                pass_headers(upstream.headers),
+                first,
+                upstream.content.readany,
+                upstream.close,  # the connection closes: llama-server stops generating
+                self.log,
+                model,
+                str(target),
             )
-            async with upstream:
-                response = web.StreamResponse(status=upstream.status, headers=pass_headers(upstream.headers))
-                await response.prepare(request)
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                except aiohttp.ClientPayloadError as exc:
-                    self.log.warning(
-                        "gateway.upstream_broke", model=model, target=str(target), reason=str(exc)
-                    )
-                await response.write_eof()
-                return response
-        return await self._forward_tunnel(request, target.host, model, headers, body)
 
     async def _forward_tunnel(
         self, request: web.Request, host: HostInfo, model: str, headers: dict[str, str], body: bytes
@@ -293,38 +299,45 @@ class Gateway:
             model=model, method=request.method, path=request.path, headers=headers, body_bytes=len(body)
         )
         fast = True
+        writer: asyncio.StreamWriter | None = None
         try:
             try:
-                reader, writer = await self.endpoint.fast.open(host.node_id, host.addrs, header)
-                writer.write(body)
-            except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
-                fast = False
-                reader, writer = await self.endpoint.open_tunnel(
-                    host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
-                )
-                writer.write(body)
-                writer.write_eof()
-            first = await self._while_alive(host, read_frame_as(reader, TunnelResponse), ping=not fast)
-        except PeerRefused as exc:
-            raise UpstreamUnavailable(f"host refused: {exc.reason}") from exc
-        except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, AuthError) as exc:
-            raise UpstreamUnavailable(f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}") from exc
-        try:
-            response = web.StreamResponse(status=first.status, headers=pass_headers(first.headers))
-            await response.prepare(request)
-            try:
-                while chunk := await self._while_alive(host, reader.read(CHUNK), ping=not fast):
-                    await response.write(chunk)
-            except (ConnectionError, TimeoutError) as exc:
-                # Too late to retry elsewhere: the client has part of the answer. End it and say why.
-                self.log.warning(
-                    "gateway.host_lost_mid_response", model=model, host=host.node_id, reason=str(exc)
-                )
-                return response
-            await response.write_eof()
-            return response
+                try:
+                    reader, writer = await self.endpoint.fast.open(host.node_id, host.addrs, header)
+                    writer.write(body)
+                except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
+                    fast = False
+                    reader, writer = await self.endpoint.open_tunnel(
+                        host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
+                    )
+                    writer.write(body)
+                    writer.write_eof()
+                head = await self._while_alive(host, read_frame_as(reader, TunnelResponse), ping=not fast)
+                # Nothing goes to the client before the body's first byte: until then, another host can
+                # still answer instead.
+                first = await self._while_alive(host, reader.read(CHUNK), ping=not fast)
+            except PeerRefused as exc:
+                raise UpstreamUnavailable(f"host refused: {exc.reason}") from exc
+            except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, AuthError) as exc:
+                raise UpstreamUnavailable(
+                    f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if not first and head.status == 200:
+                raise UpstreamUnavailable(f"host {host.node_id[:12]} ended its answer before its first byte")
+            tunnel = writer
+            return await relay(
+                request,
+                head.status,
+                pass_headers(head.headers),
+                first,
+                lambda: self._while_alive(host, reader.read(CHUNK), ping=not fast),
+                lambda: abort_tunnel(tunnel),
+                self.log,
+                model,
+                host.node_id,
+            )
         finally:
-            if fast:
+            if fast and writer is not None:
                 writer.close()
 
     async def _while_alive(self, host: HostInfo, waiting: Awaitable[T], ping: bool = True) -> T:
