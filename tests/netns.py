@@ -23,11 +23,10 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import REPO, NodeProcess
+from tests.support import NodeProcess
 
 
 def available() -> str | None:
@@ -65,21 +64,7 @@ class NamespacedNodeProcess(NodeProcess):
     def __init__(self, host: Host, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(config, log, env)
         self.host = host
-
-    def start(self) -> NamespacedNodeProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
-        cmd = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "meshllm", "run"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*cmd, "--config", str(self.config)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                cwd=REPO,
-                env=env,
-                start_new_session=True,
-            )
-        return self
+        self.command_prefix = ("ip", "netns", "exec", host.netns)
 
 
 class NetLab:

@@ -174,12 +174,13 @@ class NodeProcess:
         self.log_path = log
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command_prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS): tests/netns.py
 
     def start(self) -> NodeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "meshllm", "run", "--config", str(self.config)],
+                [*self.command_prefix, sys.executable, "-m", "meshllm", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

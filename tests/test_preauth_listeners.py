@@ -339,8 +339,10 @@ def test_unauthenticated_fast_path_connections_are_capped_per_source_and_queued(
 
     async def flood() -> list[tuple[float, bytes]]:
         tasks = [asyncio.ensure_future(_tcp(a.quic_port, [], tls=False)) for _ in range(5)]
-        await until(lambda: fast_guard.limiter.queued == 2, 5, "2 queued")
-        assert fast_guard.limiter.held_by(ATTACKER) == 2
+        # Counters, not the live queue: on a loaded machine the first two may reach their deadline
+        # (and the queued two their turn) before a poll sees the queue full.
+        counts = fast_guard.limiter.counts
+        await until(lambda: counts["admitted"] >= 2 and counts["queued"] >= 2, 10, "2 held and 2 queued")
         # The real client, from 127.0.0.1, is answered at once.
         await asyncio.get_running_loop().run_in_executor(None, assert_fast_path_answers, nodes, a, 2.0)
         return await asyncio.gather(*tasks)
