@@ -124,3 +124,4 @@ def fake_console(statuses: list[dict[str, Any]]) -> Iterator[FakeConsole]:
         yield server
     finally:
         server.stop()
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,17 @@ def h() -> Iterator[Harness]:
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[Any]:
+    """A headless Chromium for one test of the console page (tests/browser.py)."""
+    from tests.browser import have_browser, start_browser
+
+    if not have_browser():  # the test command installs them; a missing browser is a failure, not a skip
+        pytest.fail("no /usr/bin/chromium or /usr/bin/chromedriver: run scripts/install-browser.sh (as root)")
+    browser = start_browser(tmp_path / "chromium-profile")
+    try:
+        yield browser
+    finally:
+        browser.quit()

@@ -13,7 +13,6 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from meshllm.config import ApiSection, ConfigError, ConsoleSection, HostPort, lo
 from meshllm.console import client
 from meshllm.node import Node
 from meshllm.serving.api_keys import KeyCheck, fingerprint
-from tests.browser import have_browser, severe_logs, start_browser
+from tests.browser import severe_logs
 from tests.support import REPO, LogCapture, NodeFactory, node_config, wait_until
 
 KEY = "k3y-for-the-api-0123456789abcdef"
@@ -341,17 +340,6 @@ def test_keyed_node_serves_chat_directly_through_a_tunnel_and_the_relay(
         model="tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, temperature=0, stream=True
     )
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == answers[0]
-
-
-@pytest.fixture
-def driver(tmp_path: Path) -> Iterator[Any]:
-    if not have_browser():  # the test command installs them; a missing browser is a failure, not a skip
-        pytest.fail("no /usr/bin/chromium or /usr/bin/chromedriver: run scripts/install-browser.sh (as root)")
-    browser = start_browser(tmp_path / "chromium-profile")
-    try:
-        yield browser
-    finally:
-        browser.quit()
 
 
 def test_console_page_logs_in_and_goes_live_on_its_cookie(nodes: NodeFactory, driver: Any) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from meshllm.config import ConsoleSection, HostPort
 from meshllm.node import Node
-from tests.browser import ARTIFACTS, fake_console, have_browser, severe_logs, start_browser
+from tests.browser import ARTIFACTS, fake_console, severe_logs
 from tests.support import LogCapture, NodeFactory, ProcessFactory, console_status, model_status, wait_until
 
 GIB = 1 << 30
@@ -35,17 +34,6 @@ return [...document.querySelectorAll('.node')].map((n) => {
           usage_bar: bar('usage'), capacity_bar: bar('capacity')};
 });
 """
-
-
-@pytest.fixture
-def driver(tmp_path: Path) -> Iterator[Any]:
-    if not have_browser():  # the test command installs them; a missing browser is a failure, not a skip
-        pytest.fail("no /usr/bin/chromium or /usr/bin/chromedriver: run scripts/install-browser.sh (as root)")
-    browser = start_browser(tmp_path / "chromium-profile")
-    try:
-        yield browser
-    finally:
-        browser.quit()
 
 
 def node_ids(driver: Any) -> list[str]:
