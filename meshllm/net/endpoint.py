@@ -72,6 +72,7 @@ library_internals.slim_aioquic()
 
 ALPN = "meshllm/1"
 SERVER_RCVBUF = 4 * 1024 * 1024
+EPHEMERAL_PORT_ATTEMPTS = 8
 """UDP receive buffer of the listening socket: a burst of route requests from many passive nodes
 overflowed the default 208 KiB and turned into QUIC loss recovery (hundreds of ms)."""
 IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
@@ -128,6 +129,26 @@ class MeshEndpoint:
         return self.loop_thread.run(self._start(), timeout=10)
 
     async def _start(self) -> int:
+        # An ephemeral UDP port can be taken on TCP (another program's outgoing connection): with
+        # port 0 we draw again until both the QUIC and the fast-path port number are ours.
+        attempts = EPHEMERAL_PORT_ATTEMPTS if self._requested_port == 0 else 1
+        for attempt in range(1, attempts + 1):
+            transport = await self._bind_quic()
+            if self.role != "active" or await self.fast.listen(self.host, self.port):
+                break
+            if attempt < attempts:
+                transport.close()
+                self.log.info("transport.port_redrawn", port=self.port, reason="tcp port taken")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SERVER_RCVBUF)
+                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                if granted < SERVER_RCVBUF:
+                    self.log.info("transport.rcvbuf", requested=SERVER_RCVBUF, granted=granted)
+        return self.port
+
+    async def _bind_quic(self) -> asyncio.DatagramTransport:
         config = self.configuration(is_client=False)
         transport, self._server = await self.loop.create_datagram_endpoint(
             lambda: GuardedQuicServer(
@@ -138,16 +159,7 @@ class MeshEndpoint:
             local_addr=(self.host, self._requested_port),
         )
         self.port = transport.get_extra_info("sockname")[1]
-        if self.role == "active":
-            await self.fast.listen(self.host, self.port)  # TCP, same port number
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SERVER_RCVBUF)
-                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-                if granted < SERVER_RCVBUF:
-                    self.log.info("transport.rcvbuf", requested=SERVER_RCVBUF, granted=granted)
-        return self.port
+        return transport
 
     @property
     def quic_guard(self) -> PreAuthGuard[Any] | None:  # counts before admission, once started
