@@ -389,6 +389,7 @@ class Node(StandbyRoles):
                 )
             except Exception as exc:
                 self.log.warning("mesh.leave_failed", reason=str(exc))
+            self._drain()
         if self.gateway is not None:
             self.gateway.stop()
         if self.console is not None:
@@ -404,6 +405,20 @@ class Node(StandbyRoles):
         self.log.info("node.stopped")
         close_logger(self.log)
         self.stopped.set()
+
+    def _drain(self) -> None:
+        """Let the answers under way through this node's tunnels finish before llama-server stops."""
+        if self.tunnel_server is None or self.endpoint is None:
+            return
+        drain_s = self.config.timing.drain_s
+        under_way = self.tunnel_server.in_flight
+        try:
+            left = self.endpoint.loop_thread.run(self.tunnel_server.drain(drain_s), timeout=drain_s + 5)
+        except Exception as exc:
+            self.log.warning("node.drain_failed", reason=str(exc))
+            return
+        if under_way or left:
+            self.log.info("node.drained", requests=under_way, cut=left, limit_s=drain_s)
 
     def __enter__(self) -> Node:
         return self.start()

@@ -258,6 +258,9 @@ class TimingSection:
     dead_ttl_s: float = 60.0
     """How long a dead node id is remembered."""
     route_refresh_s: float = 45.0
+    drain_s: float = 30.0
+    """On a graceful stop (SIGTERM), requests this node is answering get this long to finish; new ones
+    are refused, so their requesters go to another host."""
 
     def __post_init__(self) -> None:
         check_all_positive("timing", self)

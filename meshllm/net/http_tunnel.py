@@ -105,6 +105,20 @@ class HttpTunnelServer:
         self.demand = demand or DemandCounter()
         self.log = logger.bind(actor="http-tunnel")
         self._session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
+        self._answering: set[asyncio.StreamWriter] = set()
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (their requesters retry on another host, as before a first byte) and wait
+        up to ``timeout_s`` for the ones under way to finish; returns how many were still running."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        return self.in_flight
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -112,6 +126,10 @@ class HttpTunnelServer:
         return self._session
 
     async def close(self) -> None:
+        """Reset the tunnels of answers still under way (a drain that ran out of time): their requesters
+        must see a cut answer as an error, never as a normal end."""
+        for writer in list(self._answering):
+            abort_tunnel(writer)
         if self._session is not None:
             await self._session.close()
 
@@ -152,6 +170,23 @@ class HttpTunnelServer:
     ) -> None:
         """Forward one tunnelled request to this node's llama-server for its model, if it is one the
         gateway would pass on; otherwise answer it with the error and forward nothing."""
+        if self.draining:
+            writer.write(pack_frame(Refused(reason="this node is leaving the mesh")))
+            return
+        self.in_flight += 1
+        self._answering.add(writer)
+        self._idle.clear()
+        try:
+            await self._serve(request, reader, writer, peer)
+        finally:
+            self._answering.discard(writer)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def _serve(
+        self, request: TunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str | None
+    ) -> None:
         refusal = check_request(request.method, request.path, request.headers, request.body_bytes)
         if refusal is not None:
             self._refuse(writer, request, refusal, peer)
