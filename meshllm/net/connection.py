@@ -8,6 +8,7 @@ every stream the other side opens to the endpoint's control server.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
 from meshllm.net.library_internals import peer_certificate, quiet_ping, stream_readers
+from meshllm.net.misbehaviour import PEER_DROPPED, UNKNOWN_STRIKES, quic_fault
 from meshllm.net.preauth import AUTH_DEADLINE_S, MAX_PREAUTH_BYTES
 from meshllm.wire.identity import node_id_of, public_key_of_certificate
 
@@ -47,6 +49,10 @@ class MeshConnection(QuicConnectionProtocol):
         self._counted = False  # its failure before admission was counted (once, by why)
         self._refused = False  # closed before it authenticated
         self._preauth_bytes = 0
+        self.closing = False  # closed by us (or terminated): its streams' ends are nobody's fault
+        self.dropped = ""  # why we dropped this admitted peer (meshllm.net.misbehaviour)
+        self.strikes = 0  # streams refused for an unknown kind or tag
+        self._reset_readers: weakref.WeakSet[asyncio.StreamReader] = weakref.WeakSet()
         if not outbound:
             # An inbound connection that never proves its grant is closed, not kept.
             self._loop.call_later(AUTH_DEADLINE_S, self._close_if_unauthenticated)
@@ -94,6 +100,40 @@ class MeshConnection(QuicConnectionProtocol):
     def _close_if_unauthenticated(self) -> None:
         self.refuse_preauth("deadline")
 
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        self.closing = True
+        super().close(error_code=error_code, reason_phrase=reason_phrase)
+
+    def was_reset(self, reader: asyncio.StreamReader) -> bool:
+        """The peer reset this stream (it gave up on it): its cut is no protocol violation."""
+        return reader in self._reset_readers
+
+    def strike(self, reason: str, linger_s: float, **fields: Any) -> None:
+        """Count a stream refused for an unknown kind or tag; too many drop the peer."""
+        self.strikes += 1
+        if self.strikes >= UNKNOWN_STRIKES:
+            self.drop_peer(f"{self.strikes} streams refused, the last: {reason}", linger_s, **fields)
+
+    def drop_peer(self, reason: str, linger_s: float = 0.0, **fields: Any) -> None:
+        """Close the connection of an admitted peer that broke the protocol, saying why in the log and
+        in the QUIC close; with ``linger_s``, a moment later, so a Refused frame just written goes out."""
+        if self.dropped or self.closing:
+            return
+        self._note_dropped(reason, **fields)
+
+        def close() -> None:
+            self.close(error_code=PEER_DROPPED, reason_phrase=f"dropped: {reason}"[:200])
+            self.endpoint.drop(self)
+
+        if linger_s > 0:
+            self._loop.call_later(linger_s, close)
+        else:
+            close()
+
+    def _note_dropped(self, reason: str, **fields: Any) -> None:
+        self.dropped = reason
+        self.endpoint.log.warning("peer.dropped", peer=self.peer_id, role=self.peer_role, reason=reason, **fields)
+
     @property
     def passive(self) -> bool:
         return self.peer_role != "active"
@@ -115,9 +155,13 @@ class MeshConnection(QuicConnectionProtocol):
         if isinstance(event, events.StreamReset):
             reader = stream_readers(self).pop(event.stream_id, None)
             if reader is not None:
+                self._reset_readers.add(reader)
                 reader.feed_eof()
         elif isinstance(event, events.ConnectionTerminated):
-            self.terminated = True
+            fault = quic_fault(event.error_code, event.frame_type, event.reason_phrase)
+            if fault and self.authenticated.is_set() and not self.closing:
+                self._note_dropped(fault)  # aioquic closed it (e.g. more streams than it allows)
+            self.terminated = self.closing = True
             if self._release_slot is not None:  # closed by the other side before it authenticated
                 self.note_preauth("gone", reason=event.reason_phrase or f"error {event.error_code}")
             self._settle_preauth()

@@ -30,7 +30,7 @@ from meshllm.net.preauth import MAX_HELLO_BYTES, Verdict, source_key
 from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, Message
-from meshllm.wire.framing import pack_frame, read_frame, read_frame_as
+from meshllm.wire.framing import StreamStalled, pack_frame, read_frame, read_frame_as
 from meshllm.wire.gate import Gate
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
 from meshllm.wire.messages import Hello, Refused
@@ -216,9 +216,14 @@ class FastPath:
     async def _serve_admitted(
         self, peer: str, role: str, hello: Hello, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """An admitted connection: its tunnel header, then the handler its grant allows."""
+        """An admitted connection: its tunnel header, then the handler its grant allows. A header that
+        is not one, is over the cap, or is not complete in time drops the peer (this connection:
+        ``peer.dropped``, as on QUIC, :mod:`meshllm.net.misbehaviour`)."""
         try:
-            header = await asyncio.wait_for(read_frame(reader), HEADER_TIMEOUT_S)
+            try:
+                header = await asyncio.wait_for(read_frame(reader), HEADER_TIMEOUT_S)
+            except TimeoutError:
+                raise StreamStalled(f"no complete tunnel header within {HEADER_TIMEOUT_S:g} s") from None
             entry = self._handlers.get(type(header))
             if entry is None:
                 raise AuthError(f"{type(header).__name__} is not served on the fast path")
@@ -230,7 +235,12 @@ class FastPath:
             self.log.warning("auth.refused", peer=peer, reason=str(exc), side="listener", path="fast")
             with contextlib.suppress(Exception):
                 writer.write(pack_frame(Refused(reason=str(exc))))
-        except (CodecError, TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
+        except CodecError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.log.warning("peer.dropped", peer=peer, role=role, kind="FAST", path="fast", reason=reason)
+            with contextlib.suppress(Exception):
+                writer.write(pack_frame(Refused(reason=reason)))
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
             self.log.warning("stream.rejected", kind="FAST", reason=f"{type(exc).__name__}: {exc}")
 
     def _greeting(self, addr: str, node_id: str, der: bytes | None, header: Message) -> bytes:

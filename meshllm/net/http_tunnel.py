@@ -25,6 +25,7 @@ from actors.base import Directory
 from meshllm.logsetup import Logger
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.local_route import local_route
+from meshllm.net.misbehaviour import read_header
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import (
     MAX_BODY_BYTES,
@@ -33,7 +34,7 @@ from meshllm.serving.openai_api import (
     request_headers,
     response_headers,
 )
-from meshllm.wire.framing import pack_frame, read_frame_as
+from meshllm.wire.framing import pack_frame
 from meshllm.wire.messages import Hello, Refused, TunnelRequest, TunnelResponse
 
 CHUNK = 65536
@@ -135,7 +136,7 @@ class HttpTunnelServer:
 
     async def handle(self, conn: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A QUIC HTTP tunnel stream: its header frame, then the same as the fast path."""
-        request = await read_frame_as(reader, TunnelRequest)
+        request = await read_header(reader, TunnelRequest)
         await self.serve(request, reader, writer, peer=getattr(conn, "peer_id", None))
 
     async def serve_fast(

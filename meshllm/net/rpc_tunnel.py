@@ -27,6 +27,7 @@ from meshllm.logsetup import Logger
 from meshllm.net.control_server import CONTROL_TIMEOUT_S
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.local_route import local_route
+from meshllm.net.misbehaviour import read_header
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, decode
 from meshllm.wire.framing import LENGTH, PeerRefused, StreamKind, pack_frame, read_frame_as
@@ -287,7 +288,7 @@ class RpcTunnels:
     ) -> None:
         """A QUIC RPC tunnel stream: its header frame, then the same as the fast path."""
         peer = getattr(conn, "peer_id", None) or ""
-        await self.serve_rpc(await read_frame_as(reader, RpcTunnelRequest), peer, reader, writer)
+        await self.serve_rpc(await read_header(reader, RpcTunnelRequest), peer, reader, writer)
 
     async def _serve_fast(
         self,

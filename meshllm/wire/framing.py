@@ -41,6 +41,14 @@ class FrameError(CodecError):
     """A stream broke the framing rules (bad kind, truncated frame, oversized length)."""
 
 
+class UnknownKind(FrameError):
+    """The stream's kind byte names no kind this node knows (a newer node's, perhaps)."""
+
+
+class StreamStalled(FrameError):
+    """The other side stopped sending before its request (or tunnel header) was complete."""
+
+
 def pack_frame(msg: Message) -> bytes:
     """One length-prefixed frame."""
     body = encode(msg)
@@ -58,7 +66,7 @@ def parse_kind(byte: bytes) -> StreamKind:
     try:
         return StreamKind(byte[0])
     except ValueError:
-        raise FrameError(f"unknown stream kind {byte[0]}") from None
+        raise UnknownKind(f"unknown stream kind {byte[0]}") from None
 
 
 class FrameBuffer:
