@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from actors.base import Directory, MsgpackActor, handles
+from meshllm.config.sections import ModelSettings
 from meshllm.logsetup import Logger
 from meshllm.models.catalog import ModelRef
 from meshllm.models.devices import GpuMemory
@@ -28,7 +29,13 @@ from meshllm.models.fit import download_fit
 from meshllm.placement import Candidate, Shortfall, fits_solo, needed_bytes, plan_split
 from meshllm.serving.cache_fill import fill_in_background
 from meshllm.serving.local_model import LocalModel
-from meshllm.serving.process_specs import parse_key, rpc_spec, server_spec, split_server_spec
+from meshllm.serving.process_specs import (
+    parse_key,
+    rpc_spec,
+    served_context,
+    server_spec,
+    split_server_spec,
+)
 from meshllm.serving.tensor_split import expected_devices, tensor_split
 from meshllm.wire.messages import (
     AllowRpcHost,
@@ -84,8 +91,11 @@ class Election(MsgpackActor):
         pending: tuple[str, ...] = (),
         promoted_for: str = "",
         gpus: tuple[GpuMemory, ...] = (),
+        settings: dict[str, ModelSettings] | None = None,
     ) -> None:
         super().__init__(directory, logger)
+        self.settings = settings or {}  # [models.settings]: per-model llama-server settings, by name
+        self.contexts: dict[str, int] = {}  # the context each model is served with, once its file is here
         # The GPUs this node's llama.cpp build lists (empty for a CPU build): with them, a solo model
         # is offloaded, a split host keeps its share on them, and a worker's rpc-server exposes them.
         self.gpus = gpus
@@ -220,7 +230,7 @@ class Election(MsgpackActor):
             self.free -= need
             if not local.on_disk:
                 return self._fetch(local)
-            return [server_spec(local.ref, self.threads, context=self.context, gpu=bool(self.gpus))]
+            return [self._server_spec(local)]
         plan = plan_split(cands, size, force)
         if isinstance(plan, Shortfall):
             peers = [c.vram_bytes for c in cands if c.node_id != self.own_id]
@@ -243,7 +253,7 @@ class Election(MsgpackActor):
         if not plan.workers:  # forced, but nobody to split with
             local.mode = "solo"
             local.detail = "split forced but no other node serves this model"
-            return [server_spec(local.ref, self.threads, context=self.context, gpu=bool(self.gpus))]
+            return [self._server_spec(local)]
         local.mode = "split"
         if self.gpus:
             return self._gpu_split(local, plan.workers, plan.fractions)
@@ -257,7 +267,10 @@ class Election(MsgpackActor):
         endpoints += [(f"127.0.0.1:{local.listening[w]}", self._worker_frees(w)) for w in plan.workers]
         shares = dict(zip((e for e, _ in endpoints), plan.fractions, strict=True))
         split = tensor_split(expected_devices((), endpoints), (), shares)
-        specs.append(split_server_spec(local.ref, self.threads, ports, split, self.context))
+        settings = self.settings.get(name)
+        specs.append(
+            split_server_spec(local.ref, self.threads, ports, split, self.context, settings=settings)
+        )
         return specs
 
     def _gpu_split(
@@ -270,7 +283,19 @@ class Election(MsgpackActor):
         shares = dict(zip((e for e, _ in endpoints), fractions[1:], strict=True))
         split = tensor_split(expected_devices(self.gpus, endpoints), self.gpus, shares, fractions[0])
         ports = [local.listening[w] for w in workers]
-        return [split_server_spec(local.ref, self.threads, ports, split, self.context, gpu_host=True)]
+        settings = self.settings.get(local.ref.name)
+        return [
+            split_server_spec(
+                local.ref, self.threads, ports, split, self.context, gpu_host=True, settings=settings
+            )
+        ]
+
+    def _server_spec(self, local: LocalModel) -> ProcessSpec:
+        """A model's llama-server on this node alone."""
+        settings = self.settings.get(local.ref.name)
+        return server_spec(
+            local.ref, self.threads, context=self.context, gpu=bool(self.gpus), settings=settings
+        )
 
     def _tunnels_ready(self, local: LocalModel, workers: tuple[str, ...], own_rpc: bool) -> bool:
         """Every worker's rpc-server (and, ``own_rpc``, this node's) up, and a listener open to each."""
@@ -433,9 +458,17 @@ class Election(MsgpackActor):
             rpc_ready=rpc_ready,
             stuck=self._stuck(),
             model_bytes={n: m.ref.size_bytes for n, m in self.models.items()},
+            model_context={n: self._context(m) for n, m in self.models.items() if self._context(m)},
         )
         self.tell("registry", msg)
         self.tell("router", msg)
+
+    def _context(self, local: LocalModel) -> int:
+        """The context ``local`` is served with here (0 while its file is not here to say)."""
+        name = local.ref.name
+        if name not in self.contexts and local.on_disk:
+            self.contexts[name] = served_context(local.ref, self.context)
+        return self.contexts.get(name, 0)
 
     def _stuck(self) -> tuple[str, ...]:
         """Models this node wants but cannot serve now: what a standby may take (a gap)."""

@@ -270,6 +270,7 @@ class PeerRegistry(MsgpackActor):
             rpc_ready=msg.rpc_ready,
             stuck=msg.stuck,
             model_bytes=dict(msg.model_bytes),
+            model_context=dict(msg.model_context),
         )
         if updated == self.own:
             return

@@ -62,6 +62,8 @@ class Router(MsgpackActor):
         self.own_demand: dict[str, float] = {}
         self.asked: list[tuple[float, str, int]] = []  # (when, model, count) from passive nodes' misses
         self.own_stuck: tuple[str, ...] = ()
+        self.own_bytes: dict[str, int] = {}  # size and context of this node's models, for the table
+        self.own_context: dict[str, int] = {}
         self.claims: dict[tuple[str, str], tuple[Claim, float]] = {}  # (model, node) -> (claim, expiry)
         self.peers: dict[str, PeerAnnouncement] = {}
         self.local_ports: dict[str, int] = {}
@@ -82,6 +84,8 @@ class Router(MsgpackActor):
             self._demand(),
             self.own_stuck,
             [claim for claim, until in self.claims.values() if until > time.monotonic()],
+            self.own_bytes,
+            self.own_context,
         )
 
     def _rebuild(self) -> None:
@@ -125,8 +129,10 @@ class Router(MsgpackActor):
 
     @handles(SetLocalAnnouncement)
     def on_local_announcement(self, msg: SetLocalAnnouncement) -> None:
-        """What this node's election says it cannot serve now (the rest of it the router knows)."""
+        """What this node's election says it cannot serve now, and its models' sizes and contexts
+        (the rest of it the router knows)."""
         self.own_stuck = msg.stuck
+        self.own_bytes, self.own_context = dict(msg.model_bytes), dict(msg.model_context)
         self._rebuild()
 
     @handles(ClaimSeen)

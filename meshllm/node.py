@@ -106,6 +106,14 @@ def resolve_models(config: NodeConfig) -> tuple[tuple[ModelRef, ...], tuple[tupl
         if resolved.name in {r.name for r in refs}:
             raise ConfigError(f"models.serve[{i}]: {resolved.name!r} is served twice", key="models.serve")
         refs.append(resolved)
+    names = {r.name for r in refs}
+    for name in config.models.settings:
+        if name not in names:
+            served = ", ".join(sorted(names)) or "none"
+            raise ConfigError(
+                f"models.settings.{name}: not a model this node serves (served: {served})",
+                key=f"models.settings.{name}",
+            )
     return tuple(refs), tuple(hub)
 
 
@@ -285,6 +293,7 @@ class Node(StandbyRoles):
                 pending=tuple(name for name, _ in hub_models),
                 promoted_for=self.promoted_for,
                 gpus=vram.llama_gpus,
+                settings=cfg.models.settings,
             )
             if hub_models:  # after the Election: it is who the Downloader reports to
                 self._spawn(

@@ -22,8 +22,11 @@ def build_table(
     own_demand: Mapping[str, float] | None = None,
     own_stuck: Iterable[str] = (),
     claims: Iterable[Claim] = (),
+    own_bytes: Mapping[str, int] | None = None,
+    own_context: Mapping[str, int] | None = None,
 ) -> RouteTable:
-    """The table of an active node: this node first for what it serves, then its peers by node id."""
+    """The table of an active node: this node first for what it serves, then its peers by node id.
+    A model's size and context are its first host's (``own_bytes``/``own_context`` for this node)."""
     peers = sorted(peers, key=lambda a: a.node_id)
     served = set(local_ports)
     wanted = set(own_models)
@@ -38,7 +41,18 @@ def build_table(
             for a in peers
             if name in a.serving
         ]
-        models.append(ModelRoute(name=name, hosts=tuple(hosts)))
+        sizes = [(own_bytes or {}).get(name, 0)] if name in local_ports else []
+        contexts = [(own_context or {}).get(name, 0)] if name in local_ports else []
+        sizes += [a.model_bytes.get(name, 0) for a in peers if name in a.serving]
+        contexts += [a.model_context.get(name, 0) for a in peers if name in a.serving]
+        models.append(
+            ModelRoute(
+                name=name,
+                hosts=tuple(hosts),
+                size_bytes=next((n for n in sizes if n), 0),
+                context_length=next((n for n in contexts if n), 0),
+            )
+        )
     actives = (Seed(own.node_id, own.addrs), *(Seed(a.node_id, a.addrs) for a in peers))
     claimed = set(own_claims)
     demand: dict[str, float] = dict(own_demand or {})
@@ -74,4 +88,5 @@ def available(table: RouteTable) -> tuple[str, ...]:
 
 
 def model_list(table: RouteTable) -> ModelList:
-    return ModelList(served=tuple(sorted(m.name for m in table.models if m.hosts)), wanted=table.unserved)
+    served = sorted((m for m in table.models if m.hosts), key=lambda m: m.name)
+    return ModelList(served=tuple(m.name for m in served), wanted=table.unserved, details=tuple(served))

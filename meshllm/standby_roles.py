@@ -97,7 +97,11 @@ class StandbyRoles:
         base = self.base_config
         cfg = dataclasses.replace(
             self._pinned(base).with_node(role="active"),
-            models=dataclasses.replace(base.models, serve=(self._serve_entry(model),)),
+            models=dataclasses.replace(
+                base.models,
+                serve=(self._serve_entry(model),),
+                settings={m: s for m, s in base.models.settings.items() if m == model},
+            ),
         )
         self.promoted_reason = reason
         self._restart(cfg, model, seeds, leave=False)

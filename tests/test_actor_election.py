@@ -162,7 +162,12 @@ def test_a_model_that_fits_is_served_solo(h: Harness, tmp_path: Path) -> None:
     assert router.wait_for(LocalServing, lambda m: m.port == 8081) == LocalServing(model="small", port=8081)
     serving = registry.wait_for(SetLocalAnnouncement, lambda m: m.serving == ("small",))
     assert serving == SetLocalAnnouncement(
-        models=("small",), serving=("small",), vram_bytes=2000, rpc_ready=(), model_bytes={"small": 1000}
+        models=("small",),
+        serving=("small",),
+        vram_bytes=2000,
+        rpc_ready=(),
+        model_bytes={"small": 1000},
+        model_context={"small": 4096},  # llama.py's default -c: what /v1/models says
     )
     assert plan(h, "small") == ModelStatus(
         name="small",
@@ -280,7 +285,12 @@ def test_a_split_worker_runs_an_rpc_server_and_announces_it(
     say(h, LlamaReady(key="rpc:big", kind="rpc-server", port=5001, pid=7))
     assert local_serving(h)[-1] == LocalServing(model="big", port=5001, kind="rpc-server")
     assert announced(h) == SetLocalAnnouncement(
-        models=("big",), serving=(), vram_bytes=4000, rpc_ready=("big",), model_bytes={"big": 8000}
+        models=("big",),
+        serving=(),
+        vram_bytes=4000,
+        rpc_ready=("big",),
+        model_bytes={"big": 8000},
+        model_context={"big": 4096},
     )
     assert plan(h, "big").state == "worker"
     # Only p, the plan's host, may open tunnels to the rpc-server: told before it started.
@@ -372,7 +382,12 @@ def test_a_split_host_opens_tunnels_once_every_rpc_server_is_up(
     say(h, LlamaReady(key="server:big", kind="llama-server", port=8081, pid=8))
     assert local_serving(h)[-1] == LocalServing(model="big", port=8081)
     assert announced(h) == SetLocalAnnouncement(
-        models=("big",), serving=("big",), vram_bytes=6000, rpc_ready=("big",), model_bytes={"big": 8000}
+        models=("big",),
+        serving=("big",),
+        vram_bytes=6000,
+        rpc_ready=("big",),
+        model_bytes={"big": 8000},
+        model_context={"big": 4096},
     )
     status = plan(h, "big")
     assert (status.state, status.hosts, status.host, status.workers, status.fractions) == (

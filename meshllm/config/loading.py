@@ -24,6 +24,7 @@ from meshllm.config.sections import (
     ConsoleSection,
     LlamaSection,
     LogSection,
+    ModelSettings,
     ModelsSection,
     NodeConfig,
     NodeSection,
@@ -173,6 +174,41 @@ def _path_converter(base_dir: Path | None) -> Callable[[str, Any], Path]:
     return convert
 
 
+_SETTING_KEYS = tuple(f.name for f in dataclasses.fields(ModelSettings))
+
+
+def _model_settings(key: str, raw: object, to_path: Callable[[str, Any], Path]) -> dict[str, ModelSettings]:
+    """``[models.settings]``: a table per model name, each with :class:`ModelSettings` keys."""
+    if not isinstance(raw, Mapping):
+        raise fail(key, f'expected a table per model, e.g. [{key}."<model>"] (got {describe(raw)})')
+    out: dict[str, ModelSettings] = {}
+    for name, table in raw.items():
+        where = f"{key}.{name}"
+        if not isinstance(table, Mapping):
+            raise fail(where, f"expected a table of settings (got {describe(table)})")
+        for item in table:
+            if item not in _SETTING_KEYS:
+                hint = _suggest(str(item), _SETTING_KEYS)
+                more = f"did you mean {where}.{hint}?" if hint else f"known keys: {', '.join(_SETTING_KEYS)}"
+                raise ConfigError(f"unknown key {where}.{item} ({more})", key=f"{where}.{item}")
+        embeddings = table.get("embeddings", False)
+        pooling = table.get("pooling")
+        template = table.get("chat_template_file")
+        try:
+            out[str(name)] = ModelSettings(
+                embeddings=_as_bool(f"{where}.embeddings", embeddings),
+                pooling=None if pooling is None else _as_str(f"{where}.pooling", pooling),
+                chat_template_file=None
+                if template is None
+                else to_path(f"{where}.chat_template_file", template),
+            )
+        except ConfigError as exc:
+            if exc.key is not None and exc.key.startswith(where):
+                raise
+            raise ConfigError(f"{where}.{exc}", key=f"{where}.{exc.key}") from None
+    return out
+
+
 def _check_top_level(data: Mapping[str, Any]) -> None:
     for key, value in data.items():
         if key in _SECTIONS:
@@ -235,6 +271,7 @@ def parse_config(
         force_split=m.get("force_split", False, _as_bool),
         context=m.get("context", ModelsSection().context, _as_int),
         cache_dir=m.get("cache_dir", None, to_path),
+        settings=_model_settings(m.key("settings"), m.raw.get("settings", {}), to_path),
     )
     if node.role == "client" and models.serve:
         raise fail(

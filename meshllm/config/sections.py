@@ -27,6 +27,7 @@ __all__ = [
     "ConsoleSection",
     "LlamaSection",
     "LogSection",
+    "ModelSettings",
     "ModelsSection",
     "NodeConfig",
     "NodeSection",
@@ -186,6 +187,31 @@ class ConsoleSection:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
 
 
+POOLINGS: tuple[str, ...] = ("mean", "cls", "last")
+"""llama-server's ``--pooling`` types that give one vector per input, as ``/v1/embeddings`` needs."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """``[models.settings."<name>"]``: how this node starts one model's llama-server (``<name>`` as
+    clients name it: a catalog name, a GGUF file's stem, a hub model's name)."""
+
+    embeddings: bool = False
+    """Serve ``/v1/embeddings`` for it (``--embeddings``)."""
+    pooling: str | None = None
+    """How token vectors become one embedding (``--pooling``): one of ``POOLINGS``. ``None``: the
+    model's own, or ``mean`` for a GGUF that names none (a chat model used for embeddings)."""
+    chat_template_file: Path | None = None
+    """A Jinja chat template to use instead of the model's own (``--chat-template-file``), e.g. one
+    that knows tool calls."""
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise fail("pooling", f"must be one of {', '.join(POOLINGS)} (got {self.pooling!r})")
+        if self.pooling is not None and not self.embeddings:
+            raise fail("pooling", "only applies with embeddings = true")
+
+
 @dataclass(frozen=True)
 class ModelsSection:
     """``[models]``: what this node serves."""
@@ -199,6 +225,8 @@ class ModelsSection:
     0 takes the model's own (often far larger) context length."""
     cache_dir: Path | None = None
     """Where downloaded models go; ``None``: huggingface_hub's cache (``HF_HUB_CACHE``/``HF_HOME``)."""
+    settings: dict[str, ModelSettings] = dataclasses.field(default_factory=dict)
+    """Per-model llama-server settings by model name (``[models.settings."<name>"]``)."""
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.serve):

@@ -1,8 +1,9 @@
 """The OpenAI-compatible API every node serves on ``[api] listen``.
 
-``GET /v1/models`` lists what the mesh serves; ``POST /v1/chat/completions`` and ``/v1/completions``
-are routed by their ``model`` field to this node's llama-server or through an HTTP tunnel to a host,
-streaming passed through as it comes. Errors use OpenAI's JSON error shape. A host that fails before
+``GET /v1/models`` lists what the mesh serves, with each model's context length and size;
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` are routed by their
+``model`` field to this node's llama-server or through an HTTP tunnel to a host, streaming passed
+through as it comes. Errors use OpenAI's JSON error shape. A host that fails before
 the first response byte is skipped and the request tried on the next host of that model. Its routes and
 caps are :mod:`meshllm.serving.openai_api`'s, which the host side of a tunnel enforces too. With
 ``[api] api_keys`` every request but ``/health`` needs ``Authorization: Bearer <key>``.
@@ -33,7 +34,7 @@ from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, ope
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
-from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body
+from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body, model_entry
 from meshllm.serving.relay import relay
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError
@@ -200,8 +201,12 @@ class Gateway:
         if isinstance(reply, web.Response):
             return reply
         now = int(time.time())
+        details = {m.name: m for m in reply.details}
         data = [
-            {"id": name, "object": "model", "created": now, "owned_by": "meshllm"} for name in reply.served
+            model_entry(name, now, details[name].size_bytes, details[name].context_length)
+            if name in details
+            else model_entry(name, now)
+            for name in reply.served
         ]
         return web.json_response({"object": "list", "data": data})
 

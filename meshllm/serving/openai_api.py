@@ -34,9 +34,12 @@ SERVER_LIMITS: dict[str, int] = {
 PROXIED: tuple[tuple[str, str], ...] = (
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
 )
 """(method, path) of the requests the gateway passes on to a llama-server, here or on another node;
-the only ones a tunnel carries. (``GET /v1/models`` the gateway answers itself.)"""
+the only ones a tunnel carries: every OpenAI route llama-server serves (``/v1/embeddings`` answers
+for models with ``embeddings = true`` in their ``[models.settings]``). ``GET /v1/models`` the gateway
+answers itself, for the whole mesh (:func:`model_entry`)."""
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"}
@@ -85,6 +88,21 @@ def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """What a proxy passes back of a response's headers (end-to-end, and only the ones worth it)."""
     return {k: v for k, v in strip_hop_by_hop(headers).items() if k.lower() in PASSED_RESPONSE_HEADERS}
+
+
+def model_entry(name: str, created: int, size_bytes: int = 0, context_length: int = 0) -> dict[str, Any]:
+    """One model of ``GET /v1/models``: OpenAI's fields, plus its context length (tokens) and the size
+    of its weights (bytes) when known, both as fields of their own and in llama-server's ``meta``
+    names (``n_ctx``, ``size``), so clients written for either find them."""
+    entry: dict[str, Any] = {"id": name, "object": "model", "created": created, "owned_by": "meshllm"}
+    if context_length:
+        entry["context_length"] = context_length
+    if size_bytes:
+        entry["size_bytes"] = size_bytes
+    meta = {k: v for k, v in (("n_ctx", context_length), ("size", size_bytes)) if v}
+    if meta:
+        entry["meta"] = meta
+    return entry
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class PeerAnnouncement:
     gpus: tuple[GpuReport, ...] = ()  # free memory re-announced when it moves by 256 MiB or more
     public_key: bytes = b""  # the node's raw Ed25519 key: node_id must be node_id_of(public_key)
     signature: bytes = b""  # by that key, over meshllm.wire.announcement.announcement_payload
+    model_context: dict[str, int] = field(default_factory=dict)  # context (tokens) it serves each with
 
     def newer_than(self, other: PeerAnnouncement) -> bool:
         return (self.incarnation, self.version) > (other.incarnation, other.version)
@@ -345,6 +346,7 @@ class SetLocalAnnouncement(Message):
     rpc_ready: tuple[str, ...] = ()
     stuck: tuple[str, ...] = ()
     model_bytes: dict[str, int] = field(default_factory=dict)
+    model_context: dict[str, int] = field(default_factory=dict)
 
 
 @message(118)
@@ -573,8 +575,11 @@ class ListModels(Message):
 @message(224)
 @dataclass(frozen=True)
 class ModelList(Message):
+    """Router -> gateway: the served models (with what is known of each) and the wanted ones."""
+
     served: tuple[str, ...]
     wanted: tuple[str, ...]
+    details: tuple[ModelRoute, ...] = ()  # the served ones' routes: size and context
 
 
 @message(225)
@@ -723,10 +728,13 @@ class RpcTunnelFailed(Message):
 
 @dataclass(frozen=True)
 class ModelRoute:
-    """One model in a routing table: the nodes serving it now."""
+    """One model in a routing table: the nodes serving it now, and (0: not known) its weights' size
+    and the context its first host serves it with."""
 
     name: str
     hosts: tuple[HostInfo, ...]
+    size_bytes: int = 0
+    context_length: int = 0
 
 
 @message(10)
