@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install iptables for the network-fault tests (tests/test_netfaults.py: partitions and loss between
 # node processes in network namespaces). iproute2's `ip` is already on these machines. Idempotent and
-# quick when it is there; needs root (apt-get) only the first time.
+# quick when it is there; needs root (apt-get) only the first time. Delay needs nothing more: it is an
+# iptables NFQUEUE rule (xt target, built into this kernel) and tests/netdelay.py, pure Python.
 set -euo pipefail
 log() { printf '[install-netns-tools] %s\n' "$*" >&2; }
 

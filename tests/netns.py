@@ -9,11 +9,15 @@ node addresses, never the bridge's: the test keeps watching while the nodes cann
 - :meth:`NetLab.partition` drops every packet between two groups, both ways;
 - :meth:`NetLab.drop_from` drops what one node receives from another (one way);
 - :meth:`NetLab.loss` drops a random share of what a node receives from the other nodes;
-- :meth:`NetLab.heal` removes every rule.
+- :meth:`NetLab.delay` holds what a node receives from the other nodes for a fixed time;
+- :meth:`NetLab.heal` removes every rule and delay.
 
 Needs root, ``ip`` (iproute2) and ``iptables`` (the test command installs it). The kernel here has
-no ``sch_netem``, so there is no delay, only loss. Everything a lab made is removed by
-:meth:`NetLab.close`, processes first (by process group), also when the test fails.
+no ``sch_netem`` (so no ``tc netem``): delay is an iptables NFQUEUE rule in the node's namespace and
+a small process there that accepts each queued packet after the delay (tests/netdelay.py). Loss
+rules are in the ``filter`` table and delay rules in ``mangle``, which the kernel runs first, so the
+two combine in either order. Everything a lab made is removed by :meth:`NetLab.close`, processes
+first (by process group), also when the test fails.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import NodeProcess
+from tests.support import REPO, NodeProcess
+
+DELAY_QUEUE = 50  # the NFQUEUE number delay uses in each node namespace (each namespace has its own)
 
 
 def available() -> str | None:
@@ -77,6 +87,8 @@ class NetLab:
         self.bridge = f"{self.tag}br"
         self.hosts: dict[str, Host] = {}
         self.procs: list[NamespacedNodeProcess] = []
+        self.delayers: dict[str, subprocess.Popen[str]] = {}
+        self.delay_counts: dict[str, dict[str, int]] = {}  # per node, from its last delayer (see heal)
         run("ip", "link", "add", self.bridge, "type", "bridge")
         run("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         run("ip", "link", "set", self.bridge, "up")
@@ -159,9 +171,64 @@ open = true
                     "--probability", f"{probability}", "-j", "DROP",
                 )  # fmt: skip
 
+    def delay(self, name: str, ms: float) -> None:
+        """What the other nodes send ``name`` arrives ``ms`` later (one direction of each of its links;
+        delay every node for a link delayed both ways). Packets from the bridge (the test) are not
+        delayed. Calling it again for the same node replaces the delay."""
+        host = self.hosts[name]
+        self._undelay(name)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, sys.executable, "-m", "tests.netdelay",
+             "--queue", str(DELAY_QUEUE), "--ms", f"{ms}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            cwd=REPO, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.delayers[name] = proc
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while True:  # wait for "ready" (bound to the queue) before any rule sends packets there
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                self._undelay(name)
+                raise RuntimeError(f"delayer in {host.netns} did not start: exit {proc.returncode}")
+            readable, _, _ = select.select([proc.stdout], [], [], left)
+            if readable:
+                line = proc.stdout.readline()
+                if line.strip() == "ready":
+                    break
+                if not line:
+                    continue  # EOF: the next turn sees the exit
+        for other in self.hosts.values():
+            if other is not host:
+                host.exec(
+                    "iptables", "-t", "mangle", "-A", "INPUT", "-s", other.ip,
+                    "-j", "NFQUEUE", "--queue-num", str(DELAY_QUEUE),
+                )  # fmt: skip
+
+    def _undelay(self, name: str) -> None:
+        """Remove ``name``'s delay rules, then stop its delayer (it lets what it holds through first)."""
+        self.hosts[name].exec("iptables", "-t", "mangle", "-F", "INPUT")
+        proc = self.delayers.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=10)
+        for line in out.splitlines():
+            if line.startswith("{"):
+                self.delay_counts[name] = json.loads(line)
+
     def heal(self) -> None:
-        for host in self.hosts.values():
+        """Remove every fault: loss and cut rules, and delays (``delay_counts`` then has each delayed
+        node's counts: packets delayed, most held at once, any the kernel dropped)."""
+        for name, host in self.hosts.items():
             host.exec("iptables", "-F", "INPUT")
+            if name in self.delayers:
+                self._undelay(name)
 
     # -- teardown ----------------------------------------------------------------------------------------
 
@@ -171,6 +238,11 @@ open = true
                 proc.kill9()
             except Exception:
                 pass
+        for delayer in self.delayers.values():
+            if delayer.poll() is None:
+                os.killpg(delayer.pid, signal.SIGKILL)
+            delayer.communicate(timeout=10)
+        self.delayers.clear()
         for i, host in enumerate(self.hosts.values()):
             run("ip", "netns", "del", host.netns, check=False)
             run("ip", "link", "del", f"{self.tag}h{i}", check=False)

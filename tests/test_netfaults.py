@@ -1,7 +1,7 @@
-"""The network fails, not the process: partitions and one-way loss between node processes in their own
-network namespaces (tests/netns.py). Each side of a cut declares the other dead, keeps serving what it
-has, and after the heal the mesh is one again, with no ghost peer and no flapping: every peer's state
-changes are counted from the nodes' own logs.
+"""The network fails, not the process: partitions, one-way loss, loss with delay between node processes
+in their own network namespaces (tests/netns.py). Each side of a cut declares the other dead, keeps
+serving what it has, and after the heal the mesh is one again, with no ghost peer and no flapping: every
+peer's state changes are counted from the nodes' own logs.
 
 Timings are printed, not asserted beyond generous bounds (tests/bench/ has the figures' benchmarks).
 """
@@ -154,6 +154,60 @@ def test_one_way_loss_leaves_no_node_half_alive(lab: NetLab, tiny_gguf: Path) ->
         assert deaths == expected, f"{proc.host.name}: {changes}"
 
 
+RTT_SCRIPT = """
+import socket, statistics, sys, time
+ip, n = sys.argv[1], int(sys.argv[2])
+took = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(5)
+    t0 = time.perf_counter()
+    try:
+        s.connect((ip, 9))  # nothing listens: the RST answering the SYN ends one round trip
+    except ConnectionRefusedError:
+        took.append(time.perf_counter() - t0)
+    finally:
+        s.close()
+print(statistics.median(took) * 1000)
+"""
+
+
+def rtt_ms(lab: NetLab, src: str, dst_ip: str, n: int = 15) -> float:
+    """Median round trip from ``src``'s namespace (the root namespace for "") to ``dst_ip``: the time a
+    TCP connect to a closed port takes to be refused (SYN out, RST back)."""
+    prefix = ("ip", "netns", "exec", lab.hosts[src].netns) if src else ()
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", RTT_SCRIPT, dst_ip, str(n)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout)
+
+
+def test_delay_adds_its_time_to_each_delayed_direction_and_heal_removes_it(lab: NetLab) -> None:
+    lab.host("a")
+    b = lab.host("b")
+    base = rtt_ms(lab, "a", b.ip)
+    lab.delay("b", 50)  # a -> b delayed
+    one_way = rtt_ms(lab, "a", b.ip)
+    from_bridge = rtt_ms(lab, "", b.ip)  # the test's own traffic is never delayed
+    lab.delay("a", 50)  # and b -> a
+    both_ways = rtt_ms(lab, "a", b.ip)
+    lab.heal()
+    healed = rtt_ms(lab, "a", b.ip)
+    print(
+        f"RTT a->b: {base:.2f} ms, b delayed 50 ms {one_way:.2f} ms, both {both_ways:.2f} ms, "
+        f"healed {healed:.2f} ms; bridge->b with b delayed {from_bridge:.2f} ms; counts {lab.delay_counts}"
+    )
+    assert base < 20
+    assert 50 <= one_way - base < 90, one_way  # the upper bounds leave room for a loaded machine
+    assert 100 <= both_ways - base < 170, both_ways
+    assert from_bridge < 20
+    assert healed < 20
+    assert lab.delayers == {}
+    assert lab.delay_counts["a"]["packets"] > 0 and lab.delay_counts["b"]["packets"] > 0
+    assert lab.delay_counts["b"].get("dropped", 0) == 0, lab.delay_counts
+
+
 def stream_tokens(proc: NamespacedNodeProcess, model: str, tokens: int = 16) -> int:
     """Tokens of one streamed completion through ``proc``'s API (0 when it failed or was cut)."""
     client = openai.OpenAI(base_url=str(proc.started["api"]), api_key="unused", max_retries=0, timeout=30)
@@ -204,21 +258,28 @@ def loss_run(lab: NetLab, nodes: list[NamespacedNodeProcess], model: str, second
 LOSS_SECONDS = 40.0  # the CI run; tests/bench/bench_netfaults.py runs it for 10 minutes
 
 
-def test_ten_percent_loss_everywhere_no_false_death_and_split_still_serves(
+def test_ten_percent_loss_and_50_ms_delay_everywhere_no_false_death_and_split_still_serves(
     lab: NetLab, layered_gguf_for_faults: Path
 ) -> None:
+    """Every node loses 10 % of what the others send it and gets the rest 50 ms late (so each link
+    loses ~19 % of its round trips and takes 100 ms more for each)."""
     nodes = split_mesh(lab, layered_gguf_for_faults)
     name = layered_gguf_for_faults.stem
     clean = loss_run(lab, nodes, name, 10.0)
     marks = [len(p.records()) for p in nodes]
     for host in ("a", "b", "c"):
         lab.loss(host, 0.10)
+        lab.delay(host, 50)
     lossy = loss_run(lab, nodes, name, LOSS_SECONDS)
     lab.heal()
-    print(f"no loss: {clean}; 10 % loss on every link for {LOSS_SECONDS:g} s: {lossy}")
+    print(
+        f"no loss: {clean}; 10 % loss and 50 ms delay on every link for {LOSS_SECONDS:g} s: {lossy}; "
+        f"delayed: {lab.delay_counts}"
+    )
     deaths = [r for p, mark in zip(nodes, marks, strict=True) for r in p.records()[mark:] if r.get("event") == "peer.died"]
-    assert deaths == [], f"false deaths under loss: {deaths}"
+    assert deaths == [], f"false deaths under loss and delay: {deaths}"
     assert lossy["failed"] == 0 and lossy["requests"] > 0, lossy
+    assert all(lab.delay_counts[h]["packets"] > 0 for h in ("a", "b", "c")), lab.delay_counts
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,17 @@ Node processes in network namespaces (tests/netns.py; needs root and iptables):
 
 1. Partition 2+2 (a, c host the tiny model; b, d tunnel), ``--partitions`` times: seconds from the cut
    to every cross pair's ``peer.died``, from the heal to one mesh again, and the peer state changes.
-2. 10 % inbound loss on every node for ``--loss-minutes`` (default 10) while a third node streams
+2. ``--loss-percent`` (default 10) inbound loss and ``--delay-ms`` (default 50) inbound delay on every
+   node (so every link, both ways) for ``--loss-minutes`` (default 10) while a third node streams
    completions through a 2-node split: requests, failures, false deaths, tokens/s against the same
-   run without loss just before (the ratio). The kernel here has no netem: loss only, no delay.
+   run without loss or delay just before (the ratio). The kernel here has no netem: the delay is an
+   NFQUEUE rule and a user-space delayer in each namespace (tests/netdelay.py); ``--delay-ms 0`` runs
+   loss alone.
 3. One busy loop per core plus two for ``--cpu-minutes`` (default 5) while streaming through the
    split: the same counts.
 
 Run (as root): .venv/bin/python -m tests.bench.bench_netfaults [--partitions 3] [--loss-minutes 10]
-               [--cpu-minutes 5]
+               [--loss-percent 10] [--delay-ms 50] [--cpu-minutes 5]
 """
 
 from __future__ import annotations
@@ -62,19 +65,25 @@ def partitions(tmp: Path, model: Path, rounds: int) -> None:
         lab.close()
 
 
-def loss(tmp: Path, model: Path, minutes: float) -> None:
+def loss(tmp: Path, model: Path, minutes: float, percent: float, delay_ms: float) -> None:
     lab = NetLab(tmp / "loss")
     try:
         nodes = split_mesh(lab, model)
         clean = loss_run(lab, nodes, model.stem, 60.0)
         marks = [len(p.records()) for p in nodes]
         for host in ("a", "b", "c"):
-            lab.loss(host, 0.10)
+            if percent:
+                lab.loss(host, percent / 100)
+            if delay_ms:
+                lab.delay(host, delay_ms)
         lossy = loss_run(lab, nodes, model.stem, minutes * 60)
         lab.heal()
-        print(f"no loss, 60 s: {clean}")
-        print(f"10 % loss on every node, {minutes:g} min: {lossy}, false deaths {deaths_since(nodes, marks)}")
-        print(f"tokens/s with loss / without: {lossy['tokens_per_s'] / clean['tokens_per_s']:.3f}", flush=True)
+        fault = f"{percent:g} % loss and {delay_ms:g} ms delay on every node's inbound"
+        print(f"no loss or delay, 60 s: {clean}")
+        print(f"{fault}, {minutes:g} min: {lossy}, false deaths {deaths_since(nodes, marks)}")
+        if delay_ms:
+            print(f"delayers (packets, most held at once, kernel drops): {lab.delay_counts}")
+        print(f"tokens/s with the faults / without: {lossy['tokens_per_s'] / clean['tokens_per_s']:.3f}", flush=True)
     finally:
         lab.close()
 
@@ -101,6 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--loss-minutes", type=float, default=10.0)
+    parser.add_argument("--loss-percent", type=float, default=10.0)
+    parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--cpu-minutes", type=float, default=5.0)
     args = parser.parse_args()
     if (why := available()) is not None:
@@ -114,7 +125,7 @@ def main() -> None:
         if args.partitions:
             partitions(tmp, tiny, args.partitions)
         if args.loss_minutes:
-            loss(tmp, tiny4, args.loss_minutes)
+            loss(tmp, tiny4, args.loss_minutes, args.loss_percent, args.delay_ms)
         if args.cpu_minutes:
             cpu(tmp, tiny4, args.cpu_minutes)
 
