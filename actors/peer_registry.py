@@ -249,7 +249,7 @@ class PeerRegistry(MsgpackActor):
 
     @handles(PeerLeavingReceived)
     def on_leaving(self, msg: PeerLeavingReceived) -> None:
-        removed = self.view.bury(msg.notice.node_id, msg.notice.incarnation, time.monotonic())
+        removed = self.view.bury(msg.notice.node_id, msg.notice.incarnation, time.monotonic(), left=True)
         if removed is None:
             return
         self.log.info("peer.left", peer=removed.node_id, peer_name=removed.name)

@@ -23,6 +23,7 @@ class DeadEntry:
     expires_at: float
     addrs: tuple[str, ...] = ()
     next_try: float = 0.0
+    left: bool = False  # it said it was leaving: only a new incarnation (a restart) brings it back
 
 
 @dataclass
@@ -64,6 +65,8 @@ class PeerView:
         """A gossip exchange with ``peer_id`` itself succeeded: it is alive and active."""
         change = Change()
         own = next((a for a in anns if a.node_id == peer_id), None)
+        if own is not None and self._left(own, now):
+            own = None  # still answering while it drains its last requests: it is gone all the same
         if own is not None and own.role == "active" and self._believed(own, change):
             self.dead.pop(peer_id, None)  # it answered us directly, whatever we heard before
             self.candidates.pop(peer_id, None)
@@ -80,6 +83,10 @@ class PeerView:
                 continue
             self._merge_hearsay(ann, now, change)
         return change
+
+    def _left(self, ann: PeerAnnouncement, now: float) -> bool:
+        entry = self.dead.get(ann.node_id)
+        return entry is not None and entry.left and entry.expires_at > now and ann.incarnation <= entry.incarnation
 
     def _believed(self, ann: PeerAnnouncement, change: Change) -> bool:
         """Whether ``ann`` may change the view: true when it would change nothing (no need to check a
@@ -140,16 +147,18 @@ class PeerView:
         cand.next_try = now + min(max_backoff_s, base_backoff_s * 2 ** (cand.failures - 1))
         return True
 
-    def bury(self, node_id: str, incarnation: int, now: float) -> PeerAnnouncement | None:
-        """Mark a node dead at ``incarnation``; returns the peer it removed, if it was active."""
+    def bury(self, node_id: str, incarnation: int, now: float, left: bool = False) -> PeerAnnouncement | None:
+        """Mark a node dead at ``incarnation`` (``left``: it said it was leaving, so it is not dialled
+        again and a direct answer of that life does not bring it back); returns the peer it removed."""
         removed = self.peers.get(node_id)
         if removed is not None and removed.incarnation > incarnation:
             return None  # the notice is about an older life of this node
         entry = self.dead.get(node_id)
         inc = max(incarnation, entry.incarnation if entry else 0, removed.incarnation if removed else 0)
         addrs = removed.addrs if removed is not None else (entry.addrs if entry else ())
+        left = left or (entry is not None and entry.left and entry.incarnation >= inc)
         self.dead[node_id] = DeadEntry(
-            incarnation=inc, expires_at=now + self.dead_ttl_s, addrs=addrs, next_try=now
+            incarnation=inc, expires_at=now + self.dead_ttl_s, addrs=addrs, next_try=now, left=left
         )
         self.peers.pop(node_id, None)
         self.last_seen.pop(node_id, None)
@@ -162,6 +171,8 @@ class PeerView:
         answer brings it back, never hearsay."""
         due = []
         for node_id, entry in self.dead.items():
+            if entry.left:
+                continue
             if entry.addrs and entry.next_try + interval_s <= now and entry.expires_at > now:
                 entry.next_try = now
                 due.append((node_id, entry.addrs))

@@ -399,3 +399,24 @@ def test_invariants_hold_for_any_sequence(ops: list[tuple[tuple[str, str, object
         assert all(p.role == "active" for p in view.peers.values())
         assert all(node_id == p.node_id for node_id, p in view.peers.items())
         assert all(refusal(p) is None for p in view.peers.values()), "only records their nodes signed"
+
+
+def test_a_node_that_left_is_not_brought_back_by_its_own_answer_while_it_drains(view: PeerView) -> None:
+    view.merge_direct(B, (ann("b", 2),), now=1.0)
+    view.bury(B, 2, now=2.0, left=True)
+    assert view.due_graves(now=2.0 + TTL / 2, interval_s=0.0) == []  # not dialled again
+    change = view.merge_direct(B, (ann("b", 2, 5), ann("c")), now=3.0)  # it still answers an exchange
+    assert B not in view.peers and change.joined == []
+    assert C in view.candidates  # what it says of others still counts
+    view.bury(B, 2, now=4.0)  # a death notice of the same life keeps it "left"
+    assert view.dead[B].left
+    change = view.merge_direct(B, (ann("b", 3),), now=5.0)  # restarted: a new incarnation comes back
+    assert B in view.peers and [a.node_id for a in change.joined] == [B]
+
+
+def test_a_buried_node_that_did_not_leave_is_dialled_and_met_again(view: PeerView) -> None:
+    view.merge_direct(B, (ann("b", 2),), now=1.0)
+    view.bury(B, 2, now=2.0)  # declared dead, perhaps by mistake
+    assert [n for n, _ in view.due_graves(now=3.0, interval_s=0.5)] == [B]
+    view.merge_direct(B, (ann("b", 2),), now=3.5)
+    assert B in view.peers
