@@ -4,19 +4,20 @@ instead of learned by gossip.
 It asks an active node for the table at start, refreshes it every 30-60 s (jittered, so a thousand
 clients do not ask in step) and at once when a tunnel to a host fails. Host choice is rendezvous
 hashing of (this node, model) over the model's hosts: clients spread out and each keeps its host.
-Death notices pushed down its connections are applied to the cached table.
+Death and leaving notices pushed down its connections are applied to the cached table: an active
+node sends its own table with them, which is taken as a refresh; from an older node, which sends
+none, the host is dropped and the table refreshed within a couple of seconds.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.placement import rank_hosts
-from meshllm.routing import available, hosts_of, model_list
+from meshllm.routing import available, drop_host, hosted_by, hosts_of, model_list
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     GetPlan,
@@ -133,20 +134,25 @@ class PassiveRouter(MsgpackActor):
     @handles(RoutesReceived)
     def on_routes(self, msg: RoutesReceived) -> None:
         self.in_flight_since = None
+        self._take(msg.table, msg.source, "routes.refreshed")
+        self._publish(RoutesChanged(table=self.table))
+
+    def _take(self, table: RouteTable, source: str, event: str) -> None:
+        """A whole table from an active node (asked for, or pushed with a notice): the next refresh is
+        a full interval away."""
         self.last_refresh = time.monotonic()
         self.failures = 0
         self.next_refresh = time.monotonic() + self.refresh_s * random.uniform(2 / 3, 4 / 3)
-        changed = (msg.table.models, msg.table.unserved) != (self.table.models, self.table.unserved)
-        self.table = msg.table
+        changed = (table.models, table.unserved) != (self.table.models, self.table.unserved)
+        self.table = table
         if changed or not self.refreshed:
             self.log.info(
-                "routes.refreshed",
-                source=msg.source,
-                models={m.name: len(m.hosts) for m in msg.table.models},
-                unserved=list(msg.table.unserved),
+                event,
+                source=source,
+                models={m.name: len(m.hosts) for m in table.models},
+                unserved=list(table.unserved),
             )
         self.refreshed = True
-        self._publish(RoutesChanged(table=self.table))
 
     @handles(RoutesFailed)
     def on_failed(self, msg: RoutesFailed) -> None:
@@ -156,42 +162,38 @@ class PassiveRouter(MsgpackActor):
         self.next_refresh = time.monotonic() + delay
         self.log.warning("routes.refresh_failed", reason=msg.reason, retry_in_s=delay)
 
-    def _drop_host(self, node_id: str, model: str | None = None) -> None:
-        models = tuple(
-            replace(m, hosts=tuple(h for h in m.hosts if h.node_id != node_id))
-            if model is None or m.name == model
-            else m
-            for m in self.table.models
-        )
-        actives = (
-            self.table.actives
-            if model is not None
-            else tuple(s for s in self.table.actives if s.node_id != node_id)
-        )
-        self.table = replace(self.table, models=models, actives=actives)
-
     @handles(HostFailed)
     def on_host_failed(self, msg: HostFailed) -> None:
         self.log.warning("routes.host_failed", model=msg.model, host=msg.node_id)
-        self._drop_host(msg.node_id, msg.model)
+        self.table = drop_host(self.table, msg.node_id, msg.model)
         self._refresh_soon(NOTICE_SPREAD_S)
 
     @handles(PeerDownReceived)
     def on_peer_down(self, msg: PeerDownReceived) -> None:
-        self.log.info("routes.host_died", host=msg.notice.node_id, reporter=msg.notice.reporter)
-        self._host_gone(msg.notice.node_id, "death")
+        notice = msg.notice
+        self.log.info(
+            "routes.host_died", host=notice.node_id, reporter=notice.reporter, pushed=msg.routes is not None
+        )
+        self._host_gone(notice.node_id, "death", msg.routes, msg.from_peer)
 
     @handles(PeerLeavingReceived)
     def on_peer_leaving(self, msg: PeerLeavingReceived) -> None:
-        self.log.info("routes.host_left", host=msg.notice.node_id)
-        self._host_gone(msg.notice.node_id, "leave")
+        self.log.info("routes.host_left", host=msg.notice.node_id, pushed=msg.routes is not None)
+        self._host_gone(msg.notice.node_id, "leave", msg.routes, msg.notice.node_id)
 
-    def _host_gone(self, node_id: str, reason: str) -> None:
-        models = tuple(m.name for m in self.table.models if any(h.node_id == node_id for h in m.hosts))
-        self._drop_host(node_id)
+    def _host_gone(self, node_id: str, reason: str, routes: RouteTable | None, source: str) -> None:
+        """A host died or left. With the sender's table (pushed with the notice) nothing is asked of
+        the active nodes; without it (an older sender) the table is refreshed within a couple of
+        seconds, spread so that a thousand passive nodes do not ask at once."""
+        models = hosted_by(self.table, node_id)
+        if routes is not None:
+            self._take(drop_host(routes, node_id), source, "routes.pushed")
+        else:
+            self.table = drop_host(self.table, node_id)
+            self._refresh_soon(NOTICE_SPREAD_S)
         self._publish(HostsLost(node_id=node_id, reason=reason, models=models))
+        # Not "fresh" even when pushed: a standby waiting for the answer to its claim waits for that.
         self._publish(RoutesChanged(table=self.table, fresh=False))
-        self._refresh_soon(NOTICE_SPREAD_S)
 
     @handles(Route)
     def on_route(self, msg: Route) -> RouteReply:

@@ -75,7 +75,7 @@ class TransportBridge(MsgpackActor):
     def on_route_snapshot(self, msg: RouteSnapshot) -> None:
         # Packed here, once per change, not on the loop for each of many passive nodes' requests.
         frame = pack_frame(msg.table)
-        self._thread.loop.call_soon_threadsafe(self.endpoint.publish_route_frame, frame)
+        self._thread.loop.call_soon_threadsafe(self.endpoint.publish_routes, msg.table, frame)
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
@@ -96,7 +96,7 @@ class TransportBridge(MsgpackActor):
 
     @handles(BroadcastPeerDown)
     def on_broadcast_down(self, msg: BroadcastPeerDown) -> None:
-        self._thread.submit(self.endpoint.broadcast_peer_down(msg.notice))
+        self._thread.submit(self.endpoint.broadcast_peer_down(msg.notice, msg.members))
 
     @handles(ForgetPeer)
     def on_forget(self, msg: ForgetPeer) -> None:

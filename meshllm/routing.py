@@ -9,6 +9,7 @@ the table alone, so the two kinds of node cannot disagree about what a table mea
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from meshllm.wire.messages import Claim, HostInfo, ModelList, ModelRoute, PeerAnnouncement, RouteTable, Seed
 
@@ -76,6 +77,28 @@ def build_table(
         stuck=tuple(sorted(m for m in wanted - served if all(wanting.get(m, [False])))),
         claims=tuple(sorted(claims, key=lambda c: (c.model, c.key, c.node_id))),
     )
+
+
+def drop_host(table: RouteTable, node_id: str, model: str | None = None) -> RouteTable:
+    """The table without ``node_id`` as a host: of ``model`` only (a tunnel to it failed), or of every
+    model and as an active node too (``model`` None: it died or left). The same table when it had none."""
+    models = tuple(
+        replace(m, hosts=tuple(h for h in m.hosts if h.node_id != node_id))
+        if (model is None or m.name == model) and any(h.node_id == node_id for h in m.hosts)
+        else m
+        for m in table.models
+    )
+    actives = table.actives
+    if model is None and any(s.node_id == node_id for s in actives):
+        actives = tuple(s for s in actives if s.node_id != node_id)
+    if models == table.models and actives is table.actives:
+        return table
+    return replace(table, models=models, actives=actives)
+
+
+def hosted_by(table: RouteTable, node_id: str) -> tuple[str, ...]:
+    """The models ``node_id`` is a host of in the table."""
+    return tuple(m.name for m in table.models if any(h.node_id == node_id for h in m.hosts))
 
 
 def hosts_of(table: RouteTable, model: str) -> tuple[HostInfo, ...]:

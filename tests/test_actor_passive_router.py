@@ -253,3 +253,50 @@ def test_a_leaving_notice_tells_subscribers_what_the_host_served(h: Harness, clo
     changed = standby.messages(RoutesChanged)
     assert changed[0].fresh and not changed[-1].fresh  # the notice's table is not a fresh one
     assert route(h, "small").hosts == ()
+
+
+def test_a_death_notice_with_the_senders_table_is_taken_without_asking(h: Harness, clock: FakeClock) -> None:
+    """An active node pushes its table (the dead host already out) with the notice: the client takes
+    it as a refresh and asks nobody - a thousand clients asking at once was the storm."""
+    standby = h.dummy("standby")
+    start(h)
+    say(h, RoutesReceived(source="host-0", table=TABLE), Subscribe(subscriber="standby"))
+    after = RouteTable(
+        models=(ModelRoute("big", (HOSTS[0], HOSTS[2])), ModelRoute("small", (HOSTS[2],))),
+        unserved=(),
+        actives=(Seed("host-0", ("host-0.test:1",)), Seed("host-2", ("host-2.test:1",))),
+    )
+    notice = PeerDown(node_id="host-1", incarnation=1, reporter="host-0")
+    say(h, PeerDownReceived(notice=notice, from_peer="host-0", routes=after))
+    assert route(h, "small").hosts == (HOSTS[2],)  # a host the client learnt of from the pushed table
+    assert {x.node_id for x in route(h, "big").hosts} == {"host-0", "host-2"}
+    lost = standby.wait_for(HostsLost)
+    assert lost.node_id == "host-1" and lost.models == ("big", "small")
+    assert not standby.messages(RoutesChanged)[-1].fresh  # a standby waits for the answer to its claim
+    clock.advance(REFRESH_S * 2 / 3 - 1)
+    assert tick(h) == 1  # no refresh until the next scheduled one
+    assert h.log.events("routes.pushed")[-1]["source"] == "host-0"
+
+
+def test_a_pushed_table_that_still_lists_the_dead_host_does_not_bring_it_back(h: Harness) -> None:
+    start(h)
+    say(h, RoutesReceived(source="host-0", table=TABLE))
+    notice = PeerDown(node_id="host-1", incarnation=1, reporter="host-0")
+    say(h, PeerDownReceived(notice=notice, from_peer="host-0", routes=TABLE))  # built before the death
+    assert "host-1" not in [x.node_id for x in route(h, "big").hosts]
+    assert route(h, "small").hosts == ()
+
+
+def test_a_leaving_notice_with_the_leavers_table_is_taken_without_asking(
+    h: Harness, clock: FakeClock
+) -> None:
+    start(h)
+    say(h, RoutesReceived(source="host-0", table=TABLE))
+    after = RouteTable(
+        models=(ModelRoute("big", (HOSTS[0],)),), unserved=("small",), actives=TABLE.actives[:1]
+    )
+    say(h, PeerLeavingReceived(notice=PeerLeaving(node_id="host-1", incarnation=1), routes=after))
+    listed = h.ask("router", ListModels(), ModelList)
+    assert (listed.served, listed.wanted) == (("big",), ("small",))
+    clock.advance(NOTICE_SPREAD_S + 1)
+    assert tick(h) == 1

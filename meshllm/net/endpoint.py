@@ -35,10 +35,12 @@ from meshllm.net.connection import MeshConnection
 from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelHandler
 from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
+from meshllm.net.notices import NOTICE_BATCH, notice_payloads
 from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.net.published import Counters, Published
 from meshllm.net.quic_listener import GuardedQuicServer
 from meshllm.net.revocation import Revocations
+from meshllm.routing import drop_host
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, M, Message
 from meshllm.wire.framing import (
@@ -75,6 +77,8 @@ SERVER_RCVBUF = 4 * 1024 * 1024
 EPHEMERAL_PORT_ATTEMPTS = 8
 """UDP receive buffer of the listening socket: a burst of route requests from many passive nodes
 overflowed the default 208 KiB and turned into QUIC loss recovery (hundreds of ms)."""
+SERVER_READS_PER_WAKE = 256
+"""Datagrams the server socket reads each time it is readable (asyncio reads one a loop iteration)."""
 IDLE_TIMEOUT_S = 60.0  # longer than a passive node's 30-60 s route refresh
 
 
@@ -107,9 +111,9 @@ class MeshEndpoint:
         self._all: set[MeshConnection] = set()
         self._connecting: dict[str, asyncio.Future[MeshConnection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        empty = RouteTable(models=(), unserved=(), actives=())
         self.published = Published(
-            gossip=Gossip(announcements=()),
-            route_frame=pack_frame(RouteTable(models=(), unserved=(), actives=())),
+            gossip=Gossip(announcements=()), route_table=empty, route_frame=pack_frame(empty)
         )
         self.control = ControlServer(self)
         self.fast = FastPath(identity, gate, role, self.log)
@@ -159,6 +163,7 @@ class MeshEndpoint:
             local_addr=(self.host, self._requested_port),
         )
         self.port = transport.get_extra_info("sockname")[1]
+        library_internals.drain_datagrams(transport, SERVER_READS_PER_WAKE)
         return transport
 
     @property
@@ -209,9 +214,12 @@ class MeshEndpoint:
     def publish_gossip(self, gossip: Gossip) -> None:
         self.published.gossip = gossip
 
-    def publish_route_frame(self, frame: bytes) -> None:
-        """The router's table, already packed as the frame route requests are answered with."""
+    def publish_routes(self, table: RouteTable, frame: bytes) -> None:
+        """The router's table, and the frame route requests are answered with (packed once, by the
+        transport actor); a new version of both."""
+        self.published.route_table = table
         self.published.route_frame = frame
+        self.published.route_version += 1
 
     # -- connection bookkeeping -------------------------------------------------------------------------
 
@@ -425,34 +433,66 @@ class MeshEndpoint:
             result = ProbeResult(node_id=node_id, ok=False, rtt_ms=0.0, error=f"{type(exc).__name__}: {exc}")
         self.directory.tell("heartbeat", result)
 
-    async def broadcast_peer_down(self, notice: PeerDown) -> None:
-        """Push a death notice down every authenticated connection (active and passive), then drop the
-        dead node's connections."""
+    def _routes_without(self, node_id: str) -> RouteTable | None:
+        """The table passive connections get with a notice about ``node_id`` (an active node's only:
+        a passive node publishes none)."""
+        return drop_host(self.published.route_table, node_id) if self.role == "active" else None
+
+    async def broadcast_peer_down(self, notice: PeerDown, members: bool = True) -> None:
+        """Push a death notice down every authenticated connection (only the passive ones unless
+        ``members``), passive ones with our routing table without the dead node, then drop the dead
+        node's connections."""
         self.forget(notice.node_id)
-        await self._notify_all(StreamKind.PEER_DOWN, notice, wait_ack=False, timeout=2.0)
+        routes = self._routes_without(notice.node_id)
+        await self._notify_all(
+            StreamKind.PEER_DOWN, notice, wait_ack=False, timeout=2.0, routes=routes, members=members
+        )
 
     async def leave(self, notice: PeerLeaving, timeout: float) -> None:
-        """Tell everyone we are leaving, wait (bounded) for their acks, and close every connection."""
-        await self._notify_all(StreamKind.PEER_LEAVING, notice, wait_ack=True, timeout=timeout)
+        """Tell everyone we are leaving (passive connections with our table without us), wait
+        (bounded) for their acks, and close every connection."""
+        routes = self._routes_without(self.node_id)
+        await self._notify_all(StreamKind.PEER_LEAVING, notice, wait_ack=True, timeout=timeout, routes=routes)
         for conn in list(self._all):
             self._close(conn)
 
-    async def _notify_all(self, kind: StreamKind, msg: Message, wait_ack: bool, timeout: float) -> None:
-        targets = [c for c in self._all if c.authenticated.is_set() and not c.terminated]
-
-        async def one(conn: MeshConnection) -> None:
-            reader, writer = await self._open(conn, kind, msg)
-            writer.write_eof()
+    async def _notify_all(
+        self,
+        kind: StreamKind,
+        msg: Message,
+        wait_ack: bool,
+        timeout: float,
+        routes: RouteTable | None = None,
+        members: bool = True,
+    ) -> None:
+        """One notice stream per authenticated connection, packed once, sent in paced batches
+        (:mod:`meshllm.net.notices`); with ``wait_ack``, wait (bounded) for every ack."""
+        targets = [
+            c for c in self._all if c.authenticated.is_set() and not c.terminated and (members or c.passive)
+        ]
+        plain, pushed = notice_payloads(kind, msg, routes)
+        acks: list[asyncio.Task[Any]] = []
+        for i, conn in enumerate(targets):
+            if i and i % NOTICE_BATCH == 0:
+                await asyncio.sleep(0)  # let the loop read its sockets: replies, probes, requests
+            if conn.terminated:
+                continue
+            data = pushed if conn.passive else plain
+            try:
+                reader, writer = await conn.create_stream()
+                self.count_out(kind, data, 2 if data is not plain else 1)
+                writer.write(data)
+                writer.write_eof()
+            except Exception:  # a connection closing under us: expected here
+                continue
             if wait_ack:
-                await read_frame_as(reader, Ack)
-
-        if not targets:
-            return
-        results = await asyncio.wait(
-            [asyncio.ensure_future(asyncio.wait_for(one(c), timeout)) for c in targets], timeout=timeout
-        )
-        for task in results[0]:
-            task.exception()  # failures to reach a peer are expected on shutdown/death
+                acks.append(asyncio.ensure_future(read_frame_as(reader, Ack)))
+        if acks:
+            done, pending = await asyncio.wait(acks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                task.exception()  # failures to reach a peer are expected on shutdown/death
 
     def stats(self) -> TransportStats:
         auth = [c for c in self._all if c.authenticated.is_set() and not c.terminated]

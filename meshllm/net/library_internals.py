@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 has no public way to do six things we need:
+aioquic 1.7.2 (and asyncio) have no public way to do seven things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -10,6 +10,9 @@ aioquic 1.7.2 has no public way to do six things we need:
   connection's ``send_ping``; ``_connected_waiter`` and ``_connected``);
 - read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``);
 - stop a tunnel stream whose reader went away (STOP_SENDING from the stream adapter: ``_quic``);
+- read every datagram waiting on the server socket when it is readable, not one a loop iteration
+  (asyncio's selector datagram transport: ``_loop``, ``_sock``, ``_sock_fd``, ``_protocol``; see
+  :func:`drain_datagrams`);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
   whether a datagram would create one - an Initial with a valid Retry token for an unknown
   connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
@@ -177,3 +180,31 @@ def server_protocol(server: QuicServer, cid: bytes) -> QuicConnectionProtocol | 
 def retry_enabled(server: QuicServer) -> bool:
     """Whether the server validates client addresses with a Retry before creating connections."""
     return server._retry is not None
+
+
+def drain_datagrams(transport: asyncio.DatagramTransport, per_wake: int) -> None:
+    """Make an asyncio UDP transport read up to ``per_wake`` datagrams each time its socket is
+    readable, instead of one (asyncio's ``_SelectorDatagramTransport._read_ready``). With one a loop
+    iteration, every callback of that iteration - a storm's replies, paced notices - runs between two
+    reads, the socket's queue grows past its buffer and the kernel drops datagrams (QUIC then resends
+    them after a timeout, and a member's probe answers wait in the same queue)."""
+    loop = transport._loop  # type: ignore[attr-defined]
+    sock = transport._sock  # type: ignore[attr-defined]
+    fd = transport._sock_fd  # type: ignore[attr-defined]
+    max_size = transport.max_size  # type: ignore[attr-defined]
+
+    def read_ready() -> None:
+        for _ in range(per_wake):
+            if transport._conn_lost:  # type: ignore[attr-defined]
+                return
+            try:
+                data, addr = sock.recvfrom(max_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                transport._protocol.error_received(exc)  # type: ignore[attr-defined]
+                return
+            transport._protocol.datagram_received(data, addr)  # type: ignore[attr-defined]
+
+    loop._remove_reader(fd)
+    loop._add_reader(fd, read_ready)

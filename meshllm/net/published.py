@@ -6,17 +6,20 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from meshllm.wire.messages import Gossip
+from meshllm.wire.messages import Gossip, RouteTable
 
 
 @dataclass
 class Published:
     """What the endpoint answers with, published by the actors that own it: the registry's gossip
     (PeerRegistry owns the view) and the router's table (Router owns it), the latter encoded once
-    per change because thousands of passive nodes ask for it. The endpoint only sends these."""
+    per version (``route_version`` counts them) because thousands of passive nodes ask for it, and
+    kept decoded too, for the table a death notice carries. The endpoint only sends these."""
 
     gossip: Gossip
+    route_table: RouteTable
     route_frame: bytes
+    route_version: int = 0
 
 
 @dataclass

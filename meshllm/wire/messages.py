@@ -285,18 +285,23 @@ class PeerLeft(Message):
 @message(111)
 @dataclass(frozen=True)
 class PeerDownReceived(Message):
-    """Transport -> registry: a death notice arrived from ``from_peer``."""
+    """Transport -> registry (on a passive node: the passive router): a death notice arrived from
+    ``from_peer``. ``routes``: the routing table the sender pushed with it, the dead node already out
+    of it, so a passive node need not ask for one (None from older nodes, and between members)."""
 
     notice: PeerDown
     from_peer: str
+    routes: RouteTable | None = None
 
 
 @message(112)
 @dataclass(frozen=True)
 class PeerLeavingReceived(Message):
-    """Transport -> registry (on a passive node: the passive router): a leaving notice arrived."""
+    """Transport -> registry (on a passive node: the passive router): a leaving notice arrived, with
+    the leaver's routing table without itself when it pushed one (``routes``, as for a death)."""
 
     notice: PeerLeaving
+    routes: RouteTable | None = None
 
 
 @message(113)
@@ -313,9 +318,13 @@ class DeclareDead(Message):
 @message(114)
 @dataclass(frozen=True)
 class BroadcastPeerDown(Message):
-    """Registry -> transport: tell every open connection that a node is dead, and drop ours to it."""
+    """Registry -> transport: tell every open connection that a node is dead, and drop ours to it.
+    Passive connections get this node's routing table with the notice. ``members`` False: only the
+    passive connections (the death came from another member's notice, which the members have had;
+    our passive nodes hear of deaths only from us)."""
 
     notice: PeerDown
+    members: bool = True
 
 
 @message(115)

@@ -21,11 +21,18 @@ Also printed: UDP datagrams the kernel dropped at A's socket (``/proc/net/udp``)
 garbage-collector pauses (a ``gc.callbacks`` hook in the same stats thread) and how late the load
 processes sent their requests (a stalled load would turn a spread round into a burst).
 
+``--death`` instead measures the refresh after a death notice: a third active node C is killed while
+the passive connections are held on A, A pushes the notice down each of them, and each reads it as a
+passive node does (the table pushed with it, or a route request within ``--pull-spread`` s when none
+came); it reports when the notices arrived, the route requests made, A's CPU, UDP drops at A's socket
+and false deaths (B judges deaths slower than A, so that A is always the one that broadcasts).
+For 5,000 connections use more load processes: ``--death --clients 5000 --loads 5``.
+
 ``--trace N`` instead runs A under tracemalloc (N frames) and prints what the passive connections
 and a refresh round allocate, by source line (RSS figures are then inflated by tracemalloc itself).
 ``--profile`` runs cProfile on A's QUIC loop thread during each refresh round.
 
-Run: .venv/bin/python -m tests.bench.bench_passive [--clients 1000] [--loads 2] [--window 30]
+Run: .venv/bin/python -m tests.bench.bench_passive [--clients 1000] [--loads 2] [--window 30] [--death]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import datetime
 import functools
 import gc
 import io
@@ -99,6 +107,22 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
 
     gc.callbacks.append(on_gc)
 
+    lag = {"max_ms": 0.0}
+
+    def watch_loop() -> None:
+        """How late the node's QUIC loop runs a callback, every 50 ms (the worst since start)."""
+        while True:
+            time.sleep(0.05)
+            node = holder.get("node")
+            if node is None or not node._started:
+                continue
+            t0 = time.perf_counter()
+            with contextlib.suppress(Exception):
+                node.endpoint.loop_thread.run(_call(lambda: None), timeout=60)
+                lag["max_ms"] = max(lag["max_ms"], (time.perf_counter() - t0) * 1000)
+
+    threading.Thread(target=watch_loop, name="bench-loop-lag", daemon=True).start()
+
     def publish() -> None:
         snaps: list[Any] = []
         profiles: list[cProfile.Profile] = []
@@ -133,6 +157,7 @@ def serve_node(config: str, stats_path: str, trace_frames: int) -> None:
                     "connections": s.connections,
                     "passive_connections": s.passive_connections,
                     "gc": gc_pauses,
+                    "loop_lag_max_ms": lag["max_ms"],
                 }
                 tmp = stats_path + ".tmp"
                 Path(tmp).write_text(json.dumps(body))
@@ -442,7 +467,10 @@ class Bench:
         port = self.port = int(started["quic_port"])
         assert a.proc is not None
         proc = psutil.Process(a.proc.pid)
-        b = self.factory.start("b", join=(token_text,))
+        # In --death mode B judges deaths slower than A, so that A is the one that finds C dead (and
+        # broadcasts): the same sequence on every run, and on older code too.
+        b_timing = "[timing]\ndead_after_s = 10.0\n" if args.death else ""
+        b = self.factory.start("b", join=(token_text,), extra=b_timing)
         wait_until(lambda: len(self.status()["peers"]) == 1, timeout=60, what="A to see B")
         wait_until(lambda: a.stats()["connections"] >= 1, timeout=30, what="A's stats file")
         print(f"A: node {token.node_id[:12]} pid {proc.pid} quic 127.0.0.1:{port}; B: {b.node_id[:12]}")
@@ -454,6 +482,9 @@ class Bench:
 
         if args.trace:
             self.trace_run(proc, token, port)
+            return
+        if args.death:
+            self.death_run(proc, token, port, b)
             return
 
         phase(f"== 0 passive connections (window {args.window:.0f} s) ==")
@@ -579,6 +610,94 @@ class Bench:
         print(f"  per passive connection 0->{keys[-1]}: RSS {total / 1024:.1f} KiB (goal <= 64 KiB)")
         print(f"  bench wall time {time.monotonic() - t_start:.0f} s")
 
+    def death_run(self, proc: psutil.Process, token: InviteToken, port: int, b: NodeProcess) -> None:
+        """The refresh after a death notice: a third active node C is killed (-9) while ``--clients``
+        passive connections are held on A. A finds C dead and pushes the notice down every connection;
+        each passive connection reads it as a passive node does (the table that came with it, or a
+        route request within ``--pull-spread`` seconds when none came). Reported: how long after A
+        declared the death the notices arrived, the route requests made instead (latency), A's CPU,
+        UDP drops at A's socket, and deaths of the healthy A or B declared by either (false deaths)."""
+        assert self.a is not None
+        a, args = self.a, self.args
+        c = self.factory.start("c", join=(a.token,))
+        wait_until(lambda: len(self.status()["peers"]) == 2, timeout=60, what="A to see B and C")
+        n = args.clients
+        self.loads = [
+            LoadProcess(token, "127.0.0.1", port, self.tmp / f"load{i}.log") for i in range(args.loads)
+        ]
+        phase(f"== ramp to {n} passive connections ==")
+        replies = ask_all(
+            self.loads,
+            [{"cmd": "connect", "n": k, "concurrency": args.concurrency} for k in split(n, len(self.loads))],
+            timeout=max(240, n / 10),
+        )
+        opened = sum(r["open"] for r in replies)
+        print(
+            f"  {opened} open, {sum(r['failed'] for r in replies)} failed, in "
+            f"{max(r['seconds'] for r in replies):.1f} s; UDP drops at A's socket so far {udp_drops(port)}"
+        )
+        with contextlib.suppress(AssertionError):
+            wait_until(functools.partial(self.passive_count_is, opened), timeout=30, what="passive count")
+        self.show_status(f"{n} passive")
+        time.sleep(3.0)  # let the ramp's work (and garbage) settle before the death
+
+        phase(f"== C ({c.node_id[:12]}) killed; A pushes the death notice to {opened} passive connections ==")
+        for load in self.loads:
+            load.send({"cmd": "arm", "pull_spread_s": args.pull_spread})
+        for load in self.loads:
+            load.receive(time.monotonic() + 10)
+        st0, cpu0, drops0 = a.fresh_stats(), proc.cpu_times(), udp_drops(port)
+        since_a, since_b = len(a.records()), len(b.records())
+        if args.profile:
+            self.toggle_profile()
+        c.kill9()
+        died = a.wait_event("peer.died", timeout=30, since=since_a, peer=c.node_id)
+        t_died = _wall(died["ts"])
+        replies = ask_all(self.loads, [{"cmd": "notices", "timeout_s": 60}] * len(self.loads), 90)
+        if args.profile:
+            print(self.toggle_profile().rstrip())
+        time.sleep(args.watch)  # false deaths come seconds after a stall
+        cpu1, drops1, st1 = proc.cpu_times(), udp_drops(port), a.fresh_stats()
+        notices = [x for r in replies for x in r["notices"]]
+        delivery = [(x["t"] - t_died) * 1000 for x in notices]
+        pushed = sum(1 for x in notices if x["pushed"])
+        pulls = [x["pull_ms"] for x in notices if x["pull_ms"] is not None]
+        errors = [x["error"] for x in notices if x["error"]]
+        print(
+            f"  A declared C dead: {died.get('reason')}; {len(notices)} of {sum(r['open'] for r in replies)} "
+            f"connections had the notice, {pushed} with the table pushed, {len(pulls)} asked for it "
+            f"(spread over {args.pull_spread:g} s), {len(errors)} requests failed {errors[:3]}"
+        )
+        print(lat_line("  notice arrived, after A declared the death", delivery))
+        print(
+            lat_line("  table in hand, after the notice arrived", [0.0] * pushed + [x for x in pulls])
+            + " (0 for a table pushed with the notice; else when the pull was answered, spread included)"
+        )
+        if pulls:
+            print(lat_line("  route requests made after the notice (request -> table)", pulls))
+        cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+        sent = st1["frames_sent"].get("PEER_DOWN", 0) - st0["frames_sent"].get("PEER_DOWN", 0)
+        served = st1["frames_sent"].get("ROUTE_REQUEST", 0) - st0["frames_sent"].get("ROUTE_REQUEST", 0)
+        false_a = [
+            r for r in a.records()[since_a:] if r.get("event") == "peer.died" and r.get("peer") == b.node_id
+        ]
+        false_b = [
+            r for r in b.records()[since_b:] if r.get("event") == "peer.died" and r.get("peer") == a.node_id
+        ]
+        disputed = [r for r in b.records()[since_b:] if r.get("event") == "peer.death_disputed"]
+        print(
+            f"  A CPU {cpu:.2f} s from the kill to {args.watch:g} s after the last notice; A sent {sent} PEER_DOWN "
+            f"frames and answered {served} route requests; UDP drops at A's socket {drops1 - drops0}"
+        )
+        print(
+            f"  A's QUIC loop ran a callback at worst {st1.get('loop_lag_max_ms', 0):.0f} ms late (since A started)"
+        )
+        print(
+            f"  false deaths: A declared B dead x{len(false_a)}, B declared A dead x{len(false_b)} "
+            f"(B disputed a death x{len(disputed)}); {gc_line(st0, st1)}"
+        )
+        self.show_status("end")
+
     def trace_run(self, proc: psutil.Process, token: InviteToken, port: int) -> None:
         """tracemalloc snapshots in A: at 0, after ``--clients`` connections, after two refresh rounds."""
         assert self.a is not None and self.a.proc is not None
@@ -620,6 +739,11 @@ class Bench:
         print(f"  RSS now {proc.memory_info().rss / 2**20:.1f} MiB")
 
 
+def _wall(ts: str) -> float:
+    """A log record's ``ts`` (ISO 8601, UTC) as a Unix time."""
+    return datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -635,6 +759,13 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile A's QUIC loop thread during each refresh round"
     )
     parser.add_argument("--trace", type=int, default=0, help="tracemalloc frames in A (analysis run)")
+    parser.add_argument(
+        "--death", action="store_true", help="the refresh after a death notice (a third active node killed)"
+    )
+    parser.add_argument(
+        "--pull-spread", type=float, default=2.0, help="--death: a connection given no table asks within this"
+    )
+    parser.add_argument("--watch", type=float, default=8.0, help="--death: s to watch for false deaths after")
     parser.add_argument("--deadline", type=float, default=460.0, help="kill everything after this many s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary dir (node and load logs)")
     parser.add_argument("--serve-node", help=argparse.SUPPRESS)

@@ -9,6 +9,13 @@ command per line on stdin and answers one JSON line on stdout per command:
 - ``{"cmd": "refresh", "spread_s": S}``: every open connection sends another ROUTE_REQUEST stream
   (RouteRequest only: the connection is already authenticated) at a uniformly random moment within
   S seconds (0: all at once); answers every latency in ms, send to RouteTable decoded.
+- ``{"cmd": "arm", "pull_spread_s": S}``: forget the notices seen so far; from now on each death
+  notice (PEER_DOWN stream) is read like a passive node does: the table pushed after it, if any, is
+  taken; without one the connection asks for the table at a random moment within S seconds (what
+  a passive node did before tables came with notices). Answers at once.
+- ``{"cmd": "notices", "timeout_s": T}``: wait (up to T) until every open connection has had a
+  notice and any table it then asked for; answers per notice the wall-clock time it arrived, whether
+  a table came with it, and the latency of the route request it made instead (ms, or null).
 - ``{"cmd": "status"}``, ``{"cmd": "close"}`` (closes every connection and exits).
 
 Every connection is pinged every ``PING_INTERVAL_S`` (staggered) so the node's 60 s idle timeout
@@ -33,22 +40,38 @@ from aioquic.quic.connection import QuicConnection
 
 from meshllm.net.endpoint import ALPN
 from meshllm.wire.admission import make_hello
-from meshllm.wire.framing import StreamKind, pack_stream_start, read_frame_as
+from meshllm.wire.codec import CodecError
+from meshllm.wire.framing import StreamKind, pack_frame, pack_stream_start, read_frame, read_frame_as
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import InviteToken
-from meshllm.wire.messages import Hello, RouteRequest, RouteTable
+from meshllm.wire.messages import Ack, Hello, PeerDown, RouteRequest, RouteTable
 
 PING_INTERVAL_S = 20.0
 REQUEST_TIMEOUT_S = 30.0
 
 
-class Client(QuicConnectionProtocol):
-    """One passive connection; remembers whether QUIC closed it."""
+async def _pushed_routes(reader: asyncio.StreamReader) -> RouteTable | None:
+    """The table after a notice (newer active nodes), or None when the stream ends after it; kept
+    here rather than imported, so that the load runs against older nodes' code too."""
+    try:
+        frame = await asyncio.wait_for(read_frame(reader), 2.0)
+    except (TimeoutError, CodecError):
+        return None
+    return frame if isinstance(frame, RouteTable) else None
 
-    def __init__(self, quic: QuicConnection, **kw: Any) -> None:
-        super().__init__(quic, **kw)
+
+class Client(QuicConnectionProtocol):
+    """One passive connection; remembers whether QUIC closed it, and reads the death notices the
+    active node pushes (when its load is armed)."""
+
+    def __init__(self, quic: QuicConnection, load: Load, **kw: Any) -> None:
+        super().__init__(quic, stream_handler=self._on_stream, **kw)
+        self.load = load
         self.terminated: str | None = None
         self.transport_: asyncio.DatagramTransport | None = None
+
+    def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.load.tasks.add(asyncio.ensure_future(self.load.on_notice(self, reader, writer)))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ConnectionTerminated):
@@ -63,6 +86,10 @@ class Load:
         self.token = token
         self.clients: list[Client] = []
         self._pinger: asyncio.Task[None] | None = None
+        self.armed = False
+        self.pull_spread_s = 2.0
+        self.notices: list[dict[str, Any]] = []
+        self.tasks: set[asyncio.Future[Any]] = set()
 
     @property
     def open(self) -> list[Client]:
@@ -88,7 +115,7 @@ class Load:
             idle_timeout=120.0,
             server_name=self.node_id,
         )
-        client = Client(QuicConnection(configuration=config))
+        client = Client(QuicConnection(configuration=config), self)
         transport, _ = await loop.create_datagram_endpoint(lambda: client, local_addr=("127.0.0.1", 0))
         client.transport_ = transport
         try:
@@ -162,6 +189,52 @@ class Load:
             "late_ms": late_ms,
         }
 
+    async def on_notice(
+        self, client: Client, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A stream the active node opened: a death notice is read as a passive node reads it."""
+        try:
+            kind = await reader.readexactly(1)
+            if kind[0] != StreamKind.PEER_DOWN:
+                return
+            await read_frame_as(reader, PeerDown)
+            arrived = time.time()
+            routes = await _pushed_routes(reader)
+            writer.write(pack_frame(Ack()))
+            writer.write_eof()
+        except Exception:
+            return
+        if not self.armed:
+            return
+        record: dict[str, Any] = {"t": arrived, "pushed": routes is not None, "pull_ms": None, "error": None}
+        self.notices.append(record)
+        if routes is None:  # an older active node: ask for the table, spread like a passive router
+            await asyncio.sleep(random.uniform(0, self.pull_spread_s))
+            try:
+                ms = await asyncio.wait_for(self._route_request(client, None), REQUEST_TIMEOUT_S)
+                record["pull_ms"] = ms
+            except Exception as exc:
+                record["error"] = f"{type(exc).__name__}: {exc}"
+
+    def arm(self, pull_spread_s: float) -> dict[str, Any]:
+        self.notices = []
+        self.pull_spread_s = pull_spread_s
+        self.armed = True
+        return {"armed": len(self.open)}
+
+    async def wait_notices(self, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+
+        def done() -> bool:
+            settled = all(r["pushed"] or r["pull_ms"] is not None or r["error"] for r in self.notices)
+            return len(self.notices) >= len(self.open) and settled
+
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.armed = False
+        self.tasks = {t for t in self.tasks if not t.done()}
+        return {"open": len(self.open), "notices": self.notices}
+
     async def _keepalive(self) -> None:
         while True:
             clients = self.open
@@ -198,6 +271,10 @@ async def main(argv: list[str]) -> None:
             reply = await load.connect(int(cmd["n"]), int(cmd.get("concurrency", 16)))
         elif cmd["cmd"] == "refresh":
             reply = await load.refresh(float(cmd.get("spread_s", 0.0)))
+        elif cmd["cmd"] == "arm":
+            reply = load.arm(float(cmd.get("pull_spread_s", 2.0)))
+        elif cmd["cmd"] == "notices":
+            reply = await load.wait_notices(float(cmd.get("timeout_s", 30.0)))
         elif cmd["cmd"] == "status":
             reply = {"open": len(load.open), "cpu_s": time.process_time()}
         elif cmd["cmd"] == "close":
