@@ -329,6 +329,7 @@ class Node(StandbyRoles):
             self.log,
             demand,
             api_keys=cfg.api.api_keys,
+            host_wait_s=cfg.api.host_wait_s,
         )
         try:
             console_port = self.console.start()

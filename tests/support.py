@@ -105,13 +105,14 @@ class LogCapture(io.TextIOBase):
 def node_config(tmp: Path, name: str, join: tuple[str, ...] = (), **node: Any) -> NodeConfig:
     """A loopback node config on free ports with its own data dir under ``tmp``."""
     timing = node.pop("timing", TimingSection())
+    host_wait_s = node.pop("host_wait_s", ApiSection.host_wait_s)
     models = ModelsSection(serve=tuple(node.pop("serve", ())), force_split=node.pop("force_split", False))
     return NodeConfig(
         node=NodeSection(
             name=name, data_dir=tmp / name, quic_listen=HostPort("127.0.0.1", 0), join=tuple(join), **node
         ),
         console=ConsoleSection(listen=HostPort("127.0.0.1", 0)),
-        api=ApiSection(listen=HostPort("127.0.0.1", 0)),
+        api=ApiSection(listen=HostPort("127.0.0.1", 0), host_wait_s=host_wait_s),
         models=models,
         timing=timing,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -142,11 +143,30 @@ def test_bad_requests_get_openai_errors_and_node_keeps_serving(nodes: NodeFactor
 
 def test_model_with_no_ready_host_is_503_with_retry_after(nodes: NodeFactory, tiny_gguf: Path) -> None:
     # A node that wants the model but has far too little VRAM: known, never ready.
-    a = nodes.start("a", serve=(str(tiny_gguf),), vram_gb=0.0001)
+    a = nodes.start("a", serve=(str(tiny_gguf),), vram_gb=0.0001, host_wait_s=0.5)
     nodes.logs["a"].wait_for("election.waiting", timeout=10)
     status, payload, headers = _post(a.api_url + "/chat/completions", json.dumps({"model": "tiny"}).encode())
     assert status == 503 and headers.get("Retry-After")
     assert payload["error"]["code"] == "model_not_ready"
+
+
+def test_a_request_waits_for_a_host_when_the_only_one_just_left(nodes: NodeFactory, tiny_gguf: Path) -> None:
+    """The host a front node knows leaves, and another is starting: a request sent in between is held
+    (nothing has reached the client yet) and answered by the new host, not refused with a 503."""
+    h1 = nodes.start("h1", serve=(str(tiny_gguf),))
+    front = nodes.start("front", join=(h1.invite_token,), host_wait_s=60)
+    wait_until(lambda: serving(front, "tiny"), timeout=60, what="h1 serving, as front sees it")
+    assert complete(front, "tiny")
+    h1.stop()  # leaves: front drops its only host of tiny
+    wait_until(lambda: not serving(front, "tiny"), timeout=10, what="front to see h1 gone")
+    answers: list[str] = []
+    asking = threading.Thread(target=lambda: answers.append(complete(front, "tiny")), daemon=True)
+    asking.start()
+    front_log = nodes.logs["front"]
+    nodes.start("h2", join=(front.invite_token,), serve=(str(tiny_gguf),))
+    asking.join(90)
+    assert answers and answers[0]
+    assert front_log.find("gateway.host_waited", model="tiny")
 
 
 def test_smollm2_answers_with_real_text_through_a_tunnel(nodes: NodeFactory) -> None:

@@ -165,8 +165,14 @@ class ApiSection:
     loopback, unless ``open``."""
     open: bool = False
     """Serve a non-loopback ``listen`` without keys, on purpose."""
+    host_wait_s: float = 10.0
+    """A request for a model the mesh knows but that has no host ready this instant (a host died or
+    left and the table is being refreshed, a standby is promoting) waits up to this long for one
+    before it is answered 503; nothing has been sent to the client yet, so waiting loses nothing."""
 
     def __post_init__(self) -> None:
+        if self.host_wait_s < 0:
+            raise fail("api.host_wait_s", f"must be 0 or more (got {self.host_wait_s})")
         check_exposure("api", self.listen, self.api_keys, self.open)
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
 

@@ -56,6 +56,10 @@ ASK_TIMEOUT_S = 5.0
 TUNNEL_OPEN_TIMEOUT_S = 10.0
 LIVENESS_S = 2.0
 RETRY_AFTER_S = 5
+HOST_POLL_S = 0.2
+RECENTLY_KNOWN_S = 60.0
+"""A model this gateway routed within this long is waited for (``host_wait_s``) when its last host
+has just gone, instead of being answered 404 as one the mesh never had."""
 OPEN_PATHS = ("/health",)
 T = TypeVar("T")
 ReplyT = TypeVar("ReplyT", RouteReply, ModelList)
@@ -124,8 +128,11 @@ class Gateway:
         logger: Logger,
         demand: DemandCounter | None = None,
         api_keys: tuple[str, ...] = (),
+        host_wait_s: float = 0.0,
     ) -> None:
         self.directory = directory
+        self.host_wait_s = host_wait_s
+        self._known: dict[str, float] = {}  # model -> when a route last knew it
         self.keys = KeyCheck(api_keys)
         self.demand = demand or DemandCounter()
         self._published: dict[str, float] = {}
@@ -201,6 +208,8 @@ class Gateway:
         if isinstance(reply, web.Response):
             return reply
         now = int(time.time())
+        for name in reply.served:
+            self._known[name] = time.monotonic()
         details = {m.name: m for m in reply.details}
         data = [
             model_entry(name, now, details[name].size_bytes, details[name].context_length)
@@ -226,7 +235,9 @@ class Gateway:
         route = await self._ask_router(Route(model=model), RouteReply)
         if isinstance(route, web.Response):
             return route
-        if not route.known:
+        if route.known:
+            self._known[model] = time.monotonic()
+        elif time.monotonic() - self._known.get(model, -RECENTLY_KNOWN_S) >= RECENTLY_KNOWN_S:
             self.demand.hit(model)  # asked for, and nobody serves it: demand a standby may answer
             available = ", ".join(route.available) or "none"
             return openai_error(
@@ -238,6 +249,27 @@ class Gateway:
         targets = self._targets(route)
         if not targets:
             self.demand.hit(model)
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        deadline = time.monotonic() + self.host_wait_s
+        tried: set[str] = set()
+        while True:
+            for target in targets:
+                tried.add(str(target))
+                try:
+                    return await self._forward(request, target, model, headers, body)
+                except UpstreamUnavailable as exc:
+                    self.log.warning("gateway.retry", model=model, target=str(target), reason=str(exc))
+                    if target.host is not None:
+                        self.directory.tell("router", HostFailed(model=model, node_id=target.host.node_id))
+            # Nothing has reached the client yet: wait for a host we have not tried (a refreshed table,
+            # a restart, a promotion) rather than fail at once.
+            waited = await self._wait_for_host(model, tried, deadline)
+            if isinstance(waited, web.Response):
+                return waited
+            if not waited:
+                break
+            targets = waited
+        if not tried:
             return openai_error(
                 503,
                 f"model {model!r} has no host ready yet",
@@ -245,14 +277,6 @@ class Gateway:
                 code="model_not_ready",
                 **{"Retry-After": str(RETRY_AFTER_S)},
             )
-        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
-        for target in targets:
-            try:
-                return await self._forward(request, target, model, headers, body)
-            except UpstreamUnavailable as exc:
-                self.log.warning("gateway.retry", model=model, target=str(target), reason=str(exc))
-                if target.host is not None:
-                    self.directory.tell("router", HostFailed(model=model, node_id=target.host.node_id))
         return openai_error(
             503,
             f"every host of {model!r} failed",
@@ -260,6 +284,20 @@ class Gateway:
             code="hosts_failed",
             **{"Retry-After": str(RETRY_AFTER_S)},
         )
+
+    async def _wait_for_host(self, model: str, tried: set[str], deadline: float) -> list[Target] | web.Response:
+        """Ask the router again until the model has a host not yet tried or ``deadline`` has passed (the
+        router refreshes a table that has none; a new host, a promotion, a restart fill it)."""
+        while time.monotonic() < deadline:
+            await asyncio.sleep(HOST_POLL_S)
+            route = await self._ask_router(Route(model=model), RouteReply)
+            if isinstance(route, web.Response):
+                return route
+            targets = [t for t in self._targets(route) if str(t) not in tried]
+            if targets:
+                self.log.info("gateway.host_waited", model=model, target=str(targets[0]))
+                return targets
+        return []
 
     def _targets(self, route: RouteReply) -> list[Target]:
         """Every host of the model, rotated per request so load spreads across them."""
