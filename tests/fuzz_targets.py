@@ -21,10 +21,16 @@ from hypothesis import strategies as st
 from meshllm.config import ConfigError, parse_config
 from meshllm.models.gguf_shape import model_shape
 from meshllm.serving.gguf_layout import GGUFError
+from meshllm.wire.admission import AuthError, make_hello
 from meshllm.wire.codec import CodecError, Message, decode, decode_as, encode
 from meshllm.wire.framing import FrameBuffer, FrameError, parse_kind, read_frame
+from meshllm.wire.gate import Gate
+from meshllm.wire.grants import mint_grant
+from meshllm.wire.identity import NodeIdentity
+from meshllm.wire.invite import InviteError, InviteToken, MeshMembership
 from meshllm.wire.messages import (
     Gossip,
+    Hello,
     PeerAnnouncement,
     RouteReply,
     RouteTable,
@@ -53,7 +59,9 @@ def _mutated(sample: bytes) -> st.SearchStrategy[bytes]:
         lambda t: sample[: t[0]] + bytes([sample[t[0]] ^ t[1]]) + sample[t[0] + 1 :]
     )
     cut = st.integers(0, n - 1).map(lambda k: sample[:k])
-    splice = st.tuples(st.integers(0, n), st.binary(max_size=16)).map(lambda t: sample[: t[0]] + t[1] + sample[t[0] :])
+    splice = st.tuples(st.integers(0, n), st.binary(max_size=16)).map(
+        lambda t: sample[: t[0]] + t[1] + sample[t[0] :]
+    )
     return st.one_of(flip, cut, splice)
 
 
@@ -96,7 +104,38 @@ def _to_toml(tables: dict[str, dict[str, object]]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)
 
-    return "\n".join(f"[{t}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in kv.items()) for t, kv in tables.items())
+    return "\n".join(
+        f"[{t}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in kv.items()) for t, kv in tables.items()
+    )
+
+
+# -- the admission handshake: a real gate, tokens and Hellos of a real mesh to mutate --------------------
+
+_NOW = 1_700_000_000.0
+_SECRET = b"s" * 32
+_MESH = MeshMembership.with_secret("m1", _SECRET)
+_LISTENER = NodeIdentity.generate()
+_DIALLER = NodeIdentity.generate()
+_GATE = Gate(None, _MESH, _LISTENER, mint_grant(_SECRET, "m1", "active", _NOW, 0), clock=lambda: _NOW)
+_TOKENS = tuple(
+    _MESH.invite(_LISTENER.node_id, ("10.0.0.1:9338",), role, _NOW, 3600) for role in ("client", "active")
+)
+_HELLO = make_hello(
+    _DIALLER, "m1", mint_grant(_SECRET, "m1", "client", _NOW, 3600), "client", _LISTENER.node_id
+)
+
+
+def token_text() -> st.SearchStrategy[str]:
+    """Random text, and real tokens (a client's, an active one's) with characters changed or cut."""
+    real = st.sampled_from([t.encode() for t in _TOKENS])
+    changed = st.tuples(real, st.integers(0, 400), st.text(max_size=4)).map(
+        lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + 1 :]
+    )
+    return st.one_of(st.text(max_size=300), changed, real.map(lambda t: t[: len(t) // 2]))
+
+
+def hello_bytes() -> st.SearchStrategy[bytes]:
+    return st.one_of(st.binary(max_size=400), _mutated(encode(_HELLO)))
 
 
 # -- the targets: each returns normally or raises one of the decoder's own errors -----------------------------
@@ -159,6 +198,28 @@ def config(text: str) -> None:
         pass
 
 
+def invite_token(text: str) -> None:
+    try:
+        InviteToken.decode(text)
+    except InviteError:
+        pass
+
+
+def hello_admission(data: bytes) -> None:
+    """A Hello as a dialler sends it: decoded, then put to the gate. Only a Hello signed by the key it
+    names, with a grant of this mesh's authority, may pass; anything else is an AuthError."""
+    try:
+        hello = decode_as(data, Hello)
+    except CodecError:
+        return
+    try:
+        _GATE.admit(hello)
+    except AuthError:
+        return
+    if hello != _HELLO:
+        raise AssertionError(f"a changed Hello was admitted: {hello!r}")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -173,4 +234,6 @@ TARGETS = (
     Target("framing.read_frame", frame_from_a_stream, frame_bytes),
     Target("gguf_shape.model_shape", gguf_head, lambda: st.binary(max_size=512)),
     Target("config.parse_config", config, config_text),
+    Target("invite.InviteToken.decode", invite_token, token_text),
+    Target("admission (Hello through the gate)", hello_admission, hello_bytes),
 )
