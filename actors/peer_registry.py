@@ -29,7 +29,6 @@ from meshllm.wire.messages import (
     DeathReported,
     DeclareDead,
     ExchangeGossip,
-    ForgetPeer,
     GetStatus,
     Gossip,
     GossipFailed,
@@ -227,11 +226,10 @@ class PeerRegistry(MsgpackActor):
         self.log.warning("peer.died", peer=msg.node_id, peer_name=ann.name, reason=msg.reason)
         self._publish(PeerDied(node_id=msg.node_id, incarnation=ann.incarnation, reason=msg.reason))
         self._push_snapshot()
-        if msg.broadcast:
-            notice = PeerDown(node_id=msg.node_id, incarnation=ann.incarnation, reporter=self.own.node_id)
-            self.tell("transport", BroadcastPeerDown(notice=notice))
-        else:
-            self.tell("transport", ForgetPeer(node_id=msg.node_id))
+        # A death taken from another member's notice is not told to the members again, but our passive
+        # connections hear of deaths only from us (with the routing table, so that they need not ask).
+        notice = PeerDown(node_id=msg.node_id, incarnation=ann.incarnation, reporter=self.own.node_id)
+        self.tell("transport", BroadcastPeerDown(notice=notice, members=msg.broadcast))
 
     @handles(PeerDownReceived)
     def on_peer_down(self, msg: PeerDownReceived) -> None:

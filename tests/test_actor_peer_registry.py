@@ -24,7 +24,6 @@ from meshllm.wire.messages import (
     DeathReported,
     DeclareDead,
     ExchangeGossip,
-    ForgetPeer,
     GetStatus,
     Gossip,
     GossipFailed,
@@ -313,7 +312,8 @@ def test_declare_dead_publishes_the_death_and_broadcasts_it(h: Harness) -> None:
     assert [p.node_id for p in reply.peers] == [B] and reply.dead == (A,)
 
 
-def test_a_death_taken_from_a_notice_is_not_broadcast_again(h: Harness) -> None:
+def test_a_death_taken_from_a_notice_goes_to_passive_connections_only(h: Harness) -> None:
+    """Members had the reporter's notice; our passive nodes hear of deaths only from us."""
     start(h)
     transport = h.inboxes["transport"]
     say(h, gossip(ann("a")))
@@ -322,7 +322,7 @@ def test_a_death_taken_from_a_notice_is_not_broadcast_again(h: Harness) -> None:
     assert events(h.inboxes["router"])[-1] == PeerDied(node_id=A, incarnation=1, reason="reported by b")
     assert transport.messages(since=mark) == [
         GossipSnapshot(gossip=Gossip(announcements=(OWN,))),
-        ForgetPeer(node_id=A),
+        BroadcastPeerDown(notice=PeerDown(node_id=A, incarnation=1, reporter=ME), members=False),
     ]
 
 
