@@ -12,6 +12,8 @@ answered here, under a deadline:
   is answered with the registry's published view;
 - route request: answered with the router's published table (encoded once per change);
 - peer down / peer leaving notices: told to the actor that owns liveness on this node, and acked;
+  on a passive node with the routing table the active node pushed after the notice, if it did
+  (:mod:`meshllm.net.notices`);
 - revocations: checked against the mesh's authority key, applied and passed on by the endpoint.
 
 Anything else is refused with a typed reason, logged, and never kills the node.
@@ -24,11 +26,13 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from meshllm.net import misbehaviour
 from meshllm.net.connection import MeshConnection
+from meshllm.net.notices import read_pushed_routes
 from meshllm.net.preauth import MAX_HELLO_BYTES
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import MAX_MESSAGE_BYTES, CodecError, Message
-from meshllm.wire.framing import FrameError, StreamKind, pack_frame, parse_kind, read_frame
+from meshllm.wire.framing import FrameError, StreamKind, StreamStalled, pack_frame, parse_kind, read_frame
 from meshllm.wire.messages import (
     Ack,
     AskedFor,
@@ -77,7 +81,7 @@ class ControlServer:
         ep.track(conn)
         kind: StreamKind | None = None
         try:
-            kind = parse_kind(await reader.read(1))
+            kind = await self._kind(reader)
             entry = self.tunnel_handlers.get(kind)
             if entry is not None:
                 handler, passive_ok = entry
@@ -101,7 +105,7 @@ class ControlServer:
                 fields = {"peer": None, "kind": kind_name, "reason": reason}
                 conn.refuse_preauth("garbage", REFUSED_LINGER_S, event="stream.rejected", **fields)
             else:
-                ep.log.warning("stream.rejected", peer=conn.peer_id, kind=kind_name, reason=reason)
+                self._misbehaved(conn, reader, exc, reason, kind_name)
             with contextlib.suppress(Exception):
                 writer.write(pack_frame(Refused(reason=reason)))
         except (ConnectionError, OSError) as exc:
@@ -109,6 +113,39 @@ class ControlServer:
         finally:
             with contextlib.suppress(Exception):
                 writer.write_eof()
+
+    @staticmethod
+    async def _kind(reader: asyncio.StreamReader) -> StreamKind:
+        """The stream's kind byte, within :data:`~meshllm.net.misbehaviour.STREAM_HEAD_TIMEOUT_S`."""
+        try:
+            byte = await asyncio.wait_for(reader.read(1), misbehaviour.STREAM_HEAD_TIMEOUT_S)
+        except TimeoutError:
+            raise StreamStalled(f"no kind byte within {misbehaviour.STREAM_HEAD_TIMEOUT_S:g} s") from None
+        return parse_kind(byte)
+
+    def _misbehaved(
+        self,
+        conn: MeshConnection,
+        reader: asyncio.StreamReader,
+        exc: CodecError | TimeoutError,
+        reason: str,
+        kind: str | None,
+    ) -> None:
+        """A stream of an admitted peer broke the protocol: drop the peer, or count a strike
+        (:mod:`meshllm.net.misbehaviour`); a stream cut by a reset or a closing connection is neither."""
+        ep = self.endpoint
+        if conn.closing or conn.was_reset(reader):
+            ep.log.info("stream.broken", peer=conn.peer_id, kind=kind, reason=reason)
+            return
+        if isinstance(exc, TimeoutError):
+            why: str | None = f"StreamStalled: no complete request within {self.timeout_s:g} s"
+        else:
+            why = misbehaviour.drop_reason(exc)
+        if why is None:
+            ep.log.warning("stream.rejected", peer=conn.peer_id, kind=kind, reason=reason)
+            conn.strike(reason, REFUSED_LINGER_S, kind=kind)
+        else:
+            conn.drop_peer(why, REFUSED_LINGER_S, kind=kind)
 
     def _answer(
         self, writer: asyncio.StreamWriter, kind: StreamKind, hello: Hello | None, reply: Message | bytes
@@ -204,7 +241,8 @@ class ControlServer:
                 raise FrameError(f"expected PeerDown, got {type(body).__name__}")
             if ep.role == "active":
                 self._members_only(conn, "death notices")
-            ep.directory.tell(ep.notice_target, PeerDownReceived(notice=body, from_peer=peer))
+            routes = None if ep.role == "active" else await read_pushed_routes(reader)
+            ep.directory.tell(ep.notice_target, PeerDownReceived(notice=body, from_peer=peer, routes=routes))
             if ep.role != "active":
                 ep.forget(body.node_id)  # a passive node has no heartbeat: the notice is its signal
             writer.write(pack_frame(Ack()))
@@ -213,7 +251,8 @@ class ControlServer:
                 raise FrameError(f"expected PeerLeaving, got {type(body).__name__}")
             if body.node_id != peer:
                 raise AuthError("a node can only announce its own leaving")
-            ep.directory.tell(ep.notice_target, PeerLeavingReceived(notice=body))
+            routes = None if ep.role == "active" else await read_pushed_routes(reader)
+            ep.directory.tell(ep.notice_target, PeerLeavingReceived(notice=body, routes=routes))
             writer.write(pack_frame(Ack()))
         elif kind == StreamKind.REVOCATION:
             if not isinstance(body, RevocationList):
