@@ -312,7 +312,7 @@ class Soak:
             for inc in live:
                 self._note_children(inc)
                 use = usage_of(self._pid(inc))
-                if use is not None:
+                if use is not None and not inc.ending:  # not a reading of a process being signalled
                     inc.last = use
 
     def _note_children(self, inc: Incarnation) -> None:
