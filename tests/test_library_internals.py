@@ -178,3 +178,46 @@ def test_quiet_wait_connected_leaves_no_unretrieved_exception() -> None:
     # What the patch is for: aioquic's own wait reports one.
     own = _abandoned_dial_reports(QuicConnectionProtocol.wait_connected)
     assert any("never retrieved" in r for r in own), own
+
+
+def test_send_chunks_as_they_are_passes_chunked_bytes_untouched() -> None:
+    """A body already chunk-framed goes out as it is (no second framing, no second terminator), and
+    the client reads the payload whole."""
+    from aiohttp import ClientSession, web
+
+    payload = [b"data: one\n\n", b"data: two\n\n"]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payload) + b"0\r\n\r\n"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        internals.send_chunks_as_they_are(request.writer)
+        await response.write(framed[:20])
+        await response.write(framed[20:])
+        await response.write_eof()
+        return response
+
+    async def main() -> tuple[bytes, bytes]:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as resp:
+                body = await resp.read()
+            # and the raw bytes: exactly the framed body after the head
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = await reader.read(-1)
+            writer.close()
+            return body, raw.split(b"\r\n\r\n", 1)[1]
+        finally:
+            await runner.cleanup()
+
+    body, raw = asyncio.run(main())
+    assert body == b"".join(payload)
+    assert raw == framed

@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from meshllm.logsetup import Logger
 from meshllm.net.preauth import MAX_HELLO_BYTES, Verdict, source_key
 from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.wire.admission import AuthError
-from meshllm.wire.codec import CodecError, Message
-from meshllm.wire.framing import StreamStalled, pack_frame, read_frame, read_frame_as
+from meshllm.wire.codec import MAX_MESSAGE_BYTES, CodecError, Message, MessageTooLarge, decode
+from meshllm.wire.framing import LENGTH, StreamStalled, pack_frame, read_frame, read_frame_as
 from meshllm.wire.gate import Gate
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
 from meshllm.wire.messages import Hello, Refused
@@ -43,7 +44,16 @@ LISTEN_BACKLOG = 1024
 """Connections the kernel completes before we accept them (asyncio's default is 100): during a flood
 the accept queue must not overflow and drop a real peer's SYN (a 1 s retransmission)."""
 
-FastHandler = Callable[[Any, Hello, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+IDLE_TIMEOUT_S = float(os.environ.get("MESHLLM_FAST_IDLE_S", "60"))
+"""A connection whose handler said it may carry another request (a pooled HTTP tunnel) is closed
+after this long without one (``MESHLLM_FAST_IDLE_S``, for tests). Requesters keep idle connections for
+less (``POOL_IDLE_S``)."""
+POOL_IDLE_S = 20.0
+POOL_PER_NODE = 8
+"""Idle connections a requester keeps per node; more in flight at once are closed when done."""
+
+FastHandler = Callable[[Any, Hello, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool | None]]
+"""Serves one tunnel; True when the connection may carry another header frame (the next request)."""
 
 
 def tls_contexts(identity: NodeIdentity) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -118,6 +128,11 @@ class FastPath:
         self._handlers: dict[type[Message], tuple[FastHandler, bool]] = {}
         self.enabled = os.environ.get("MESHLLM_FAST_PATH", "1") != "0"
         self.guard: PreAuthGuard[asyncio.Future[bool]] | None = None
+        self._pool: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
+        self.connections_accepted = 0
+        """Admitted connections (each one TCP+TLS handshake and a Hello); tests count them."""
+        self.connections_reused = 0
+        """Requests served on a connection after its first (pooling)."""
 
     def register(self, header: type[Message], handler: FastHandler, passive_ok: bool) -> None:
         """Serve connections whose header frame is of this type (``passive_ok``: clients may use it)."""
@@ -138,6 +153,35 @@ class FastPath:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for idle in self._pool.values():
+            for _, writer, _ in idle:
+                writer.close()
+        self._pool.clear()
+
+    async def take(
+        self, node_id: str, addrs: tuple[str, ...], header: Message
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """:meth:`open`, or an idle pooled connection to the node with ``header`` sent on it; the last
+        value says which (True: pooled). A pooled connection the node has closed in the meantime can
+        still fail on its first read: the caller retries on a fresh one then (nothing was answered)."""
+        idle = self._pool.get(node_id)
+        now = time.monotonic()
+        while idle:
+            reader, writer, since = idle.pop()
+            if now - since < POOL_IDLE_S and not writer.is_closing() and not reader.at_eof():
+                writer.write(pack_frame(header))
+                return reader, writer, True
+            writer.close()
+        reader, writer = await self.open(node_id, addrs, header)
+        return reader, writer, False
+
+    def give_back(self, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection whose answer ended where its framing said, ready for the next request."""
+        idle = self._pool.setdefault(node_id, [])
+        if writer.is_closing() or reader.at_eof() or len(idle) >= POOL_PER_NODE:
+            writer.close()
+            return
+        idle.append((reader, writer, time.monotonic()))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         guard = self.guard
@@ -156,6 +200,7 @@ class FastPath:
                 for next_ticket in guard.release(source):
                     _wake(True)(next_ticket)
             if admitted is not None:
+                self.connections_accepted += 1
                 await self._serve_admitted(admitted.node_id, admitted.role, hello, reader, writer)
         finally:
             with contextlib.suppress(Exception):
@@ -227,10 +272,20 @@ class FastPath:
             entry = self._handlers.get(type(header))
             if entry is None:
                 raise AuthError(f"{type(header).__name__} is not served on the fast path")
-            handler, passive_ok = entry
-            if role != "active" and not passive_ok:
-                raise AuthError(f"{type(header).__name__} is for members only: this connection is {role}")
-            await handler(header, hello, reader, writer)
+            while True:
+                handler, passive_ok = entry
+                if role != "active" and not passive_ok:
+                    raise AuthError(f"{type(header).__name__} is for members only: this connection is {role}")
+                if not await handler(header, hello, reader, writer):
+                    return
+                self.connections_reused += 1
+                following = await self._next_header(reader)
+                if following is None:
+                    return  # the requester closed its pooled connection, or left it idle
+                header = following
+                entry = self._handlers.get(type(header))
+                if entry is None:
+                    raise AuthError(f"{type(header).__name__} is not served on the fast path")
         except AuthError as exc:
             self.log.warning("auth.refused", peer=peer, reason=str(exc), side="listener", path="fast")
             with contextlib.suppress(Exception):
@@ -242,6 +297,25 @@ class FastPath:
                 writer.write(pack_frame(Refused(reason=reason)))
         except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
             self.log.warning("stream.rejected", kind="FAST", reason=f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    async def _next_header(reader: asyncio.StreamReader) -> Message | None:
+        """The header frame of the next request on a kept connection; None when the requester closed it
+        or sent nothing for :data:`IDLE_TIMEOUT_S` (both normal ends of a pooled connection)."""
+        try:
+            head = await asyncio.wait_for(reader.readexactly(LENGTH.size), IDLE_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError):
+            return None
+        (length,) = LENGTH.unpack(head)
+        if length > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(f"frame length {length} over cap {MAX_MESSAGE_BYTES}")
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), HEADER_TIMEOUT_S)
+        except TimeoutError:
+            raise StreamStalled(f"no complete tunnel header within {HEADER_TIMEOUT_S:g} s") from None
+        except asyncio.IncompleteReadError:
+            return None
+        return decode(body)
 
     def _greeting(self, addr: str, node_id: str, der: bytes | None, header: Message) -> bytes:
         """Check the listener's certificate against the node id we dialled; then our Hello and the

@@ -5,6 +5,14 @@ A tunnel stream is ``[HTTP_TUNNEL][TunnelRequest frame][request body ... FIN]`` 
 ``[TunnelResponse frame][response body ... FIN]`` (or a Refused frame) the other. Bodies are raw
 bytes passed through as they come, so streamed (SSE) answers keep their pacing.
 
+A requester that says so (:data:`~meshllm.net.raw_http.FRAMED_HEADER`, every current gateway) gets
+llama-server's body exactly as llama-server framed it (chunked, or a Content-Length; the
+TunnelResponse's :data:`~meshllm.net.raw_http.BODY_HEADER` says which), read from a plain loopback
+connection and never parsed beyond where its chunks end. On the fast path the connection then carries
+the requester's next request (:meth:`HttpTunnelServer.serve_fast` returns True): one TCP+TLS
+handshake per pooled connection instead of one per request. Older requesters get the body until FIN,
+as before.
+
 The host side is a door to llama-server for every member of the mesh, so it lets through only what
 the gateway itself would pass on (:mod:`meshllm.serving.openai_api`: the proxied routes, the body and
 header caps) and strips hop-by-hop headers both ways. Anything else gets an OpenAI-shaped error
@@ -26,6 +34,7 @@ from meshllm.logsetup import Logger
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.local_route import local_route
 from meshllm.net.misbehaviour import read_header
+from meshllm.net.raw_http import BODY_HEADER, FRAMED, FRAMED_HEADER, BadBody, UpstreamError, open_upstream
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import (
     MAX_BODY_BYTES,
@@ -141,8 +150,10 @@ class HttpTunnelServer:
 
     async def serve_fast(
         self, request: TunnelRequest, hello: Hello, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await self.serve(request, reader, writer, peer=hello.node_id)
+    ) -> bool:
+        """A fast-path tunnel request; True when the connection may carry the requester's next one (a
+        framed answer sent whole)."""
+        return await self.serve(request, reader, writer, peer=hello.node_id)
 
     def _refuse(
         self, writer: asyncio.StreamWriter, request: TunnelRequest, refusal: Refusal, peer: str | None
@@ -168,17 +179,18 @@ class HttpTunnelServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Forward one tunnelled request to this node's llama-server for its model, if it is one the
-        gateway would pass on; otherwise answer it with the error and forward nothing."""
+        gateway would pass on; otherwise answer it with the error and forward nothing. True when a
+        framed answer went out whole (the connection may carry another request)."""
         if self.draining:
             writer.write(pack_frame(Refused(reason="this node is leaving the mesh")))
-            return
+            return False
         self.in_flight += 1
         self._answering.add(writer)
         self._idle.clear()
         try:
-            await self._serve(request, reader, writer, peer)
+            return await self._serve(request, reader, writer, peer)
         finally:
             self._answering.discard(writer)
             self.in_flight -= 1
@@ -186,27 +198,98 @@ class HttpTunnelServer:
                 self._idle.set()
 
     async def _serve(
-        self, request: TunnelRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str | None
-    ) -> None:
-        refusal = check_request(request.method, request.path, request.headers, request.body_bytes)
+        self,
+        request: TunnelRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str | None,
+    ) -> bool:
+        framed = request.headers.get(FRAMED_HEADER) == FRAMED
+        headers = {k: v for k, v in request.headers.items() if k != FRAMED_HEADER}
+        refusal = check_request(request.method, request.path, headers, request.body_bytes)
         if refusal is not None:
             self._refuse(writer, request, refusal, peer)
-            return
+            return False
         body = await read_body(reader, request.body_bytes)
         if isinstance(body, Refusal):
             self._refuse(writer, request, body, peer)
-            return
-        refusal = _content_length_agrees(request.headers, body)
+            return False
+        refusal = _content_length_agrees(headers, body)
         if refusal is not None:
             self._refuse(writer, request, refusal, peer)
-            return
+            return False
         route = await local_route(self.directory, request.model, self.log)
         port = route.local_port if route is not None else 0
         if port:
             self.demand.hit(request.model)
         if not port:
             writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))
-            return
+            return False
+        if framed:
+            return await self._serve_framed(request, headers, body, port, writer, peer)
+        await self._serve_unframed(request, body, port, writer, peer)
+        return False
+
+    async def _serve_framed(
+        self,
+        request: TunnelRequest,
+        headers: dict[str, str],
+        body: bytes,
+        port: int,
+        writer: asyncio.StreamWriter,
+        peer: str | None,
+    ) -> bool:
+        """llama-server's answer with its body's bytes untouched; True when it went out whole."""
+        try:
+            upstream = await open_upstream(port, request.method, request.path, request_headers(headers), body)
+        except UpstreamError as exc:
+            self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=str(exc))
+            writer.write(pack_frame(Refused(reason=str(exc))))
+            return False
+        try:
+            head = pass_headers(upstream.headers)
+            head[BODY_HEADER] = upstream.body.framing
+            writer.write(pack_frame(TunnelResponse(status=upstream.status, headers=head)))
+            framing = upstream.body
+            data = upstream.first
+            read = upstream.reader.read
+            while True:
+                broke = ""
+                try:
+                    out = framing.feed(data) if data else b""
+                except BadBody as exc:
+                    broke = str(exc)
+                else:
+                    if out:
+                        writer.write(out)
+                        await writer.drain()
+                    if framing.done:
+                        return True
+                    try:
+                        data = await read(CHUNK)
+                    except (ConnectionError, OSError) as exc:
+                        broke = f"{type(exc).__name__}: {exc}"
+                    else:
+                        broke = "" if data else "llama-server closed the connection mid-answer"
+                if broke:
+                    # llama-server broke off mid-answer: reset the tunnel rather than end it, so the
+                    # requester's gateway tells its client the answer is incomplete, not whole.
+                    self.log.warning("tunnel.upstream_broke", model=request.model, peer=peer, reason=broke)
+                    abort_tunnel(writer)
+                    return False
+        except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
+            # The requester went away (a reset, or QUIC STOP_SENDING and a reset: aioquic raises
+            # RuntimeError or ValueError on the next write); closing the llama-server connection stops
+            # the generation.
+            self.log.info("tunnel.requester_left", model=request.model, peer=peer, reason=str(exc))
+            return False
+        finally:
+            upstream.close()
+
+    async def _serve_unframed(
+        self, request: TunnelRequest, body: bytes, port: int, writer: asyncio.StreamWriter, peer: str | None
+    ) -> None:
+        """An older requester's answer: the body's payload, until FIN (parsed by aiohttp)."""
         try:
             upstream = await open_local(
                 self.session(), port, request.method, request.path, request_headers(request.headers), body

@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 (and asyncio) have no public way to do seven things we need:
+aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eight things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -13,6 +13,9 @@ aioquic 1.7.2 (and asyncio) have no public way to do seven things we need:
 - read every datagram waiting on the server socket when it is readable, not one a loop iteration
   (asyncio's selector datagram transport: ``_loop``, ``_sock``, ``_sock_fd``, ``_protocol``; see
   :func:`drain_datagrams`);
+- send a body that is already chunked (llama-server's, passed through untouched) on an aiohttp
+  response whose headers say chunked, without aiohttp framing each write again
+  (``StreamWriter.chunked``: see :func:`send_chunks_as_they_are`);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
   whether a datagram would create one - an Initial with a valid Retry token for an unknown
   connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
@@ -32,6 +35,8 @@ import socket
 import struct
 from importlib.metadata import version
 
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -41,6 +46,9 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 
 PINNED = {"aioquic": "1.7.2"}
+AIOHTTP_CHECKED = "3.14"
+"""The aiohttp release whose payload writer :func:`send_chunks_as_they_are` was checked against
+(tests/test_library_internals.py checks its effect on whichever is installed)."""
 
 
 class LibraryVersionError(ImportError):
@@ -113,6 +121,16 @@ def peer_certificate(protocol: QuicConnectionProtocol) -> x509.Certificate | Non
 
 
 TUNNEL_ABANDONED = 0x10  # the application error code a gateway sends when its client went away
+
+
+def send_chunks_as_they_are(writer: AbstractStreamWriter) -> None:
+    """After ``prepare()`` of a response with chunked encoding enabled: write bodies as given. The
+    caller's bytes are already chunk-framed (including the last, empty chunk), so aiohttp's own
+    framing - a size line and a CRLF around every write - must not be added. aiohttp's writer sends
+    no terminator at ``write_eof()`` once ``chunked`` is off."""
+    if not isinstance(writer, StreamWriter) or not hasattr(writer, "chunked"):
+        raise LibraryVersionError(f"aiohttp {version('aiohttp')}: the payload writer has no 'chunked' switch")
+    writer.chunked = False
 
 
 def abort_tunnel(writer: asyncio.StreamWriter) -> None:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import aiohttp
 import pykka
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -30,8 +29,18 @@ from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
-from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, new_session, open_local, pass_headers
+from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, pass_headers
 from meshllm.net.library_internals import abort_tunnel
+from meshllm.net.raw_http import (
+    FRAMED,
+    FRAMED_HEADER,
+    BadBody,
+    Body,
+    UntilEnd,
+    UpstreamError,
+    body_from_tunnel,
+    open_upstream,
+)
 from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body, model_entry
@@ -105,6 +114,25 @@ async def errors_as_openai(request: web.Request, handler: Handler) -> web.Stream
         return openai_error(exc.status, message, kind)
 
 
+class StalePooled(Exception):
+    """A pooled tunnel connection failed before any answer: the request may go again on a new one."""
+
+
+async def first_bytes(body: Body, already: bytes, read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """Read until ``body`` has bytes to pass on (a whole chunk), or has ended; ``already``: bytes read
+    with the head. A stream that ends before either raises ConnectionResetError."""
+    data = already or await read()
+    while True:
+        if not data:
+            if body.close_is_end():
+                return b""
+            raise ConnectionResetError("the answer's stream ended before its first byte")
+        out = body.feed(data)
+        if out or body.done:
+            return out
+        data = await read()
+
+
 class Target:
     """Where one attempt goes: this node's llama-server or a remote host."""
 
@@ -142,7 +170,6 @@ class Gateway:
         self.port = port
         self.log = logger.bind(actor="gateway")
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._turns: dict[str, itertools.count[int]] = {}
 
     # -- life cycle ---------------------------------------------------------------------------------------
@@ -160,7 +187,6 @@ class Gateway:
         self._runner, self.port = await start_http(app, self.host, self.port, SERVER_LIMITS)
         if self.keys.required:
             self.log.info("gateway.api_keys", keys=self.keys.fingerprints)
-        self._session = new_session()
         self._publisher = asyncio.ensure_future(self._publish_demand())
         return self.port
 
@@ -180,8 +206,6 @@ class Gateway:
                 self._publisher.cancel()
             if self._runner is not None:
                 await self._runner.cleanup()
-            if self._session is not None:
-                await self._session.close()
 
         try:
             self.endpoint.loop_thread.run(stop(), timeout=5)
@@ -313,75 +337,129 @@ class Gateway:
     ) -> web.StreamResponse:
         if target.host is not None:
             return await self._forward_tunnel(request, target.host, model, headers, body)
-        assert self._session is not None
         self.demand.hit(model)
-        upstream = await open_local(self._session, target.local_port, request.method, request.path, headers, body)
-        async with upstream:
+        try:
+            upstream = await open_upstream(target.local_port, request.method, request.path, headers, body)
+        except UpstreamError as exc:
+            raise UpstreamUnavailable(str(exc)) from exc
+        try:
+            read = upstream.reader.read
             try:
-                first = await upstream.content.readany()
-            except aiohttp.ClientPayloadError as exc:
+                first = await first_bytes(upstream.body, upstream.first, lambda: read(CHUNK))
+            except (ConnectionError, OSError, BadBody) as exc:
                 raise UpstreamUnavailable(f"llama-server broke off before its first byte: {exc}") from exc
             if not first and upstream.status == 200:
                 raise UpstreamUnavailable("llama-server ended its answer before its first byte")
-            return await relay(
+            response, _ = await relay(
                 request,
                 upstream.status,
                 pass_headers(upstream.headers),
+                upstream.body,
                 first,
-                upstream.content.readany,
+                lambda: read(CHUNK),
                 upstream.close,  # the connection closes: llama-server stops generating
                 self.log,
                 model,
                 str(target),
             )
+            return response
+        finally:
+            upstream.close()
+
+    async def _open_tunnel(
+        self, host: HostInfo, header: TunnelRequest, body: bytes
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool, bool]:
+        """A tunnel with the request sent: (reader, writer, fast path?, pooled connection?)."""
+        try:
+            reader, writer, pooled = await self.endpoint.fast.take(host.node_id, host.addrs, header)
+            writer.write(body)
+            return reader, writer, True, pooled
+        except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
+            reader, writer = await self.endpoint.open_tunnel(
+                host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
+            )
+            writer.write(body)
+            writer.write_eof()
+            return reader, writer, False, False
 
     async def _forward_tunnel(
         self, request: web.Request, host: HostInfo, model: str, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:
         header = TunnelRequest(
-            model=model, method=request.method, path=request.path, headers=headers, body_bytes=len(body)
+            model=model,
+            method=request.method,
+            path=request.path,
+            headers={**headers, FRAMED_HEADER: FRAMED},
+            body_bytes=len(body),
         )
-        fast = True
+        try:
+            return await self._tunnel_attempt(request, host, model, header, body, may_retry=True)
+        except StalePooled:
+            return await self._tunnel_attempt(request, host, model, header, body, may_retry=False)
+
+    async def _tunnel_attempt(
+        self,
+        request: web.Request,
+        host: HostInfo,
+        model: str,
+        header: TunnelRequest,
+        body: bytes,
+        may_retry: bool,
+    ) -> web.StreamResponse:
+        """One try of a tunnelled request; ``may_retry``: a pooled connection that turns out closed
+        raises StalePooled instead of UpstreamUnavailable."""
         writer: asyncio.StreamWriter | None = None
+        fast = keep = pooled = False
         try:
             try:
-                try:
-                    reader, writer = await self.endpoint.fast.open(host.node_id, host.addrs, header)
-                    writer.write(body)
-                except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
-                    fast = False
-                    reader, writer = await self.endpoint.open_tunnel(
-                        host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
-                    )
-                    writer.write(body)
-                    writer.write_eof()
+                reader, writer, fast, pooled = await self._open_tunnel(host, header, body)
+                read_more = self._tunnel_reader(host, reader, fast)
                 head = await self._while_alive(host, read_frame_as(reader, TunnelResponse), ping=not fast)
-                # Nothing goes to the client before the body's first byte: until then, another host can
-                # still answer instead.
-                first = await self._while_alive(host, reader.read(CHUNK), ping=not fast)
+                framing = body_from_tunnel(head.headers)
+                # Nothing goes to the client before the body's first byte: until then, another host
+                # can still answer instead.
+                first = await first_bytes(framing, b"", read_more)
             except PeerRefused as exc:
                 raise UpstreamUnavailable(f"host refused: {exc.reason}") from exc
-            except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, AuthError) as exc:
+            except (OSError, ConnectionError, TimeoutError, KeyError, CodecError, AuthError, BadBody) as exc:
+                if pooled and may_retry:
+                    # The host closed this idle connection as we sent on it: nothing was answered, so
+                    # the request goes again on a fresh connection.
+                    self.log.info("gateway.pooled_stale", target=host.node_id[:12], reason=str(exc))
+                    raise StalePooled from exc
                 raise UpstreamUnavailable(
                     f"tunnel to {host.node_id[:12]}: {type(exc).__name__}: {exc}"
                 ) from exc
             if not first and head.status == 200:
                 raise UpstreamUnavailable(f"host {host.node_id[:12]} ended its answer before its first byte")
             tunnel = writer
-            return await relay(
+            response, whole = await relay(
                 request,
                 head.status,
                 pass_headers(head.headers),
+                framing,
                 first,
-                lambda: self._while_alive(host, reader.read(CHUNK), ping=not fast),
+                read_more,
                 lambda: abort_tunnel(tunnel),
                 self.log,
                 model,
                 host.node_id,
             )
+            keep = fast and whole and not isinstance(framing, UntilEnd)
+            if keep:
+                self.endpoint.fast.give_back(host.node_id, reader, writer)
+            return response
         finally:
-            if fast and writer is not None:
+            if fast and writer is not None and not keep:
                 writer.close()
+
+    def _tunnel_reader(
+        self, host: HostInfo, reader: asyncio.StreamReader, fast: bool
+    ) -> Callable[[], Awaitable[bytes]]:
+        """The next bytes of a tunnel's body (on QUIC, while the host answers pings)."""
+        if fast:
+            return lambda: reader.read(CHUNK)
+        return lambda: self._while_alive(host, reader.read(CHUNK))
 
     async def _while_alive(self, host: HostInfo, waiting: Awaitable[T], ping: bool = True) -> T:
         """Wait for a tunnel read while checking, every few seconds of silence, that the host still

@@ -8,6 +8,11 @@ event (the OpenAI clients raise it as an API error), then the connection dropped
 terminator (any HTTP client reports an incomplete body). A client that goes away mid-way is told to
 whoever generates (``on_client_left``: the tunnel is reset, or the local connection closed), so the
 generation stops instead of running to ``max_tokens`` for nobody.
+
+The body's bytes go to the client as llama-server framed them (:mod:`meshllm.net.raw_http`): a
+chunked body keeps its chunks, and only whole ones are passed on, so an error event can still follow
+as a chunk of its own; a body with a length keeps it. An older host's tunnel body (payload until the
+stream ends) is chunked by aiohttp as before.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import aiohttp
 from aiohttp import web
 
 from meshllm.logsetup import Logger
+from meshllm.net.library_internals import send_chunks_as_they_are
+from meshllm.net.raw_http import BadBody, Body, ChunkedBody, LengthBody, dechunk
 
 HOST_LOST = "host_lost"
 
@@ -31,11 +38,15 @@ def sse_error(reason: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-async def fail_mid_stream(request: web.Request, response: web.StreamResponse, reason: str) -> None:
-    """End an answer cut after its first byte so that no client takes it for a whole one."""
+async def fail_mid_stream(
+    request: web.Request, response: web.StreamResponse, reason: str, raw_chunks: bool = False
+) -> None:
+    """End an answer cut after its first byte so that no client takes it for a whole one
+    (``raw_chunks``: the response's writes are chunk-framed by the caller, so the event is too)."""
     if "text/event-stream" in response.headers.get("Content-Type", ""):
+        event = sse_error(reason)
         with contextlib.suppress(ConnectionError):
-            await response.write(sse_error(reason))
+            await response.write(b"%x\r\n%s\r\n" % (len(event), event) if raw_chunks else event)
     transport = request.transport
     if transport is not None:
         transport.abort()  # no chunked terminator: the body is incomplete, and says so
@@ -45,33 +56,52 @@ async def relay(
     request: web.Request,
     status: int,
     headers: Mapping[str, str],
+    body: Body,
     first: bytes,
     read_more: Callable[[], Awaitable[bytes]],
     on_client_left: Callable[[], None],
     log: Logger,
     model: str,
     source: str,
-) -> web.StreamResponse:
-    """Send the client the answer whose head (``status``, ``headers``) and first body bytes came from
-    ``source``; ``read_more`` gives the rest (``b""`` at its end)."""
+) -> tuple[web.StreamResponse, bool]:
+    """Send the client the answer whose head (``status``, ``headers``) and first body bytes (already
+    through ``body.feed``) came from ``source``; ``read_more`` gives the raw bytes that follow (``b""``
+    when its stream ends). Returns the response and whether the body went out whole (it ended where
+    its framing said: the source's connection may carry another request)."""
     response = web.StreamResponse(status=status, headers=headers)
+    raw_chunks = isinstance(body, ChunkedBody) and request.version >= aiohttp.HttpVersion11
+    if raw_chunks:
+        response.enable_chunked_encoding()
+    elif isinstance(body, LengthBody):
+        response.content_length = body.length
     await response.prepare(request)
+    if raw_chunks:
+        send_chunks_as_they_are(request.writer)
+    decode = isinstance(body, ChunkedBody) and not raw_chunks  # an HTTP/1.0 client: payload, then close
     chunk = first
-    while chunk:
+    while True:
+        if chunk:
+            try:
+                await response.write(dechunk(chunk) if decode else chunk)
+            except ConnectionError:
+                log.info("gateway.client_left", model=model, source=source)
+                on_client_left()
+                return response, False
+        if body.done:
+            break
         try:
-            await response.write(chunk)
-        except ConnectionError:
-            log.info("gateway.client_left", model=model, source=source)
-            on_client_left()
-            return response
-        try:
-            chunk = await read_more()
-        except (ConnectionError, TimeoutError, aiohttp.ClientPayloadError) as exc:
+            data = await read_more()
+            if not data and not body.close_is_end():
+                raise ConnectionResetError("the answer's stream ended before its body did")
+            chunk = body.feed(data) if data else b""
+        except (ConnectionError, TimeoutError, aiohttp.ClientPayloadError, BadBody) as exc:
             log.warning("gateway.host_lost_mid_response", model=model, source=source, reason=str(exc))
-            await fail_mid_stream(request, response, str(exc) or type(exc).__name__)
-            return response
+            await fail_mid_stream(request, response, str(exc) or type(exc).__name__, raw_chunks)
+            return response, False
+        if not data:
+            break  # an older host's body: its stream's end is the body's end
     try:
         await response.write_eof()
     except ConnectionError:
         log.info("gateway.client_left", model=model, source=source)
-    return response
+    return response, body.done

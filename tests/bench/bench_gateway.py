@@ -395,6 +395,25 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
     print("  target for (c): tokens/s ratio >= 0.95 and added TTFT <= 20 ms")
 
 
+def summary(targets: list[Target]) -> None:
+    """One line per gateway path, for comparing runs: paired tokens/s ratio and added TTFT (medians over
+    rounds), and the CPU each node process spent per response (median ms)."""
+    base = targets[0].samples
+    for t in targets[1:]:
+        if t.key not in ("b", "c"):
+            continue
+        ratio = statistics.median(
+            x.tokens_per_s / y.tokens_per_s for x, y in zip(t.samples, base, strict=True)
+        )
+        ttft = statistics.median((x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(t.samples, base, strict=True))
+        cpu_a = statistics.median(x.cpu_ms["node A"] for x in t.samples)
+        cpu_b = statistics.median(x.cpu_ms["node B"] for x in t.samples)
+        print(
+            f"SUMMARY ({t.key}) {LABELS[t.key]}: tok/s ratio {ratio:.3f}  +TTFT {ttft:.1f} ms  "
+            f"CPU per response: node A {cpu_a:.1f} ms, node B {cpu_b:.1f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -488,6 +507,8 @@ def main() -> None:
             if other_benchmarks():
                 disturbed.add(args.warmup + args.rounds)
             report(targets, args.rounds)
+            print()
+            summary(targets)
             print(f"  tunnel transport for (c): {tunnel_transport(int(a.started['quic_port']))}")
             if disturbed:
                 print("WARNING: other benchmark/test runs overlapped this one: the figures are not clean")
