@@ -5,6 +5,7 @@ Every process a test starts is ended by its process group at teardown, even when
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -57,6 +58,24 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
         threading.Event().wait(interval)
+
+
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """:func:`wait_until` for a test's own event loop: poll without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def fed_reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:
+    """A StreamReader holding ``data`` (and its end, unless ``eof`` is false)."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
 
 
 class LogCapture(io.TextIOBase):

@@ -63,6 +63,7 @@ from meshllm.wire.messages import (
     Tick,
     TransportStats,
 )
+from tests.support import fed_reader
 
 FAST = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -445,24 +446,17 @@ def test_parse_kind_rejects(data: bytes) -> None:
         parse_kind(data)
 
 
-def _reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    if eof:
-        reader.feed_eof()
-    return reader
-
 
 def _read(data: bytes, **kwargs: Any) -> Message:
     async def go() -> Message:
-        return await read_frame(_reader(data), **kwargs)
+        return await read_frame(fed_reader(data), **kwargs)
 
     return asyncio.run(go())
 
 
 def _read_as(data: bytes, cls: type[Any]) -> Any:
     async def go() -> Any:
-        return await read_frame_as(_reader(data), cls)
+        return await read_frame_as(fed_reader(data), cls)
 
     return asyncio.run(go())
 
@@ -471,7 +465,7 @@ def test_read_frame_good() -> None:
     assert _read(pack_frame(Tick("x"))) == Tick("x")
 
     async def two() -> list[Message]:
-        reader = _reader(pack_frame(Tick("a")) + pack_frame(Refused("b")))
+        reader = fed_reader(pack_frame(Tick("a")) + pack_frame(Refused("b")))
         return [await read_frame(reader), await read_frame(reader)]
 
     assert asyncio.run(two()) == [Tick("a"), Refused("b")]
@@ -493,7 +487,7 @@ def test_read_frame_truncated(data: bytes) -> None:
 
 def test_read_frame_oversized_length_before_body() -> None:
     async def go() -> None:
-        reader = _reader(LENGTH.pack(1000), eof=False)  # body never comes; must not wait for it
+        reader = fed_reader(LENGTH.pack(1000), eof=False)  # body never comes; must not wait for it
         await asyncio.wait_for(read_frame(reader, max_bytes=100), timeout=5)
 
     with pytest.raises(MessageTooLarge):

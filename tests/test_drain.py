@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support import ProcessFactory, model_status, wait_until
+from tests.support import NodeProcess, ProcessFactory, model_status, wait_until
 from tests.test_gateway_failover import FAKE_BIN
 
 pytestmark = pytest.mark.llama
@@ -41,16 +41,24 @@ def start_stream(api: str) -> tuple[list[object], threading.Event]:
     return outcome, first_chunk
 
 
-def test_sigterm_lets_a_streaming_answer_finish(procs: ProcessFactory, tiny_gguf: Path) -> None:
+def slow_host_and_asker(
+    procs: ProcessFactory, tiny_gguf: Path, events: int, extra: str = ""
+) -> tuple[NodeProcess, NodeProcess]:
+    """A host whose (fake) llama-server streams ``events`` events 0.25 s apart, and a node asking it."""
     host = procs.start(
         "host",
-        extra=f'[models]\nserve = ["{tiny_gguf}"]\n[llama]\nbin_dir = "{FAKE_BIN}"\n',
-        env={"FAKE_LLAMA_MODE": "slow", "SLOW_EVENTS": "12", "SLOW_GAP_S": "0.25"},
+        extra=f'[models]\nserve = ["{tiny_gguf}"]\n[llama]\nbin_dir = "{FAKE_BIN}"\n' + extra,
+        env={"FAKE_LLAMA_MODE": "slow", "SLOW_EVENTS": str(events), "SLOW_GAP_S": "0.25"},
     )
     asker = procs.start("asker", join=(host.token,))
     wait_until(
         lambda: model_status(asker.console_url, "tiny").get("hosts") == [host.node_id], 60, what="hosting"
     )
+    return host, asker
+
+
+def test_sigterm_lets_a_streaming_answer_finish(procs: ProcessFactory, tiny_gguf: Path) -> None:
+    host, asker = slow_host_and_asker(procs, tiny_gguf, events=12)
     outcome, first_chunk = start_stream(asker.started["api"])
     assert first_chunk.wait(30)
     host.stop(timeout=30)  # SIGTERM, waits for the process to exit
@@ -64,15 +72,7 @@ def test_sigterm_lets_a_streaming_answer_finish(procs: ProcessFactory, tiny_gguf
 def test_an_answer_still_running_when_the_drain_ends_is_an_error_for_the_client(
     procs: ProcessFactory, tiny_gguf: Path
 ) -> None:
-    host = procs.start(
-        "host",
-        extra=f'[models]\nserve = ["{tiny_gguf}"]\n[llama]\nbin_dir = "{FAKE_BIN}"\n[timing]\ndrain_s = 0.5\n',
-        env={"FAKE_LLAMA_MODE": "slow", "SLOW_EVENTS": "40", "SLOW_GAP_S": "0.25"},
-    )
-    asker = procs.start("asker", join=(host.token,))
-    wait_until(
-        lambda: model_status(asker.console_url, "tiny").get("hosts") == [host.node_id], 60, what="hosting"
-    )
+    host, asker = slow_host_and_asker(procs, tiny_gguf, events=40, extra="[timing]\ndrain_s = 0.5\n")
     outcome, first_chunk = start_stream(asker.started["api"])
     assert first_chunk.wait(30)
     host.stop(timeout=30)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,7 +38,7 @@ from meshllm.wire.messages import (
     TunnelRequest,
     TunnelResponse,
 )
-from tests.support import NodeFactory, wait_until
+from tests.support import NodeFactory, until, wait_until
 
 SHORT_S = 1.0  # the stall timeouts, shortened for these tests
 UNKNOWN_KIND = 200  # a stream kind byte no node knows (yet)
@@ -89,14 +89,6 @@ class Peer(QuicConnectionProtocol):
             self.close_reason = event.reason_phrase
         super().quic_event_received(event)
 
-
-async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll (on this loop) until ``predicate()`` is truthy, failing after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Session:

@@ -14,7 +14,7 @@ import socket
 import ssl
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -36,7 +36,7 @@ from meshllm.wire.codec import Message
 from meshllm.wire.framing import StreamKind, pack_frame, read_frame
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.messages import Refused, RpcTunnelRequest
-from tests.support import NodeFactory, wait_until
+from tests.support import NodeFactory, until, wait_until
 from tests.test_capabilities import client_of, hello_from
 
 ATTACKER = "127.0.0.2"  # another loopback address: the real nodes all come from 127.0.0.1
@@ -71,14 +71,6 @@ async def open_idle(port: int, source: str = ATTACKER) -> tuple[Idle, asyncio.Da
     proto.connect(("127.0.0.1", port))
     return proto, transport
 
-
-async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll (on this loop) until ``predicate()`` is truthy, failing after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def guards(a: Node) -> tuple[PreAuthGuard[Any], PreAuthGuard[Any]]:

@@ -42,7 +42,7 @@ from meshllm.wire.messages import (
     RouteTable,
     Seed,
 )
-from tests.support import NodeFactory, wait_until
+from tests.support import NodeFactory, fed_reader, wait_until
 
 
 def hi(node_id: str) -> HostInfo:
@@ -91,22 +91,14 @@ def test_passive_connections_get_the_table_after_the_notice_and_members_the_noti
     assert notice_payloads(StreamKind.PEER_DOWN, notice, None) == (plain, plain)  # a passive node's
 
 
-def _reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    if eof:
-        reader.feed_eof()
-    return reader
-
-
 def test_the_pushed_table_is_read_after_the_notice_and_an_older_senders_end_of_stream_is_none() -> None:
     async def run() -> list[Any]:
         return [
-            await read_pushed_routes(_reader(pack_frame(TABLE))),
-            await read_pushed_routes(_reader(b"")),  # an older active node: the notice, then FIN
-            await read_pushed_routes(_reader(pack_frame(PeerLeaving(node_id="b", incarnation=1)))),
-            await read_pushed_routes(_reader(b"\x00\x00\x00\x09\xc1")),  # cut inside a frame
-            await read_pushed_routes(_reader(b"", eof=False), timeout=0.05),  # nothing more comes
+            await read_pushed_routes(fed_reader(pack_frame(TABLE))),
+            await read_pushed_routes(fed_reader(b"")),  # an older active node: the notice, then FIN
+            await read_pushed_routes(fed_reader(pack_frame(PeerLeaving(node_id="b", incarnation=1)))),
+            await read_pushed_routes(fed_reader(b"\x00\x00\x00\x09\xc1")),  # cut inside a frame
+            await read_pushed_routes(fed_reader(b"", eof=False), timeout=0.05),  # nothing more comes
         ]
 
     assert asyncio.run(run()) == [TABLE, None, None, None, None]
@@ -185,6 +177,19 @@ async def _hold_passive(
             await asyncio.sleep(0.02)
 
 
+def count_encodings(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """From now on, how many times each message type is encoded into a frame."""
+    encoded: Counter[str] = Counter()
+    real = framing.encode
+
+    def counting(msg: Message) -> bytes:
+        encoded[type(msg).__name__] += 1
+        return real(msg)
+
+    monkeypatch.setattr(framing, "encode", counting)
+    return encoded
+
+
 def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connection(
     nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,14 +203,7 @@ def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connecti
     try:
         wait_until(lambda: len(held) == 5, timeout=20, what="5 passive connections")
         version = ep.published.route_version
-        encoded: Counter[str] = Counter()
-        real = framing.encode
-
-        def counting(msg: Message) -> bytes:
-            encoded[type(msg).__name__] += 1
-            return real(msg)
-
-        monkeypatch.setattr(framing, "encode", counting)
+        encoded = count_encodings(monkeypatch)
         table = ep.published.route_table
         notice = PeerDown(node_id="someone-dead", incarnation=1, reporter=a.node_id)
         ep.loop_thread.run(ep.broadcast_peer_down(notice), timeout=10)
@@ -225,15 +223,8 @@ def test_route_requests_are_answered_from_the_frame_encoded_once_per_version(
     ep = a.endpoint
     assert isinstance(ep, MeshEndpoint)
     token = InviteToken.decode(a.invite("client"))
-    encoded: Counter[str] = Counter()
-    real = framing.encode
-
-    def counting(msg: Message) -> bytes:
-        encoded[type(msg).__name__] += 1
-        return real(msg)
-
     version = ep.published.route_version
-    monkeypatch.setattr(framing, "encode", counting)
+    encoded = count_encodings(monkeypatch)
 
     async def ask(n: int) -> list[RouteTable]:
         config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE)
