@@ -129,10 +129,6 @@ class FastPath:
         self.enabled = os.environ.get("MESHLLM_FAST_PATH", "1") != "0"
         self.guard: PreAuthGuard[asyncio.Future[bool]] | None = None
         self._pool: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
-        self.connections_accepted = 0
-        """Admitted connections (each one TCP+TLS handshake and a Hello); tests count them."""
-        self.connections_reused = 0
-        """Requests served on a connection after its first (pooling)."""
 
     def register(self, header: type[Message], handler: FastHandler, passive_ok: bool) -> None:
         """Serve connections whose header frame is of this type (``passive_ok``: clients may use it)."""
@@ -200,7 +196,6 @@ class FastPath:
                 for next_ticket in guard.release(source):
                     _wake(True)(next_ticket)
             if admitted is not None:
-                self.connections_accepted += 1
                 await self._serve_admitted(admitted.node_id, admitted.role, hello, reader, writer)
         finally:
             with contextlib.suppress(Exception):
@@ -278,7 +273,6 @@ class FastPath:
                     raise AuthError(f"{type(header).__name__} is for members only: this connection is {role}")
                 if not await handler(header, hello, reader, writer):
                     return
-                self.connections_reused += 1
                 following = await self._next_header(reader)
                 if following is None:
                     return  # the requester closed its pooled connection, or left it idle
