@@ -12,6 +12,7 @@ Tests and embedding code use it directly::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 import threading
@@ -417,13 +418,23 @@ class Node(StandbyRoles):
         self.stopped.set()
 
     def _drain(self) -> None:
-        """Let the answers under way through this node's tunnels finish before llama-server stops."""
+        """Let the answers under way finish before llama-server stops: those this node's tunnels stream
+        to other nodes (new ones are refused and go elsewhere) and those its gateway gives its own
+        clients."""
         if self.tunnel_server is None or self.endpoint is None:
             return
+        tunnels, gateway = self.tunnel_server, self.gateway
         drain_s = self.config.timing.drain_s
-        under_way = self.tunnel_server.in_flight
+        under_way = tunnels.in_flight.count + (gateway.in_flight.count if gateway is not None else 0)
+
+        async def drain() -> int:
+            waits = [tunnels.drain(drain_s)]
+            if gateway is not None:
+                waits.append(gateway.in_flight.wait_idle(drain_s))
+            return sum(await asyncio.gather(*waits))
+
         try:
-            left = self.endpoint.loop_thread.run(self.tunnel_server.drain(drain_s), timeout=drain_s + 5)
+            left = self.endpoint.loop_thread.run(drain(), timeout=drain_s + 5)
         except Exception as exc:
             self.log.warning("node.drain_failed", reason=str(exc))
             return

@@ -80,3 +80,16 @@ def test_an_answer_still_running_when_the_drain_ends_is_an_error_for_the_client(
     assert isinstance(outcome[0], openai.APIError), outcome  # reported as an error, not a normal end
     drained = host.events("node.drained")
     assert drained and drained[0]["cut"] == 1
+
+
+def test_sigterm_lets_an_answer_to_the_nodes_own_client_finish(procs: ProcessFactory, tiny_gguf: Path) -> None:
+    """The same for a client of the stopping node's own API, answered by its own llama-server: an
+    answer longer (8 s) than the gateway's own shutdown allows."""
+    host, _asker = slow_host_and_asker(procs, tiny_gguf, events=32)
+    outcome, first_chunk = start_stream(host.started["api"])
+    assert first_chunk.wait(30)
+    host.stop(timeout=30)
+    wait_until(lambda: outcome, 30, what="the stream to end")
+    assert outcome == ["length"], outcome
+    drained = host.events("node.drained")
+    assert drained and drained[0]["requests"] == 1 and drained[0]["cut"] == 0

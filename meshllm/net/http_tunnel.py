@@ -31,6 +31,7 @@ import aiohttp
 
 from actors.base import Directory
 from meshllm.logsetup import Logger
+from meshllm.net.in_flight import InFlight
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.local_route import local_route
 from meshllm.net.misbehaviour import read_header
@@ -115,20 +116,15 @@ class HttpTunnelServer:
         self.demand = demand or DemandCounter()
         self.log = logger.bind(actor="http-tunnel")
         self._session: aiohttp.ClientSession | None = None
-        self.in_flight = 0
+        self.in_flight = InFlight()
         self._answering: set[asyncio.StreamWriter] = set()
         self.draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new requests (their requesters retry on another host, as before a first byte) and wait
         up to ``timeout_s`` for the ones under way to finish; returns how many were still running."""
         self.draining = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        return self.in_flight
+        return await self.in_flight.wait_idle(timeout_s)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -186,16 +182,12 @@ class HttpTunnelServer:
         if self.draining:
             writer.write(pack_frame(Refused(reason="this node is leaving the mesh")))
             return False
-        self.in_flight += 1
         self._answering.add(writer)
-        self._idle.clear()
         try:
-            return await self._serve(request, reader, writer, peer)
+            with self.in_flight.track():
+                return await self._serve(request, reader, writer, peer)
         finally:
             self._answering.discard(writer)
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
 
     async def _serve(
         self,

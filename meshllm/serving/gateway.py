@@ -30,6 +30,7 @@ from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, pass_headers
+from meshllm.net.in_flight import InFlight
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.raw_http import (
     FRAMED,
@@ -160,6 +161,7 @@ class Gateway:
     ) -> None:
         self.directory = directory
         self.host_wait_s = host_wait_s
+        self.in_flight = InFlight()
         self._known: dict[str, float] = {}  # model -> when a route last knew it
         self.keys = KeyCheck(api_keys)
         self.demand = demand or DemandCounter()
@@ -244,6 +246,10 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        with self.in_flight.track():  # a graceful stop waits for it (Node.stop, [timing] drain_s)
+            return await self._proxy(request)
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
             parsed = json.loads(body)
