@@ -226,7 +226,7 @@ def test_status_of_a_live_two_node_mesh(procs: ProcessFactory, tiny_gguf: Path, 
     try:
         wait_until(lambda: (tmp_path / "watch.out").read_text().count("NODES (2)") >= 2, 30, what="two looks")
         watch.send_signal(signal.SIGINT)
-        assert watch.wait(10) == 0
+        assert watch.wait(30) == 0  # Ctrl-C ends it with 0 (30 s: a loaded machine is slow, not wrong)
     finally:
         if watch.poll() is None:
             watch.kill()
