@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -67,6 +68,23 @@ async def until(predicate: Callable[[], object], timeout: float, what: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def read_until_closed(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+) -> bytes:
+    """Everything the other side sends until it closes (a reset or a TLS error ends it too), within
+    ``timeout``; the connection is closed after."""
+    got = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(4096):
+                got += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+    return got
 
 
 def fed_reader(data: bytes, eof: bool = True) -> asyncio.StreamReader:

@@ -38,7 +38,7 @@ from meshllm.wire.messages import (
     TunnelRequest,
     TunnelResponse,
 )
-from tests.support import NodeFactory, until, wait_until
+from tests.support import NodeFactory, read_until_closed, until, wait_until
 
 SHORT_S = 1.0  # the stall timeouts, shortened for these tests
 UNKNOWN_KIND = 200  # a stream kind byte no node knows (yet)
@@ -88,7 +88,6 @@ class Peer(QuicConnectionProtocol):
             self.closed_at = time.monotonic()
             self.close_reason = event.reason_phrase
         super().quic_event_received(event)
-
 
 
 class Session:
@@ -385,17 +384,9 @@ async def fast_session(a: Node, after_hello: bytes, role: str = "client") -> tup
     closed it, what it answered)."""
     identity, hello = hostile_hello(a, role)
     reader, writer = await asyncio.open_connection("127.0.0.1", a.quic_port, ssl=tls_client())
-    got = b""
-    try:
-        started = time.monotonic()
-        writer.write(pack_frame(hello) + after_hello)
-        async with asyncio.timeout(SHORT_S + 10):
-            while chunk := await reader.read(4096):
-                got += chunk
-    except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
+    started = time.monotonic()
+    writer.write(pack_frame(hello) + after_hello)
+    got = await read_until_closed(reader, writer, SHORT_S + 10)
     return identity.node_id, time.monotonic() - started, got
 
 

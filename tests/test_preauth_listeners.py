@@ -36,7 +36,7 @@ from meshllm.wire.codec import Message
 from meshllm.wire.framing import StreamKind, pack_frame, read_frame
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.messages import Refused, RpcTunnelRequest
-from tests.support import NodeFactory, until, wait_until
+from tests.support import NodeFactory, read_until_closed, until, wait_until
 from tests.test_capabilities import client_of, hello_from
 
 ATTACKER = "127.0.0.2"  # another loopback address: the real nodes all come from 127.0.0.1
@@ -70,7 +70,6 @@ async def open_idle(port: int, source: str = ATTACKER) -> tuple[Idle, asyncio.Da
     transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=(source, 0))
     proto.connect(("127.0.0.1", port))
     return proto, transport
-
 
 
 def guards(a: Node) -> tuple[PreAuthGuard[Any], PreAuthGuard[Any]]:
@@ -249,19 +248,15 @@ async def _tcp(port: int, send: list[bytes], tls: bool, source: str = ATTACKER) 
     """Connect (TLS or not), send, then read until the node closes; (seconds to close, bytes read)."""
     started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    got = b""
     try:
         if tls:
             await writer.start_tls(tls_client())
         for chunk in send:
             writer.write(chunk)
-        async with asyncio.timeout(AUTH_DEADLINE_S + 5):
-            while chunk := await reader.read(4096):
-                got += chunk
     except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
         writer.close()
+        return time.monotonic() - started, b""
+    got = await read_until_closed(reader, writer, AUTH_DEADLINE_S + 5)
     return time.monotonic() - started, got
 
 

@@ -25,6 +25,7 @@ import meshllm.wire.framing as framing
 from meshllm.net import library_internals
 from meshllm.net.endpoint import ALPN, MeshEndpoint
 from meshllm.net.notices import notice_payloads, read_pushed_routes
+from meshllm.node import Node
 from meshllm.routing import drop_host, hosted_by
 from meshllm.wire.admission import make_hello
 from meshllm.wire.codec import Message
@@ -177,6 +178,12 @@ async def _hold_passive(
             await asyncio.sleep(0.02)
 
 
+def node_with_a_client_token(nodes: NodeFactory) -> tuple[Node, MeshEndpoint, InviteToken]:
+    a = nodes.start("a")
+    assert isinstance(a.endpoint, MeshEndpoint)
+    return a, a.endpoint, InviteToken.decode(a.invite("client"))
+
+
 def count_encodings(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """From now on, how many times each message type is encoded into a frame."""
     encoded: Counter[str] = Counter()
@@ -193,10 +200,7 @@ def count_encodings(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connection(
     nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a = nodes.start("a")
-    ep = a.endpoint
-    assert isinstance(ep, MeshEndpoint)
-    token = InviteToken.decode(a.invite("client"))
+    a, ep, token = node_with_a_client_token(nodes)
     stop, held = threading.Event(), []
     thread = threading.Thread(target=lambda: asyncio.run(_hold_passive(token, a.quic_port, 5, stop, held)))
     thread.start()
@@ -219,10 +223,7 @@ def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connecti
 def test_route_requests_are_answered_from_the_frame_encoded_once_per_version(
     nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a = nodes.start("a")
-    ep = a.endpoint
-    assert isinstance(ep, MeshEndpoint)
-    token = InviteToken.decode(a.invite("client"))
+    a, ep, token = node_with_a_client_token(nodes)
     version = ep.published.route_version
     encoded = count_encodings(monkeypatch)
 
