@@ -9,8 +9,11 @@ host's RPC tunnel listeners and closes them when it stops.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+from collections.abc import Coroutine
+from typing import Any
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
@@ -48,6 +51,18 @@ class TransportBridge(MsgpackActor):
         self._thread = endpoint.loop_thread
         self.rpc_tunnels = RpcTunnels(endpoint, directory, logger)
 
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        """Run ``coro`` on the endpoint's loop without waiting; an error it ends with is logged, never
+        dropped (a refresh that died silently left the router waiting for an answer)."""
+        name = getattr(coro, "__qualname__", "task")
+
+        def report(done: concurrent.futures.Future[object]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                exc = done.exception()
+                self.log.error("transport.task_failed", task=name, error=f"{type(exc).__name__}: {exc}")
+
+        self._thread.submit(coro).add_done_callback(report)
+
     @handles(EnsureRpcListeners)
     def on_rpc_listeners(self, msg: EnsureRpcListeners) -> None:
         async def ensure() -> None:
@@ -58,14 +73,14 @@ class TransportBridge(MsgpackActor):
                 reply = RpcListeners(model=msg.model, ports={}, error=f"{type(exc).__name__}: {exc}")
             self.tell("election", reply)
 
-        self._thread.submit(ensure())
+        self._spawn(ensure())
 
     @handles(AllowRpcHost)
     def on_allow_rpc_host(self, msg: AllowRpcHost) -> None:
         async def allow() -> None:
             self.rpc_tunnels.allow(msg.model, msg.host)
 
-        self._thread.submit(allow())
+        self._spawn(allow())
 
     @handles(GossipSnapshot)
     def on_snapshot(self, msg: GossipSnapshot) -> None:
@@ -80,23 +95,23 @@ class TransportBridge(MsgpackActor):
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:
         request = RouteRequest(claim=msg.claim, claim_key=msg.claim_key, asked=msg.asked)
-        self._thread.submit(
+        self._spawn(
             self.endpoint.refresh_routes(msg.actives, ROUTE_REQUEST_TIMEOUT_S, msg.every, request)
         )
 
     @handles(ExchangeGossip)
     def on_exchange(self, msg: ExchangeGossip) -> None:
-        self._thread.submit(
+        self._spawn(
             self.endpoint.exchange_gossip(msg.node_id, msg.addrs, msg.gossip, CONTROL_TIMEOUT_S)
         )
 
     @handles(ProbePeer)
     def on_probe(self, msg: ProbePeer) -> None:
-        self._thread.submit(self.endpoint.probe(msg.node_id, msg.addrs, msg.timeout_s))
+        self._spawn(self.endpoint.probe(msg.node_id, msg.addrs, msg.timeout_s))
 
     @handles(BroadcastPeerDown)
     def on_broadcast_down(self, msg: BroadcastPeerDown) -> None:
-        self._thread.submit(self.endpoint.broadcast_peer_down(msg.notice, msg.members))
+        self._spawn(self.endpoint.broadcast_peer_down(msg.notice, msg.members))
 
     @handles(ForgetPeer)
     def on_forget(self, msg: ForgetPeer) -> None:

@@ -399,6 +399,9 @@ class MeshEndpoint:
             return f"{seed.node_id[:12]}: refused: {reason}"
         except (OSError, ConnectionError, TimeoutError, CodecError) as exc:
             return f"{seed.node_id[:12]}: {type(exc).__name__}: {exc}".rstrip(": ")
+        except Exception as exc:  # the router must hear back whatever went wrong, or it waits 30 s
+            self.log.warning("routes.request_error", peer=seed.node_id, error=f"{type(exc).__name__}: {exc}")
+            return f"{seed.node_id[:12]}: {type(exc).__name__}: {exc}"
 
     async def open_tunnel(
         self, node_id: str, addrs: tuple[str, ...], kind: StreamKind, header: Message, timeout: float
