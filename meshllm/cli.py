@@ -271,6 +271,10 @@ def status(
         except client.StatusError as exc:
             typer.echo(f"meshllm: {exc}", err=True)
             raise typer.Exit(2) from None
+    if watch:
+        # Ctrl-C ends a watch even when the shell started it with SIGINT ignored (a background job of a
+        # non-interactive shell inherits that, and Python then raises no KeyboardInterrupt).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     raise typer.Exit(client.show(target, as_json, watch, interval))
 
 

@@ -206,11 +206,16 @@ def test_status_of_a_live_two_node_mesh(procs: ProcessFactory, tiny_gguf: Path, 
 
     # --watch until Ctrl-C, into a file (not a terminal): successive plain blocks, exit 0.
     with open(tmp_path / "watch.out", "wb") as sink:
+        # Started as a background job of a non-interactive shell would be: SIGINT ignored on entry.
+        ignoring_sigint = (
+            "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "from meshllm.cli import main; sys.argv[0] = 'meshllm'; main()"
+        )
         watch = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "meshllm",
+                "-c",
+                ignoring_sigint,
                 "status",
                 "--url",
                 b.console_url,
