@@ -31,11 +31,20 @@ import aiohttp
 
 from actors.base import Directory
 from meshllm.logsetup import Logger
+from meshllm.net.body_pump import PumpEnd, pump_body, source_of
 from meshllm.net.in_flight import InFlight
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.local_route import local_route
 from meshllm.net.misbehaviour import read_header
-from meshllm.net.raw_http import BODY_HEADER, FRAMED, FRAMED_HEADER, BadBody, UpstreamError, open_upstream
+from meshllm.net.raw_http import (
+    BODY_HEADER,
+    FRAMED,
+    FRAMED_HEADER,
+    BadBody,
+    Upstream,
+    UpstreamError,
+    open_upstream,
+)
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import (
     MAX_BODY_BYTES,
@@ -149,7 +158,7 @@ class HttpTunnelServer:
     ) -> bool:
         """A fast-path tunnel request; True when the connection may carry the requester's next one (a
         framed answer sent whole)."""
-        return await self.serve(request, reader, writer, peer=hello.node_id)
+        return await self.serve(request, reader, writer, peer=hello.node_id, pumped=True)
 
     def _refuse(
         self, writer: asyncio.StreamWriter, request: TunnelRequest, refusal: Refusal, peer: str | None
@@ -175,17 +184,20 @@ class HttpTunnelServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str | None = None,
+        pumped: bool = False,
     ) -> bool:
         """Forward one tunnelled request to this node's llama-server for its model, if it is one the
         gateway would pass on; otherwise answer it with the error and forward nothing. True when a
-        framed answer went out whole (the connection may carry another request)."""
+        framed answer went out whole (the connection may carry another request). ``pumped``: the
+        tunnel is a TCP connection (the fast path), and the body may be passed on by a
+        :class:`~meshllm.net.body_pump.BodyPump`."""
         if self.draining:
             writer.write(pack_frame(Refused(reason="this node is leaving the mesh")))
             return False
         self._answering.add(writer)
         try:
             with self.in_flight.track():
-                return await self._serve(request, reader, writer, peer)
+                return await self._serve(request, reader, writer, peer, pumped)
         finally:
             self._answering.discard(writer)
 
@@ -195,6 +207,7 @@ class HttpTunnelServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str | None,
+        pumped: bool,
     ) -> bool:
         framed = request.headers.get(FRAMED_HEADER) == FRAMED
         headers = {k: v for k, v in request.headers.items() if k != FRAMED_HEADER}
@@ -218,7 +231,7 @@ class HttpTunnelServer:
             writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))
             return False
         if framed:
-            return await self._serve_framed(request, headers, body, port, writer, peer)
+            return await self._serve_framed(request, headers, body, port, writer, peer, pumped)
         await self._serve_unframed(request, body, port, writer, peer)
         return False
 
@@ -230,6 +243,7 @@ class HttpTunnelServer:
         port: int,
         writer: asyncio.StreamWriter,
         peer: str | None,
+        pumped: bool,
     ) -> bool:
         """llama-server's answer with its body's bytes untouched; True when it went out whole."""
         try:
@@ -242,33 +256,9 @@ class HttpTunnelServer:
             head = pass_headers(upstream.headers)
             head[BODY_HEADER] = upstream.body.framing
             writer.write(pack_frame(TunnelResponse(status=upstream.status, headers=head)))
-            framing = upstream.body
-            data = upstream.first
-            read = upstream.reader.read
-            while True:
-                broke = ""
-                try:
-                    out = framing.feed(data) if data else b""
-                except BadBody as exc:
-                    broke = str(exc)
-                else:
-                    if out:
-                        writer.write(out)
-                        await writer.drain()
-                    if framing.done:
-                        return True
-                    try:
-                        data = await read(CHUNK)
-                    except (ConnectionError, OSError) as exc:
-                        broke = f"{type(exc).__name__}: {exc}"
-                    else:
-                        broke = "" if data else "llama-server closed the connection mid-answer"
-                if broke:
-                    # llama-server broke off mid-answer: reset the tunnel rather than end it, so the
-                    # requester's gateway tells its client the answer is incomplete, not whole.
-                    self.log.warning("tunnel.upstream_broke", model=request.model, peer=peer, reason=broke)
-                    abort_tunnel(writer)
-                    return False
+            if pumped:
+                return await self._pump_answer(request, upstream, writer, peer)
+            return await self._copy_answer(request, upstream, writer, peer)
         except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
             # The requester went away (a reset, or QUIC STOP_SENDING and a reset: aioquic raises
             # RuntimeError or ValueError on the next write); closing the llama-server connection stops
@@ -277,6 +267,62 @@ class HttpTunnelServer:
             return False
         finally:
             upstream.close()
+
+    async def _pump_answer(
+        self, request: TunnelRequest, upstream: Upstream, writer: asyncio.StreamWriter, peer: str | None
+    ) -> bool:
+        """The body from llama-server's connection to the tunnel's, written by the transport's read
+        callback (:mod:`meshllm.net.body_pump`); True when it went out whole."""
+        framing = upstream.body
+        if upstream.first:
+            writer.write(framing.feed(upstream.first))
+        if framing.done:
+            return True
+        result = await pump_body(
+            framing, upstream.reader, source_of(upstream.writer), writer.transport, writer.drain
+        )
+        if result.end is PumpEnd.WHOLE:
+            return True
+        if result.end is PumpEnd.SOURCE_BROKE:
+            self._upstream_broke(request, writer, peer, result.reason)
+        else:
+            self.log.info("tunnel.requester_left", model=request.model, peer=peer, reason=result.reason)
+        return False
+
+    async def _copy_answer(
+        self, request: TunnelRequest, upstream: Upstream, writer: asyncio.StreamWriter, peer: str | None
+    ) -> bool:
+        """The body read from llama-server and written to a QUIC stream, one read at a time."""
+        framing = upstream.body
+        data = upstream.first
+        read = upstream.reader.read
+        while True:
+            try:
+                out = framing.feed(data) if data else b""
+            except BadBody as exc:
+                self._upstream_broke(request, writer, peer, str(exc))
+                return False
+            if out:
+                writer.write(out)
+                await writer.drain()
+            if framing.done:
+                return True
+            try:
+                data = await read(CHUNK)
+            except (ConnectionError, OSError) as exc:
+                self._upstream_broke(request, writer, peer, f"{type(exc).__name__}: {exc}")
+                return False
+            if not data:
+                self._upstream_broke(request, writer, peer, "llama-server closed the connection mid-answer")
+                return False
+
+    def _upstream_broke(
+        self, request: TunnelRequest, writer: asyncio.StreamWriter, peer: str | None, reason: str
+    ) -> None:
+        """llama-server broke off mid-answer: reset the tunnel rather than end it, so the requester's
+        gateway tells its client the answer is incomplete, not whole."""
+        self.log.warning("tunnel.upstream_broke", model=request.model, peer=peer, reason=reason)
+        abort_tunnel(writer)
 
     async def _serve_unframed(
         self, request: TunnelRequest, body: bytes, port: int, writer: asyncio.StreamWriter, peer: str | None

@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eight things we need:
+aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do nine things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -16,6 +16,8 @@ aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eight things w
 - send a body that is already chunked (llama-server's, passed through untouched) on an aiohttp
   response whose headers say chunked, without aiohttp framing each write again
   (``StreamWriter.chunked``: see :func:`send_chunks_as_they_are`);
+- take what an asyncio stream has buffered without waiting, before a body pump takes its connection
+  over (``StreamReader._buffer``: see :func:`take_buffered`);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
   whether a datagram would create one - an Initial with a valid Retry token for an unknown
   connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
@@ -131,6 +133,16 @@ def send_chunks_as_they_are(writer: AbstractStreamWriter) -> None:
     if not isinstance(writer, StreamWriter) or not hasattr(writer, "chunked"):
         raise LibraryVersionError(f"aiohttp {version('aiohttp')}: the payload writer has no 'chunked' switch")
     writer.chunked = False
+
+
+def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool, BaseException | None]:
+    """What an asyncio stream has read that nobody has taken yet (now taken), whether its end has come,
+    and the error it ended with. asyncio has no public read that never waits (``StreamReader._buffer``):
+    :mod:`meshllm.net.body_pump` empties the stream before it takes the connection over."""
+    buffer = reader._buffer  # type: ignore[attr-defined]
+    held = bytes(buffer)
+    buffer.clear()
+    return held, reader.at_eof(), reader.exception()
 
 
 def abort_tunnel(writer: asyncio.StreamWriter) -> None:

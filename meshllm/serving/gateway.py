@@ -28,6 +28,7 @@ from aiohttp.typedefs import Middleware
 from actors.base import AskError, Directory
 from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
+from meshllm.net.body_pump import source_of
 from meshllm.net.endpoint import MeshEndpoint
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, pass_headers
 from meshllm.net.in_flight import InFlight
@@ -367,6 +368,7 @@ class Gateway:
                 self.log,
                 model,
                 str(target),
+                pump_from=(upstream.reader, source_of(upstream.writer)),
             )
             return response
         finally:
@@ -450,6 +452,7 @@ class Gateway:
                 self.log,
                 model,
                 host.node_id,
+                pump_from=(reader, source_of(writer)) if fast else None,
             )
             keep = fast and whole and not isinstance(framing, UntilEnd)
             if keep:

@@ -12,11 +12,15 @@ generation stops instead of running to ``max_tokens`` for nobody.
 The body's bytes go to the client as llama-server framed them (:mod:`meshllm.net.raw_http`): a
 chunked body keeps its chunks, and only whole ones are passed on, so an error event can still follow
 as a chunk of its own; a body with a length keeps it. An older host's tunnel body (payload until the
-stream ends) is chunked by aiohttp as before.
+stream ends) is chunked by aiohttp as before. A body that comes over TCP (the local llama-server's
+connection, a fast-path tunnel) is passed on after its first bytes by a body pump
+(:mod:`meshllm.net.body_pump`): written from the source connection's read callback to the client's
+transport, with no coroutine step per token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from meshllm.logsetup import Logger
+from meshllm.net.body_pump import PumpEnd, PumpResult, pump_body
 from meshllm.net.library_internals import send_chunks_as_they_are
 from meshllm.net.raw_http import BadBody, Body, ChunkedBody, LengthBody, dechunk
 
@@ -52,6 +57,51 @@ async def fail_mid_stream(
         transport.abort()  # no chunked terminator: the body is incomplete, and says so
 
 
+PumpSource = tuple[asyncio.StreamReader, asyncio.Transport]
+"""A TCP (or TLS over TCP) stream a body comes from, and its transport."""
+
+
+async def _pump_rest(
+    request: web.Request,
+    response: web.StreamResponse,
+    body: Body,
+    first: bytes,
+    pump_from: PumpSource,
+    on_client_left: Callable[[], None],
+    log: Logger,
+    model: str,
+    source: str,
+) -> tuple[web.StreamResponse, bool]:
+    """:func:`relay` for a body from a TCP stream: the first bytes through aiohttp (they carry the
+    response head with them), the rest by a body pump straight to the client's connection."""
+    try:
+        await response.write(first)
+    except ConnectionError:
+        log.info("gateway.client_left", model=model, source=source)
+        on_client_left()
+        return response, False
+    sink = request.transport
+    if not body.done:
+        if sink is None:
+            result = PumpResult(PumpEnd.SINK_LEFT, "the client's connection closed")
+        else:
+            reader, transport = pump_from
+            result = await pump_body(body, reader, transport, sink, request.writer.drain)
+        if result.end is PumpEnd.SINK_LEFT:
+            log.info("gateway.client_left", model=model, source=source)
+            on_client_left()
+            return response, False
+        if result.end is PumpEnd.SOURCE_BROKE:
+            log.warning("gateway.host_lost_mid_response", model=model, source=source, reason=result.reason)
+            await fail_mid_stream(request, response, result.reason, raw_chunks=isinstance(body, ChunkedBody))
+            return response, False
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        log.info("gateway.client_left", model=model, source=source)
+    return response, body.done
+
+
 async def relay(
     request: web.Request,
     status: int,
@@ -63,11 +113,14 @@ async def relay(
     log: Logger,
     model: str,
     source: str,
+    pump_from: PumpSource | None = None,
 ) -> tuple[web.StreamResponse, bool]:
     """Send the client the answer whose head (``status``, ``headers``) and first body bytes (already
     through ``body.feed``) came from ``source``; ``read_more`` gives the raw bytes that follow (``b""``
-    when its stream ends). Returns the response and whether the body went out whole (it ended where
-    its framing said: the source's connection may carry another request)."""
+    when its stream ends). ``pump_from``: the stream and TCP connection those bytes come from, for a
+    :class:`~meshllm.net.body_pump.BodyPump` to pass them on without a read per event. Returns the
+    response and whether the body went out whole (it ended where its framing said: the source's
+    connection may carry another request)."""
     response = web.StreamResponse(status=status, headers=headers)
     raw_chunks = isinstance(body, ChunkedBody) and request.version >= aiohttp.HttpVersion11
     if raw_chunks:
@@ -78,6 +131,8 @@ async def relay(
     if raw_chunks:
         send_chunks_as_they_are(request.writer)
     decode = isinstance(body, ChunkedBody) and not raw_chunks  # an HTTP/1.0 client: payload, then close
+    if pump_from is not None and first and not decode:
+        return await _pump_rest(request, response, body, first, pump_from, on_client_left, log, model, source)
     chunk = first
     while True:
         if chunk:
