@@ -118,6 +118,18 @@ class Directory:
             return False
         return True
 
+    def tell_if_running(self, name: str, msg: Message) -> bool:
+        """:meth:`tell` to an actor that runs only on some nodes (the standby): its absence is no fault,
+        so nothing is reported. False when nobody by that name is alive."""
+        ref = self.ref(name)
+        if ref is None:
+            return False
+        try:
+            ref.tell(encode(msg))
+        except pykka.ActorDeadError:
+            return False
+        return True
+
     def ask(self, name: str, msg: Message, reply_type: type[ReplyT], timeout: float = 5.0) -> ReplyT:
         """Send a message and wait for its reply, which must be a ``reply_type``.
 

@@ -434,7 +434,9 @@ class Election(MsgpackActor):
             if before.get(spec.key) != spec:
                 # New or changed: whatever ran under this key is about to go; stop routing to it now.
                 self._set(spec.key, "starting", 0)
-        self.tell("supervisor", DesiredProcesses(specs=desired))
+        # Nothing to run needs no supervisor: a node that serves no model runs none.
+        tell = self.directory.tell if desired else self.directory.tell_if_running
+        tell("supervisor", DesiredProcesses(specs=desired))
 
     def _log_plan(self, name: str, local: LocalModel) -> None:
         summary = local.summary(self.own_id)

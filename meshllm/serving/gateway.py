@@ -197,11 +197,18 @@ class Gateway:
         """Every few seconds, tell the actors that use demand what this node counted, when it changed."""
         while True:
             await asyncio.sleep(DEMAND_EVERY_S)
-            counts = self.demand.per_minute()
-            if counts != self._published:
-                self._published = counts
-                for name in ("registry", "router", "standby"):
-                    self.directory.tell(name, SetDemand(demand=counts))
+            self.publish_demand()
+
+    def publish_demand(self) -> None:
+        """Tell the registry and the router (and the standby, on a node that runs one) this node's
+        demand, if it changed since the last time."""
+        counts = self.demand.per_minute()
+        if counts != self._published:
+            self._published = counts
+            message = SetDemand(demand=counts)
+            self.directory.tell("registry", message)
+            self.directory.tell("router", message)
+            self.directory.tell_if_running("standby", message)
 
     def stop(self) -> None:
         async def stop() -> None:
