@@ -3,8 +3,10 @@ loopback ports of this node's own llama-server and rpc-server per model.
 
 It follows the registry's topology events (peers announce what they serve) and the election's
 LocalServing messages, rebuilds the table (:func:`meshllm.routing.build_table`) when they change,
-and publishes it to the transport, which answers passive nodes' route requests with it. It answers
-Route and ListModels from the same table; it never waits on anyone.
+and publishes it to the transport, which answers passive nodes' route requests with it; the
+snapshot it publishes also carries this node's loopback ports, so the gateway and the tunnels answer
+"where is M served?" on the endpoint's loop (:func:`meshllm.routing.route_reply`) without asking. It
+answers Route and ListModels from the same snapshot; it never waits on anyone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
-from meshllm.routing import available, build_table, hosts_of, model_list
+from meshllm.routing import build_table, model_list, route_reply
 from meshllm.wire.messages import (
     AskedFor,
     Claim,
@@ -69,10 +71,19 @@ class Router(MsgpackActor):
         self.local_ports: dict[str, int] = {}
         self.local_rpc_ports: dict[str, int] = {}
         self.table = self._build()
+        self.snapshot = self._snapshot()
 
     def on_start(self) -> None:
         self.tell("registry", Subscribe(subscriber=self.name))
-        self.tell("transport", RouteSnapshot(table=self.table))
+        self.tell("transport", self.snapshot)
+
+    def _snapshot(self) -> RouteSnapshot:
+        return RouteSnapshot(
+            table=self.table,
+            own_id=self.own.node_id,
+            local_ports=dict(self.local_ports),
+            local_rpc_ports=dict(self.local_rpc_ports),
+        )
 
     def _build(self) -> RouteTable:
         return build_table(
@@ -89,10 +100,11 @@ class Router(MsgpackActor):
         )
 
     def _rebuild(self) -> None:
-        table = self._build()
-        if table != self.table:
-            self.table = table
-            self.tell("transport", RouteSnapshot(table=table))
+        self.table = self._build()
+        snapshot = self._snapshot()
+        if snapshot != self.snapshot:  # the table, or a port the table does not show (an rpc-server)
+            self.snapshot = snapshot
+            self.tell("transport", snapshot)
 
     @handles(PeerJoined)
     def on_joined(self, msg: PeerJoined) -> None:
@@ -170,15 +182,7 @@ class Router(MsgpackActor):
 
     @handles(Route)
     def on_route(self, msg: Route) -> RouteReply:
-        names = available(self.table)  # every request asks: build the list once per request
-        return RouteReply(
-            model=msg.model,
-            known=msg.model in names,
-            local_port=self.local_ports.get(msg.model, 0),
-            hosts=tuple(h for h in hosts_of(self.table, msg.model) if h.node_id != self.own.node_id),
-            available=names,
-            local_rpc_port=self.local_rpc_ports.get(msg.model, 0),
-        )
+        return route_reply(self.snapshot, msg.model)
 
     @handles(ListModels)
     def on_list(self, msg: ListModels) -> ModelList:

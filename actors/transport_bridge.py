@@ -90,7 +90,7 @@ class TransportBridge(MsgpackActor):
     def on_route_snapshot(self, msg: RouteSnapshot) -> None:
         # Packed here, once per change, not on the loop for each of many passive nodes' requests.
         frame = pack_frame(msg.table)
-        self._thread.loop.call_soon_threadsafe(self.endpoint.publish_routes, msg.table, frame)
+        self._thread.loop.call_soon_threadsafe(self.endpoint.publish_routes, msg, frame)
 
     @handles(RefreshRoutes)
     def on_refresh(self, msg: RefreshRoutes) -> None:

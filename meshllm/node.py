@@ -304,7 +304,7 @@ class Node(StandbyRoles):
                     context=cfg.models.context,
                 )
         demand = DemandCounter()  # shared by the two places that serve requests, read by the gateway
-        self.tunnel_server = HttpTunnelServer(self.directory, self.log, demand)
+        self.tunnel_server = HttpTunnelServer(self.directory, self.log, demand, self.endpoint.route_now)
         self.endpoint.register_tunnel(StreamKind.HTTP_TUNNEL, self.tunnel_server.handle, passive_ok=True)
         self.endpoint.fast.register(TunnelRequest, self.tunnel_server.serve_fast, passive_ok=True)
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from meshllm.wire.messages import Claim, HostInfo, ModelList, ModelRoute, PeerAnnouncement, RouteTable, Seed
+from meshllm.wire.messages import (
+    Claim,
+    HostInfo,
+    ModelList,
+    ModelRoute,
+    PeerAnnouncement,
+    RouteReply,
+    RouteSnapshot,
+    RouteTable,
+    Seed,
+)
 
 
 def build_table(
@@ -113,3 +123,18 @@ def available(table: RouteTable) -> tuple[str, ...]:
 def model_list(table: RouteTable) -> ModelList:
     served = sorted((m for m in table.models if m.hosts), key=lambda m: m.name)
     return ModelList(served=tuple(m.name for m in served), wanted=table.unserved, details=tuple(served))
+
+
+def route_reply(snapshot: RouteSnapshot, model: str) -> RouteReply:
+    """An active node's answer to "where is ``model`` served?": its own llama-server (by loopback
+    port) and the other hosts in the table. The Router answers a Route ask with it, and the gateway
+    and the tunnels compute it from the snapshot the Router published, without a thread hop per request."""
+    names = available(snapshot.table)
+    return RouteReply(
+        model=model,
+        known=model in names,
+        local_port=snapshot.local_ports.get(model, 0),
+        hosts=tuple(h for h in hosts_of(snapshot.table, model) if h.node_id != snapshot.own_id),
+        available=names,
+        local_rpc_port=snapshot.local_rpc_ports.get(model, 0),
+    )

@@ -215,9 +215,13 @@ def test_nothing_new_is_not_offered_again(h: Harness) -> None:
         PeerJoined(peer=a),  # the same announcement again
         PeerLeft(node_id="nobody", incarnation=0),
         HostFailed(model="big", node_id="a"),
-        LocalServing(model="mine", port=5001, kind="rpc-server"),  # not in the table
     )
     assert transport.messages(RouteSnapshot, since=mark) == []
+    before = table(h)
+    say(h, LocalServing(model="mine", port=5001, kind="rpc-server"))  # not in the table: in the snapshot
+    snapshot = transport.wait_for(RouteSnapshot, since=mark)
+    assert (snapshot.table, snapshot.local_rpc_ports) == (before, {"mine": 5001})
+    mark = transport.mark()
     say(h, PeerUpdated(peer=replace(a, addrs=("a.test:2",), version=1)))
     assert transport.wait_for(RouteSnapshot, since=mark).table.models == (
         ModelRoute("big", (HostInfo("a", ("a.test:2",), 10),)),

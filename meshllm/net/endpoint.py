@@ -40,7 +40,7 @@ from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.net.published import Counters, Published
 from meshllm.net.quic_listener import GuardedQuicServer
 from meshllm.net.revocation import Revocations
-from meshllm.routing import drop_host
+from meshllm.routing import drop_host, model_list, route_reply
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, M, Message
 from meshllm.wire.framing import (
@@ -59,11 +59,14 @@ from meshllm.wire.messages import (
     GossipFailed,
     GossipReceived,
     Hello,
+    ModelList,
     PeerDown,
     PeerLeaving,
     ProbeResult,
+    RouteReply,
     RouteRequest,
     RoutesFailed,
+    RouteSnapshot,
     RoutesReceived,
     RouteTable,
     Seed,
@@ -214,12 +217,33 @@ class MeshEndpoint:
     def publish_gossip(self, gossip: Gossip) -> None:
         self.published.gossip = gossip
 
-    def publish_routes(self, table: RouteTable, frame: bytes) -> None:
-        """The router's table, and the frame route requests are answered with (packed once, by the
-        transport actor); a new version of both."""
-        self.published.route_table = table
+    def publish_routes(self, snapshot: RouteSnapshot, frame: bytes) -> None:
+        """The router's snapshot, and the frame route requests are answered with (its table, packed
+        once, by the transport actor); a new version of both."""
+        self.published.route_table = snapshot.table
         self.published.route_frame = frame
+        self.published.route_snapshot = snapshot
         self.published.route_version += 1
+
+    def route_now(self, model: str) -> RouteReply | None:
+        """The Router's answer for ``model``, from the snapshot it published last (no thread hop: the
+        gateway and the tunnels call this for every request). None where no Router publishes one
+        (a passive node: ask its router) or while none runs."""
+        snapshot = self._route_snapshot()
+        return route_reply(snapshot, model) if snapshot is not None else None
+
+    def models_now(self) -> ModelList | None:
+        """The Router's answer to ListModels from the same snapshot (so a model the gateway lists is
+        one it routes); None as for :meth:`route_now`."""
+        snapshot = self._route_snapshot()
+        return model_list(snapshot.table) if snapshot is not None else None
+
+    def _route_snapshot(self) -> RouteSnapshot | None:
+        snapshot = self.published.route_snapshot
+        router = self.directory.ref("router")
+        if snapshot is None or router is None or not router.is_alive():
+            return None
+        return snapshot
 
     # -- connection bookkeeping -------------------------------------------------------------------------
 

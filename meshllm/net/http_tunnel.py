@@ -34,7 +34,7 @@ from meshllm.logsetup import Logger
 from meshllm.net.body_pump import PumpEnd, pump_body, source_of
 from meshllm.net.in_flight import InFlight
 from meshllm.net.library_internals import abort_tunnel
-from meshllm.net.local_route import local_route
+from meshllm.net.local_route import RouteNow, local_route
 from meshllm.net.misbehaviour import read_header
 from meshllm.net.raw_http import (
     BODY_HEADER,
@@ -120,8 +120,15 @@ def _content_length_agrees(headers: Mapping[str, str], body: bytes) -> Refusal |
 class HttpTunnelServer:
     """Serves HTTP tunnel streams on the host: forwards each to the local llama-server of its model."""
 
-    def __init__(self, directory: Directory, logger: Logger, demand: DemandCounter | None = None) -> None:
+    def __init__(
+        self,
+        directory: Directory,
+        logger: Logger,
+        demand: DemandCounter | None = None,
+        route_now: RouteNow | None = None,
+    ) -> None:
         self.directory = directory
+        self.route_now = route_now
         self.demand = demand or DemandCounter()
         self.log = logger.bind(actor="http-tunnel")
         self._session: aiohttp.ClientSession | None = None
@@ -223,7 +230,7 @@ class HttpTunnelServer:
         if refusal is not None:
             self._refuse(writer, request, refusal, peer)
             return False
-        route = await local_route(self.directory, request.model, self.log)
+        route = await local_route(self.directory, request.model, self.log, self.route_now)
         port = route.local_port if route is not None else 0
         if port:
             self.demand.hit(request.model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pykka
 
 from actors.base import AskError, Directory
@@ -10,10 +12,18 @@ from meshllm.wire.messages import Route, RouteReply
 
 ROUTE_TIMEOUT_S = 5.0
 
+RouteNow = Callable[[str], RouteReply | None]
+"""The router's answer from the snapshot it published (:meth:`MeshEndpoint.route_now`), or None when
+there is none to answer from and the router must be asked."""
 
-async def local_route(directory: Directory, model: str, log: Logger) -> RouteReply | None:
-    """The router's answer for ``model``; None (logged) when the router cannot answer, which the
-    tunnel treats as "not served here"."""
+
+async def local_route(
+    directory: Directory, model: str, log: Logger, route_now: RouteNow | None = None
+) -> RouteReply | None:
+    """The router's answer for ``model`` (from its published snapshot when there is one, else asked);
+    None (logged) when the router cannot answer, which the tunnel treats as "not served here"."""
+    if route_now is not None and (reply := route_now(model)) is not None:
+        return reply
     try:
         return await directory.ask_async("router", Route(model=model), RouteReply, ROUTE_TIMEOUT_S)
     except (AskError, pykka.Timeout) as exc:

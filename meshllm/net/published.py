@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from meshllm.wire.messages import Gossip, RouteTable
+from meshllm.wire.messages import Gossip, RouteSnapshot, RouteTable
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Published:
     route_table: RouteTable
     route_frame: bytes
     route_version: int = 0
+    route_snapshot: RouteSnapshot | None = None  # an active node's: the gateway and tunnels route from it
 
 
 @dataclass

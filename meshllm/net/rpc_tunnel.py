@@ -334,7 +334,7 @@ class RpcTunnels:
             self.log.warning("rpc.refused", model=request.model, peer=peer, reason=reason)
             writer.write(pack_frame(Refused(reason=reason)))
             return
-        route = await local_route(self.directory, request.model, self.log)
+        route = await local_route(self.directory, request.model, self.log, self.endpoint.route_now)
         port = route.local_rpc_port if route is not None else 0
         if not port:
             writer.write(pack_frame(Refused(reason=f"no rpc-server for {request.model!r} on this node")))

@@ -237,8 +237,17 @@ class Gateway:
                 503, "the node's router is unavailable, try again", "server_error", code="router_unavailable"
             )
 
+    async def _route(self, model: str) -> RouteReply | web.Response:
+        """Where ``model`` is served: from the snapshot the Router published (an active node: no
+        thread hop per request), else the router's answer (a passive node's), else a 503."""
+        reply = self.endpoint.route_now(model)
+        if reply is not None:
+            return reply
+        return await self._ask_router(Route(model=model), RouteReply)
+
     async def models(self, request: web.Request) -> web.Response:
-        reply = await self._ask_router(ListModels(), ModelList)
+        listed = self.endpoint.models_now()  # an active node's router published it; else ask
+        reply = listed if listed is not None else await self._ask_router(ListModels(), ModelList)
         if isinstance(reply, web.Response):
             return reply
         now = int(time.time())
@@ -270,7 +279,7 @@ class Gateway:
             return openai_error(
                 400, "missing 'model' (a string)", "invalid_request_error", code="missing_model"
             )
-        route = await self._ask_router(Route(model=model), RouteReply)
+        route = await self._route(model)
         if isinstance(route, web.Response):
             return route
         if route.known:
@@ -328,7 +337,7 @@ class Gateway:
         router refreshes a table that has none; a new host, a promotion, a restart fill it)."""
         while time.monotonic() < deadline:
             await asyncio.sleep(HOST_POLL_S)
-            route = await self._ask_router(Route(model=model), RouteReply)
+            route = await self._route(model)
             if isinstance(route, web.Response):
                 return route
             targets = [t for t in self._targets(route) if str(t) not in tried]

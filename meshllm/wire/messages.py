@@ -786,9 +786,14 @@ class RouteTable(Message):
 @message(240)
 @dataclass(frozen=True)
 class RouteSnapshot(Message):
-    """Router -> transport: the table to answer route requests with, until the next snapshot."""
+    """Router -> transport: the table to answer route requests with, until the next snapshot, and
+    what else the router answers a Route with (this node's id and loopback ports), so the gateway
+    and the tunnels on the endpoint's loop answer themselves (:func:`meshllm.routing.route_reply`)."""
 
     table: RouteTable
+    own_id: str = ""
+    local_ports: dict[str, int] = field(default_factory=dict)  # this node's llama-server per model
+    local_rpc_ports: dict[str, int] = field(default_factory=dict)  # its rpc-server per model
 
 
 @message(241)
