@@ -12,8 +12,8 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from meshllm.net.body_pump import PumpEnd, pump_body, source_of
-from meshllm.net.raw_http import ChunkedBody, LengthBody
+from meshllm.net.body_pump import PumpEnd, PumpResult, pump_body, source_of
+from meshllm.net.raw_http import Body, ChunkedBody, LengthBody
 from tests.support import until
 
 
@@ -69,6 +69,13 @@ async def read_all(reader: asyncio.StreamReader, n: int) -> bytes:
     return await asyncio.wait_for(reader.readexactly(n), 10)
 
 
+def pump(body: Body, source: Pair, sink: Pair) -> asyncio.Future[PumpResult]:
+    """The rest of ``body`` from ``source``'s stream to ``sink``'s connection, as a task."""
+    return asyncio.ensure_future(
+        pump_body(body, source.near_r, source_of(source.near_w), sink.near_w.transport, sink.near_w.drain)
+    )
+
+
 def test_a_chunked_body_passes_whole_and_the_stream_gets_its_connection_back() -> None:
     chunks = [chunk(b"data: %d\n\n" % i) for i in range(20)]
     body_bytes = b"".join(chunks) + LAST
@@ -78,11 +85,7 @@ def test_a_chunked_body_passes_whole_and_the_stream_gets_its_connection_back() -
             # A head line and the first chunk arrive together: the chunk waits in the stream's buffer.
             source.far_w.write(b"HEAD\n" + chunks[0])
             assert await source.near_r.readuntil(b"\n") == b"HEAD\n"
-            task = asyncio.ensure_future(
-                pump_body(
-                    ChunkedBody(), source.near_r, source_of(source.near_w), sink.near_w.transport, sink.near_w.drain
-                )
-            )
+            task = pump(ChunkedBody(), source, sink)
             for c in chunks[1:]:
                 source.far_w.write(c[:3])  # split chunks: only whole ones go on
                 await source.far_w.drain()
@@ -101,11 +104,7 @@ def test_a_chunked_body_passes_whole_and_the_stream_gets_its_connection_back() -
 def test_a_source_that_closes_mid_body_is_reported_broken_after_the_whole_chunks() -> None:
     async def main() -> None:
         async with connection() as source, connection() as sink:
-            task = asyncio.ensure_future(
-                pump_body(
-                    ChunkedBody(), source.near_r, source_of(source.near_w), sink.near_w.transport, sink.near_w.drain
-                )
-            )
+            task = pump(ChunkedBody(), source, sink)
             source.far_w.write(chunk(b"whole") + b"10\r\nhalf")
             await source.far_w.drain()
             source.far_w.close()
@@ -120,11 +119,7 @@ def test_a_source_that_closes_mid_body_is_reported_broken_after_the_whole_chunks
 def test_bad_framing_from_the_source_is_reported_broken() -> None:
     async def main() -> None:
         async with connection() as source, connection() as sink:
-            task = asyncio.ensure_future(
-                pump_body(
-                    ChunkedBody(), source.near_r, source_of(source.near_w), sink.near_w.transport, sink.near_w.drain
-                )
-            )
+            task = pump(ChunkedBody(), source, sink)
             source.far_w.write(b"zz\r\nnot a chunk\r\n")
             result = await asyncio.wait_for(task, 10)
             assert result.end is PumpEnd.SOURCE_BROKE
@@ -136,11 +131,7 @@ def test_bad_framing_from_the_source_is_reported_broken() -> None:
 def test_a_sink_that_went_away_ends_the_pump_at_the_next_event() -> None:
     async def main() -> None:
         async with connection() as source, connection() as sink:
-            task = asyncio.ensure_future(
-                pump_body(
-                    LengthBody(1000), source.near_r, source_of(source.near_w), sink.near_w.transport, sink.near_w.drain
-                )
-            )
+            task = pump(LengthBody(1000), source, sink)
             source.far_w.write(b"x" * 10)
             assert await read_all(sink.far_r, 10) == b"x" * 10
             reset(sink.far_w)  # the client resets its connection
@@ -162,11 +153,11 @@ def test_a_slow_sink_pauses_the_source_and_every_byte_arrives() -> None:
             small_buffers(sink)
             sink.far_w.transport.pause_reading()  # the client reads nothing for now
             source_transport = source_of(source.near_w)
-            task = asyncio.ensure_future(
-                pump_body(ChunkedBody(), source.near_r, source_transport, sink.near_w.transport, sink.near_w.drain)
-            )
+            task = pump(ChunkedBody(), source, sink)
             sending = asyncio.ensure_future(_send(source.far_w, body_bytes))
-            await until(lambda: not source_transport.is_reading(), timeout=10, what="the pump to pause the source")
+            await until(
+                lambda: not source_transport.is_reading(), timeout=10, what="the pump to pause the source"
+            )
             assert not task.done()
             sink.far_w.transport.resume_reading()
             assert await read_all(sink.far_r, len(body_bytes)) == body_bytes
@@ -192,7 +183,11 @@ def test_a_body_already_whole_in_the_streams_buffer_needs_no_pump() -> None:
             await until(buffered, timeout=10, what="the body to wait in the stream's buffer")
             protocol = source_of(source.near_w).get_protocol()
             result = await pump_body(
-                ChunkedBody(), source.near_r, source_of(source.near_w), sink.near_w.transport, sink.near_w.drain
+                ChunkedBody(),
+                source.near_r,
+                source_of(source.near_w),
+                sink.near_w.transport,
+                sink.near_w.drain,
             )
             assert result.end is PumpEnd.WHOLE
             assert await read_all(sink.far_r, whole) == chunk(b"all") + LAST

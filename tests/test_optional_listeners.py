@@ -34,7 +34,9 @@ def test_the_gateway_tells_demand_to_no_standby_on_a_node_without_one(nodes: Nod
     assert not nodes.logs["a"].find("actor.tell_dropped")
 
 
-def test_an_election_with_nothing_to_run_tells_no_supervisor(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_election_with_nothing_to_run_tells_no_supervisor(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clock = FakeClock().install(monkeypatch, election_module)
     dropped: list[tuple[str, str]] = []
     h.directory.on_dropped = lambda name, message: dropped.append((name, message))
