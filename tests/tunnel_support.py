@@ -89,7 +89,7 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 def route_to(port: int) -> Any:
     """A replacement for the tunnel's ``local_route``: every model is served on ``port``."""
 
-    async def route(directory: Directory, model: str, log: Any) -> RouteReply:
+    async def route(directory: Directory, model: str, log: Any, route_now: Any = None) -> RouteReply:
         hosts: tuple[HostInfo, ...] = ()
         return RouteReply(model=model, known=True, local_port=port, hosts=hosts, available=(model,))
 
