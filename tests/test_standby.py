@@ -60,6 +60,13 @@ def mesh(
     b = procs.start("b", join=(a.token_for("client"), c.token_for("client")), node_extra='role = "client"')
     a.wait_event("llama.ready", 60)
     wait_until(lambda: answers(b), 30, what="b to answer through a")
+    # A standby takes over only a model it has seen served: the test may stop a only after that.
+    for standby_node in s:
+        wait_until(
+            lambda node=standby_node: hosts(node) == [a.node_id],
+            30,
+            what=f"{standby_node.config.stem} to see a serve tiny",
+        )
     return (a, c, b, *s)
 
 
