@@ -282,7 +282,11 @@ class HttpTunnelServer:
         callback (:mod:`meshllm.net.body_pump`); True when it went out whole."""
         framing = upstream.body
         if upstream.first:
-            writer.write(framing.feed(upstream.first))
+            try:
+                writer.write(framing.feed(upstream.first))
+            except BadBody as exc:
+                self._upstream_broke(request, writer, peer, str(exc))
+                return False
         if framing.done:
             return True
         result = await pump_body(
