@@ -180,6 +180,58 @@ def test_quiet_wait_connected_leaves_no_unretrieved_exception() -> None:
     assert any("never retrieved" in r for r in own), own
 
 
+def test_send_head_with_first_write_sends_head_and_first_bytes_in_one_write() -> None:
+    """After ``prepare()`` nothing has gone to the transport; the first write carries the head and the
+    first bytes in one call. Without the switch aiohttp writes the head at ``prepare()``."""
+    from aiohttp import web
+
+    calls: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        real_write, real_writelines = transport.write, transport.writelines
+
+        def write(data: bytes) -> None:
+            calls.append(bytes(data))
+            real_write(data)
+
+        def writelines(parts: list[bytes]) -> None:
+            calls.append(b"".join(parts))
+            real_writelines(parts)
+
+        transport.write = write  # type: ignore[method-assign]
+        transport.writelines = writelines  # type: ignore[method-assign]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        internals.send_head_with_first_write(response)
+        await response.prepare(request)
+        assert calls == [], "the head went out before the first body bytes"
+        await response.write(b"data: one\n\n")
+        await response.write_eof()
+        return response
+
+    async def main() -> bytes:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = await reader.read(-1)
+            writer.close()
+            return raw
+        finally:
+            await runner.cleanup()
+
+    raw = asyncio.run(main())
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert calls[0].startswith(b"HTTP/1.1 200") and b"data: one" in calls[0], calls
+
+
 def test_send_chunks_as_they_are_passes_chunked_bytes_untouched() -> None:
     """A body already chunk-framed goes out as it is (no second framing, no second terminator), and
     the client reads the payload whole."""

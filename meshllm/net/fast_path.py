@@ -155,20 +155,21 @@ class FastPath:
         self._pool.clear()
 
     async def take(
-        self, node_id: str, addrs: tuple[str, ...], header: Message
+        self, node_id: str, addrs: tuple[str, ...], header: Message, then: bytes = b""
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        """:meth:`open`, or an idle pooled connection to the node with ``header`` sent on it; the last
-        value says which (True: pooled). A pooled connection the node has closed in the meantime can
-        still fail on its first read: the caller retries on a fresh one then (nothing was answered)."""
+        """:meth:`open`, or an idle pooled connection to the node with ``header`` (and ``then``) sent
+        on it; the last value says which (True: pooled). A pooled connection the node has closed in
+        the meantime can still fail on its first read: the caller retries on a fresh one then
+        (nothing was answered)."""
         idle = self._pool.get(node_id)
         now = time.monotonic()
         while idle:
             reader, writer, since = idle.pop()
             if now - since < POOL_IDLE_S and not writer.is_closing() and not reader.at_eof():
-                writer.write(pack_frame(header))
+                writer.write(pack_frame(header) + then)
                 return reader, writer, True
             writer.close()
-        reader, writer = await self.open(node_id, addrs, header)
+        reader, writer = await self.open(node_id, addrs, header, then)
         return reader, writer, False
 
     def give_back(self, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -296,15 +297,18 @@ class FastPath:
     async def _next_header(reader: asyncio.StreamReader) -> Message | None:
         """The header frame of the next request on a kept connection; None when the requester closed it
         or sent nothing for :data:`IDLE_TIMEOUT_S` (both normal ends of a pooled connection)."""
+        # asyncio.timeout, not wait_for: no task per request on a pooled connection
         try:
-            head = await asyncio.wait_for(reader.readexactly(LENGTH.size), IDLE_TIMEOUT_S)
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                head = await reader.readexactly(LENGTH.size)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError):
             return None
         (length,) = LENGTH.unpack(head)
         if length > MAX_MESSAGE_BYTES:
             raise MessageTooLarge(f"frame length {length} over cap {MAX_MESSAGE_BYTES}")
         try:
-            body = await asyncio.wait_for(reader.readexactly(length), HEADER_TIMEOUT_S)
+            async with asyncio.timeout(HEADER_TIMEOUT_S):
+                body = await reader.readexactly(length)
         except TimeoutError:
             raise StreamStalled(f"no complete tunnel header within {HEADER_TIMEOUT_S:g} s") from None
         except asyncio.IncompleteReadError:
@@ -346,9 +350,11 @@ class FastPath:
         raise ConnectionError("; ".join(errors) or "no address")
 
     async def open(
-        self, node_id: str, addrs: tuple[str, ...], header: Message
+        self, node_id: str, addrs: tuple[str, ...], header: Message, then: bytes = b""
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to a node's fast path, check its certificate, send Hello and the header."""
+        """Connect to a node's fast path, check its certificate, send Hello and the header, and
+        ``then`` (the tunnel's first bytes) in the same write: one TLS record, one wake-up for the
+        listener."""
         if not self.enabled:
             raise ConnectionError("fast path disabled (MESHLLM_FAST_PATH=0)")
         errors = []
@@ -371,6 +377,6 @@ class FastPath:
                 writer.close()
                 raise
             tune_socket(writer)
-            writer.write(greeting)
+            writer.write(greeting + then)
             return reader, writer
         raise ConnectionError("; ".join(errors) or "no address")

@@ -43,6 +43,7 @@ from meshllm.net.raw_http import (
     BadBody,
     Upstream,
     UpstreamError,
+    first_bytes,
     open_upstream,
 )
 from meshllm.serving.demand import DemandCounter
@@ -252,7 +253,11 @@ class HttpTunnelServer:
         peer: str | None,
         pumped: bool,
     ) -> bool:
-        """llama-server's answer with its body's bytes untouched; True when it went out whole."""
+        """llama-server's answer with its body's bytes untouched; True when it went out whole. The
+        TunnelResponse goes out with the body's first bytes, in one write: the requester sends its
+        client nothing before them anyway, and one write is one TLS record and one wake-up less on
+        each side. Until then nothing is sent, so a llama-server that breaks off before its first
+        byte gets the request refused, and the requester tries another host."""
         try:
             upstream = await open_upstream(port, request.method, request.path, request_headers(headers), body)
         except UpstreamError as exc:
@@ -260,9 +265,20 @@ class HttpTunnelServer:
             writer.write(pack_frame(Refused(reason=str(exc))))
             return False
         try:
+            framing = upstream.body
+            read = upstream.reader.read
+            try:
+                first = await first_bytes(framing, upstream.first, lambda: read(CHUNK))
+            except (ConnectionError, OSError, BadBody) as exc:
+                reason = f"llama-server broke off before its first byte: {type(exc).__name__}: {exc}"
+                self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=reason)
+                writer.write(pack_frame(Refused(reason=reason)))
+                return False
             head = pass_headers(upstream.headers)
-            head[BODY_HEADER] = upstream.body.framing
-            writer.write(pack_frame(TunnelResponse(status=upstream.status, headers=head)))
+            head[BODY_HEADER] = framing.framing
+            writer.write(pack_frame(TunnelResponse(status=upstream.status, headers=head)) + first)
+            if framing.done:
+                return True
             if pumped:
                 return await self._pump_answer(request, upstream, writer, peer)
             return await self._copy_answer(request, upstream, writer, peer)
@@ -278,19 +294,10 @@ class HttpTunnelServer:
     async def _pump_answer(
         self, request: TunnelRequest, upstream: Upstream, writer: asyncio.StreamWriter, peer: str | None
     ) -> bool:
-        """The body from llama-server's connection to the tunnel's, written by the transport's read
-        callback (:mod:`meshllm.net.body_pump`); True when it went out whole."""
-        framing = upstream.body
-        if upstream.first:
-            try:
-                writer.write(framing.feed(upstream.first))
-            except BadBody as exc:
-                self._upstream_broke(request, writer, peer, str(exc))
-                return False
-        if framing.done:
-            return True
+        """The rest of the body from llama-server's connection to the tunnel's, written by the
+        transport's read callback (:mod:`meshllm.net.body_pump`); True when it went out whole."""
         result = await pump_body(
-            framing, upstream.reader, source_of(upstream.writer), writer.transport, writer.drain
+            upstream.body, upstream.reader, source_of(upstream.writer), writer.transport, writer.drain
         )
         if result.end is PumpEnd.WHOLE:
             return True
@@ -303,21 +310,11 @@ class HttpTunnelServer:
     async def _copy_answer(
         self, request: TunnelRequest, upstream: Upstream, writer: asyncio.StreamWriter, peer: str | None
     ) -> bool:
-        """The body read from llama-server and written to a QUIC stream, one read at a time."""
+        """The rest of the body read from llama-server and written to a QUIC stream, one read at a
+        time."""
         framing = upstream.body
-        data = upstream.first
         read = upstream.reader.read
-        while True:
-            try:
-                out = framing.feed(data) if data else b""
-            except BadBody as exc:
-                self._upstream_broke(request, writer, peer, str(exc))
-                return False
-            if out:
-                writer.write(out)
-                await writer.drain()
-            if framing.done:
-                return True
+        while not framing.done:
             try:
                 data = await read(CHUNK)
             except (ConnectionError, OSError) as exc:
@@ -326,6 +323,15 @@ class HttpTunnelServer:
             if not data:
                 self._upstream_broke(request, writer, peer, "llama-server closed the connection mid-answer")
                 return False
+            try:
+                out = framing.feed(data)
+            except BadBody as exc:
+                self._upstream_broke(request, writer, peer, str(exc))
+                return False
+            if out:
+                writer.write(out)
+                await writer.drain()
+        return True
 
     def _upstream_broke(
         self, request: TunnelRequest, writer: asyncio.StreamWriter, peer: str | None, reason: str

@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do nine things we need:
+aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do ten things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -16,6 +16,8 @@ aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do nine things we
 - send a body that is already chunked (llama-server's, passed through untouched) on an aiohttp
   response whose headers say chunked, without aiohttp framing each write again
   (``StreamWriter.chunked``: see :func:`send_chunks_as_they_are`);
+- send a streamed response's head together with its first body bytes (``StreamResponse``'s
+  ``_send_headers_immediately``: see :func:`send_head_with_first_write`);
 - take what an asyncio stream has buffered without waiting, before a body pump takes its connection
   over (``StreamReader._buffer``: see :func:`take_buffered`);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
@@ -39,6 +41,7 @@ from importlib.metadata import version
 
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
+from aiohttp.web import StreamResponse
 from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -133,6 +136,16 @@ def send_chunks_as_they_are(writer: AbstractStreamWriter) -> None:
     if not isinstance(writer, StreamWriter) or not hasattr(writer, "chunked"):
         raise LibraryVersionError(f"aiohttp {version('aiohttp')}: the payload writer has no 'chunked' switch")
     writer.chunked = False
+
+
+def send_head_with_first_write(response: StreamResponse) -> None:
+    """Before ``prepare()``: keep the response head until the first body write (or ``write_eof``) and
+    send both in one write. aiohttp does so for a ``web.Response``; a ``StreamResponse`` sends its
+    head at once, one more packet and one more wake-up for the client per answer, though a relay
+    prepares it only when its first bytes are there anyway."""
+    if not hasattr(response, "_send_headers_immediately"):
+        raise LibraryVersionError(f"aiohttp {version('aiohttp')}: StreamResponse has no head-sending switch")
+    response._send_headers_immediately = False
 
 
 def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool, BaseException | None]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 MAX_HEAD_BYTES = 65536
@@ -161,6 +161,23 @@ def body_from_tunnel(headers: Mapping[str, str]) -> Body:
     if length < 0:
         raise BadBody(f"bad {BODY_HEADER} {value[:20]!r}")
     return LengthBody(length)
+
+
+async def first_bytes(body: Body, already: bytes, read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """Read until ``body`` has bytes to pass on (a whole chunk), or has ended; ``already``: bytes read
+    with the head. A stream that ends before either raises ConnectionResetError."""
+    if body.done:
+        return b""
+    data = already or await read()
+    while True:
+        if not data:
+            if body.close_is_end():
+                return b""
+            raise ConnectionResetError("the answer's stream ended before its first byte")
+        out = body.feed(data)
+        if out or body.done:
+            return out
+        data = await read()
 
 
 @dataclass

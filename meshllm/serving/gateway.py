@@ -37,10 +37,10 @@ from meshllm.net.raw_http import (
     FRAMED,
     FRAMED_HEADER,
     BadBody,
-    Body,
     UntilEnd,
     UpstreamError,
     body_from_tunnel,
+    first_bytes,
     open_upstream,
 )
 from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
@@ -118,21 +118,6 @@ async def errors_as_openai(request: web.Request, handler: Handler) -> web.Stream
 
 class StalePooled(Exception):
     """A pooled tunnel connection failed before any answer: the request may go again on a new one."""
-
-
-async def first_bytes(body: Body, already: bytes, read: Callable[[], Awaitable[bytes]]) -> bytes:
-    """Read until ``body`` has bytes to pass on (a whole chunk), or has ended; ``already``: bytes read
-    with the head. A stream that ends before either raises ConnectionResetError."""
-    data = already or await read()
-    while True:
-        if not data:
-            if body.close_is_end():
-                return b""
-            raise ConnectionResetError("the answer's stream ended before its first byte")
-        out = body.feed(data)
-        if out or body.done:
-            return out
-        data = await read()
 
 
 class Target:
@@ -395,8 +380,7 @@ class Gateway:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool, bool]:
         """A tunnel with the request sent: (reader, writer, fast path?, pooled connection?)."""
         try:
-            reader, writer, pooled = await self.endpoint.fast.take(host.node_id, host.addrs, header)
-            writer.write(body)
+            reader, writer, pooled = await self.endpoint.fast.take(host.node_id, host.addrs, header, body)
             return reader, writer, True, pooled
         except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
             reader, writer = await self.endpoint.open_tunnel(

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from meshllm.logsetup import Logger
 from meshllm.net.body_pump import PumpEnd, PumpResult, pump_body
-from meshllm.net.library_internals import send_chunks_as_they_are
+from meshllm.net.library_internals import send_chunks_as_they_are, send_head_with_first_write
 from meshllm.net.raw_http import BadBody, Body, ChunkedBody, LengthBody, dechunk
 
 HOST_LOST = "host_lost"
@@ -122,6 +122,7 @@ async def relay(
     response and whether the body went out whole (it ended where its framing said: the source's
     connection may carry another request)."""
     response = web.StreamResponse(status=status, headers=headers)
+    send_head_with_first_write(response)
     raw_chunks = isinstance(body, ChunkedBody) and request.version >= aiohttp.HttpVersion11
     if raw_chunks:
         response.enable_chunked_encoding()
