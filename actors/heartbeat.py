@@ -3,6 +3,11 @@
 Each interval it asks the transport to probe every peer it follows (a QUIC ping, or a re-dial when
 the connection is gone). A peer that has not answered for ``dead_after_s`` is reported to the
 registry, which buries it and broadcasts the death. It follows the registry's topology events.
+
+Silence is counted only while this node could listen. When its own ticks come late (the process was
+starved of CPU, or its threads of the GIL), its probes went out late and their answers were read
+late too, so the time its ticks lost is added to every peer's last good answer: a node that was
+stalled for three seconds does not wake up and bury every peer it could not hear meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from meshllm.wire.messages import (
 
 REPORT_TRUST_INTERVALS = 1.5
 """A death notice is accepted when we have not heard from the peer for this many probe intervals."""
+CHECKS_PER_PROBE = 4
+"""Deadlines are checked this many times per probe interval."""
+LATE_TICKS = 1.5
+"""A tick gap over this many check intervals means this node was stalled for the time beyond it."""
+STALL_LOGGED_S = 1.0
+"""Stalls at least this long are logged (``heartbeat.stalled``)."""
 
 
 class Heartbeat(MsgpackActor):
@@ -41,13 +52,16 @@ class Heartbeat(MsgpackActor):
         self.addrs: dict[str, tuple[str, ...]] = {}
         self.last_ok: dict[str, float] = {}
         self.declared: set[str] = set()
+        self.last_tick: float | None = None
+        self.stalled_s = 0.0
+        """All the time this node's ticks have lost, in seconds (not counted as peers' silence)."""
 
     def on_start(self) -> None:
         self.tell("registry", Subscribe(subscriber=self.name))
         self.every(self.timing.probe_interval_s, "probe")
         # Deadlines are checked more often than probes are sent, so a death is declared within
         # a quarter interval of dead_after_s rather than up to a whole interval late.
-        self.every(self.timing.probe_interval_s / 4, "check")
+        self.every(self.timing.probe_interval_s / CHECKS_PER_PROBE, "check")
 
     def _follow(self, node_id: str, addrs: tuple[str, ...]) -> None:
         self.addrs[node_id] = addrs
@@ -107,9 +121,30 @@ class Heartbeat(MsgpackActor):
         if msg.node_id in self.addrs and msg.ok:
             self.last_ok[msg.node_id] = time.monotonic()
 
+    def _forgive_stall(self, now: float) -> None:
+        """Add the time lost since the last tick, beyond :data:`LATE_TICKS` check intervals, to every
+        peer's last good answer: silence this node could not have heard through is not theirs."""
+        previous, self.last_tick = self.last_tick, now
+        if previous is None:
+            return
+        check_s = self.timing.probe_interval_s / CHECKS_PER_PROBE
+        lost = now - previous - LATE_TICKS * check_s
+        if lost <= 0:
+            return
+        self.stalled_s += lost
+        for node_id, last in self.last_ok.items():
+            self.last_ok[node_id] = min(now, last + lost)
+        if lost >= STALL_LOGGED_S:
+            self.log.warning(
+                "heartbeat.stalled",
+                stalled_s=round(lost, 2),
+                reason="this node's own ticks came late; peers' silence meanwhile is not counted",
+            )
+
     @handles(Tick)
     def on_tick(self, msg: Tick) -> None:
         now = time.monotonic()
+        self._forgive_stall(now)
         for node_id, addrs in self.addrs.items():
             if node_id in self.declared:
                 continue

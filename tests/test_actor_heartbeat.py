@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import actors.heartbeat as heartbeat_module
-from actors.heartbeat import REPORT_TRUST_INTERVALS, Heartbeat
+from actors.heartbeat import CHECKS_PER_PROBE, LATE_TICKS, REPORT_TRUST_INTERVALS, Heartbeat
 from meshllm.config import TimingSection
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
@@ -37,6 +37,7 @@ NOBODY = ProbeResult(node_id="nobody", ok=True, rtt_ms=0.0)
 # Fake-clock tests: the actor's own timers would fire only after these long intervals.
 SLOW = TimingSection(probe_interval_s=30.0, dead_after_s=90.0)
 TRUST_S = SLOW.probe_interval_s * REPORT_TRUST_INTERVALS
+CHECK_S = SLOW.probe_interval_s / CHECKS_PER_PROBE
 
 
 def ann(node_id: str, *addrs: str) -> PeerAnnouncement:
@@ -86,6 +87,17 @@ def tick(h: Harness, name: str) -> None:
     """One timer tick ("probe": probe and check deadlines; anything else: only check)."""
     h.tell("heartbeat", Tick(name))
     settle(h)
+
+
+def elapse(h: Harness, clock: FakeClock, seconds: float, step: float = CHECK_S) -> None:
+    """Let ``seconds`` pass as they do on a node that is not stalled: a "check" tick every check
+    interval (``step``), then one at the end. Time that passes without ticks is a stall of the node's
+    own, which the heartbeat does not count as its peers' silence."""
+    left = seconds
+    while left > 0:
+        clock.advance(min(step, left))
+        left -= step
+        tick(h, "check")
 
 
 # -- with its own timers ----------------------------------------------------------------------------------
@@ -171,17 +183,16 @@ def test_declared_exactly_once_and_no_longer_probed(h: Harness, clock: FakeClock
     start(h, SLOW)
     registry, transport = h.inboxes["registry"], h.inboxes["transport"]
     say(h, PeerJoined(peer=ann("a")), PeerJoined(peer=ann("b")))
-    clock.advance(SLOW.dead_after_s / 2)
+    elapse(h, clock, SLOW.dead_after_s / 2)
     say(h, PeerJoined(peer=ann("b")))  # a (re)join counts as hearing from it
-    clock.advance(SLOW.dead_after_s / 2)
+    elapse(h, clock, SLOW.dead_after_s / 2)
 
-    tick(h, "probe")  # a's deadline has passed: declared instead of probed
+    tick(h, "probe")  # a's deadline has passed: declared, and not probed
     assert [d.node_id for d in deaths(registry)] == ["a"]
     assert [p.node_id for p in transport.messages(ProbePeer)] == ["b"]
 
     for _ in range(3):
-        clock.advance(SLOW.probe_interval_s)
-        tick(h, "check")
+        elapse(h, clock, SLOW.probe_interval_s)
         tick(h, "probe")
     assert [d.node_id for d in deaths(registry)] == ["a", "b"]  # b in its turn; a not again
     assert not probes(transport, "a")
@@ -191,16 +202,14 @@ def test_a_declared_peer_that_joins_again_is_followed_again(h: Harness, clock: F
     start(h, SLOW)
     registry, transport = h.inboxes["registry"], h.inboxes["transport"]
     say(h, PeerJoined(peer=ann("a")))
-    clock.advance(SLOW.dead_after_s)
-    tick(h, "check")
+    elapse(h, clock, SLOW.dead_after_s)
     assert len(deaths(registry, "a")) == 1
 
     say(h, PeerJoined(peer=ann("a")))  # it came back (a direct gossip exchange)
     tick(h, "probe")
     assert len(probes(transport, "a")) == 1
     assert len(deaths(registry, "a")) == 1
-    clock.advance(SLOW.dead_after_s)
-    tick(h, "check")
+    elapse(h, clock, SLOW.dead_after_s)
     assert len(deaths(registry, "a")) == 2
 
 
@@ -253,7 +262,7 @@ def test_a_peer_that_left_or_died_is_no_longer_probed(h: Harness, clock: FakeClo
     say(h, gone)
     mark = transport.mark()
     tick(h, "probe")
-    clock.advance(SLOW.dead_after_s)
+    elapse(h, clock, SLOW.dead_after_s)
     say(
         h,
         ConnectionLost(node_id="a", reason="closed"),
@@ -275,3 +284,54 @@ def test_a_lost_connection_is_probed_at_once(h: Harness, clock: FakeClock) -> No
     )
     assert transport.messages(ProbePeer) == [ProbePeer("a", ("a.test:1",), SLOW.probe_interval_s)]
     assert not deaths(h.inboxes["registry"])
+
+
+def test_a_stall_of_its_own_is_not_counted_as_its_peers_silence(h: Harness, clock: FakeClock) -> None:
+    """The node's ticks stop for a minute (its process got no CPU): the silence it could not hear
+    through is forgiven, said in the log, and the deadline counts on from there."""
+    start(h, SLOW)
+    registry = h.inboxes["registry"]
+    say(h, PeerJoined(peer=ann("a")))
+    elapse(h, clock, SLOW.dead_after_s - 20)
+
+    clock.advance(60)  # no tick for 60 s
+    tick(h, "check")
+    assert not deaths(registry)
+    stalled = 60 - LATE_TICKS * CHECK_S  # a tick gap up to LATE_TICKS intervals is the node's own pace
+    [logged] = h.log.events("heartbeat.stalled")
+    assert logged["stalled_s"] == pytest.approx(stalled, abs=0.01)
+
+    left = 20 - (60 - stalled)  # until the deadline, the stall left out
+    elapse(h, clock, left - 0.5)
+    assert not deaths(registry)
+    elapse(h, clock, 0.5)
+    [dead] = deaths(registry)
+    assert dead.node_id == "a" and dead.reason == f"no answer for {SLOW.dead_after_s:.1f}s"
+
+
+def test_ticks_a_little_late_forgive_nothing(h: Harness, clock: FakeClock) -> None:
+    """Ticks within LATE_TICKS check intervals of each other are a busy node, not a stalled one: the
+    deadline holds to the second."""
+    start(h, SLOW)
+    registry = h.inboxes["registry"]
+    say(h, PeerJoined(peer=ann("a")))
+    late = CHECK_S * (LATE_TICKS - 0.05)
+    elapse(h, clock, SLOW.dead_after_s - 1, step=late)
+    assert not deaths(registry)
+    elapse(h, clock, 1, step=late)
+    assert [d.node_id for d in deaths(registry)] == ["a"]
+    assert not h.log.events("heartbeat.stalled")
+
+
+def test_a_death_report_after_a_stall_is_disputed(h: Harness, clock: FakeClock) -> None:
+    """Another node's death notice about a peer this node could not hear during its own stall: the
+    stall is not silence, so the notice is checked with a probe, not believed."""
+    start(h, SLOW)
+    registry, transport = h.inboxes["registry"], h.inboxes["transport"]
+    say(h, PeerJoined(peer=ann("a")))
+    tick(h, "check")
+    clock.advance(TRUST_S + 60)
+    tick(h, "check")
+    say(h, DeathReported(notice=PeerDown(node_id="a", incarnation=0, reporter="r")))
+    assert not deaths(registry)
+    assert transport.messages(ProbePeer, lambda m: m.node_id == "a")
