@@ -54,6 +54,7 @@ from meshllm.models.refs import HubRef
 from meshllm.serving.gguf_layout import gguf_tensors
 from tests.bench.bench_gateway import other_benchmarks
 from tests.fake_hub import FakeHub
+from tests.support import exit_cleanly_on_sigterm
 
 REPO = "bench/SmolLM2-135M-Instruct-GGUF"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -274,6 +275,7 @@ def fit_check_figures(hub: FakeHub, src: Path, describes: int, tmp: Path) -> Non
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from meshllm.serving.llama import find_binaries
-from tests.support import ProcessFactory, wait_until
+from tests.support import ProcessFactory, exit_cleanly_on_sigterm, wait_until
 
 MODEL = "smollm2-135m"
 TARGET_RATIO = 0.97
@@ -429,6 +429,7 @@ def summary(targets: list[Target]) -> None:
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

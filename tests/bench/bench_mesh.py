@@ -29,7 +29,7 @@ from pathlib import Path
 
 from meshllm.serving.llama import LlamaNotFound, find_binaries
 from meshllm.wire.messages import GetTransportStats, TransportStats
-from tests.support import NodeFactory, NodeProcess, ProcessFactory, wait_until
+from tests.support import NodeFactory, NodeProcess, ProcessFactory, exit_cleanly_on_sigterm, wait_until
 from tests.test_mesh_processes import _epoch, _peer_ids, _status
 
 
@@ -265,6 +265,7 @@ SECTIONS = ("gossip", "kill", "leave", "failover")
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

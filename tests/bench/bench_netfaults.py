@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from tests.netns import NamespacedNodeProcess, NetLab, available
-from tests.support import wait_until
+from tests.support import exit_cleanly_on_sigterm, wait_until
 from tests.test_netfaults import BusyLoops, epoch, four_nodes, loss_run, one_mesh, split_mesh, state_changes
 from tests.tinymodel import tiny_model
 
@@ -107,6 +107,7 @@ def cpu(tmp: Path, model: Path, minutes: float) -> None:
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--loss-minutes", type=float, default=10.0)

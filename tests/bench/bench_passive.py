@@ -64,7 +64,7 @@ from typing import Any
 import psutil
 
 from meshllm.wire.invite import InviteToken
-from tests.support import REPO, NodeProcess, ProcessFactory, wait_until, write_config
+from tests.support import REPO, NodeProcess, ProcessFactory, exit_cleanly_on_sigterm, wait_until, write_config
 
 # -- the node under test: `meshllm run` plus a stats thread ------------------------------------------------
 
@@ -745,6 +745,7 @@ def _wall(ts: str) -> float:
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -57,7 +57,14 @@ from typing import Any, TypeVar
 
 from meshllm.models.catalog import PACKAGED
 from meshllm.serving.llama import LlamaNotFound, find_binaries
-from tests.support import NodeProcess, ProcessFactory, console_status, model_status, wait_until
+from tests.support import (
+    NodeProcess,
+    ProcessFactory,
+    console_status,
+    exit_cleanly_on_sigterm,
+    model_status,
+    wait_until,
+)
 
 GOAL_S = 10.0
 SETUP_TIMEOUT_S = 120.0
@@ -524,6 +531,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -12,10 +12,12 @@ import tempfile
 from pathlib import Path
 
 from tests.soak import Soak
+from tests.support import exit_cleanly_on_sigterm
 from tests.tinymodel import tiny_model
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 from meshllm.models.catalog import resolve_model
 from meshllm.serving.llama import find_binaries, free_port, rpc_server_command, server_command
-from tests.support import NodeProcess, ProcessFactory, wait_until
+from tests.support import NodeProcess, ProcessFactory, exit_cleanly_on_sigterm, wait_until
 from tests.test_mesh_processes import _epoch
 
 MODEL = "smollm2-135m"
@@ -306,6 +306,7 @@ async def _throughput(total: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.bench_gateway import other_benchmarks
-from tests.support import ProcessFactory, console_status, model_status, wait_until
+from tests.support import ProcessFactory, console_status, exit_cleanly_on_sigterm, model_status, wait_until
 from tests.test_mesh_processes import _epoch
 from tests.tinymodel import tiny_model
 
@@ -75,6 +75,7 @@ def one_round(procs: ProcessFactory, model: Path, tag: str, tensor_cache: bool) 
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode, interleaved")
     args = parser.parse_args()
