@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -18,6 +18,8 @@ from aioquic.quic.connection import QuicConnection
 
 from meshllm.net import library_internals as internals
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
+
+T = TypeVar("T")
 
 
 def test_versions_are_checked_with_a_clear_message() -> None:
@@ -180,6 +182,31 @@ def test_quiet_wait_connected_leaves_no_unretrieved_exception() -> None:
     assert any("never retrieved" in r for r in own), own
 
 
+async def serving(handler: Any, client: Callable[[int], Awaitable[T]]) -> T:
+    """Serve ``handler`` on GET / of an aiohttp app on a loopback port while ``client(port)`` runs."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        return await client(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def raw_get(port: int) -> bytes:
+    """The raw bytes of a GET / answer, head and all."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await reader.read(-1)
+    writer.close()
+    return raw
+
+
 def test_send_head_with_first_write_sends_head_and_first_bytes_in_one_write() -> None:
     """After ``prepare()`` nothing has gone to the transport; the first write carries the head and the
     first bytes in one call. Without the switch aiohttp writes the head at ``prepare()``."""
@@ -210,24 +237,7 @@ def test_send_head_with_first_write_sends_head_and_first_bytes_in_one_write() ->
         await response.write_eof()
         return response
 
-    async def main() -> bytes:
-        app = web.Application()
-        app.router.add_get("/", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            raw = await reader.read(-1)
-            writer.close()
-            return raw
-        finally:
-            await runner.cleanup()
-
-    raw = asyncio.run(main())
+    raw = asyncio.run(serving(handler, raw_get))
     assert raw.startswith(b"HTTP/1.1 200")
     assert calls[0].startswith(b"HTTP/1.1 200") and b"data: one" in calls[0], calls
 
@@ -250,26 +260,13 @@ def test_send_chunks_as_they_are_passes_chunked_bytes_untouched() -> None:
         await response.write_eof()
         return response
 
-    async def main() -> tuple[bytes, bytes]:
-        app = web.Application()
-        app.router.add_get("/", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as resp:
-                body = await resp.read()
-            # and the raw bytes: exactly the framed body after the head
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            raw = await reader.read(-1)
-            writer.close()
-            return body, raw.split(b"\r\n\r\n", 1)[1]
-        finally:
-            await runner.cleanup()
+    async def client(port: int) -> tuple[bytes, bytes]:
+        async with ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as resp:
+            body = await resp.read()
+        # and the raw bytes: exactly the framed body after the head
+        raw = await raw_get(port)
+        return body, raw.split(b"\r\n\r\n", 1)[1]
 
-    body, raw = asyncio.run(main())
+    body, raw = asyncio.run(serving(handler, client))
     assert body == b"".join(payload)
     assert raw == framed
