@@ -49,6 +49,7 @@ from meshllm.wire.messages import (
     Ack,
     Gossip,
     GossipReceived,
+    GpuReport,
     Hello,
     JoinMesh,
     PeerAnnouncement,
@@ -58,6 +59,8 @@ from meshllm.wire.messages import (
     PeerStatus,
     ProbeResult,
     Refused,
+    RouteSnapshot,
+    RouteTable,
     Seed,
     StatusReply,
     Tick,
@@ -518,3 +521,23 @@ def test_frame_error_is_a_codec_error() -> None:
     assert issubclass(FrameError, CodecError)
     for err in (MalformedMessage, UnknownTag, FieldTypeError, MessageTooLarge):
         assert issubclass(err, CodecError)
+
+
+def test_the_wire_form_is_the_fields_in_order_with_nested_structs_as_arrays() -> None:
+    """Pinned bytes: signatures cover encoded messages (a grant inside a Hello's signed payload), so
+    the encoding of a nested message must never change, whatever the encoder does inside."""
+    gpu = GpuReport(name="g", total_bytes=8, free_bytes=4)
+    ann = PeerAnnouncement(
+        node_id="n", name="a", role="active", addrs=("x:1",), vram_bytes=8, demand={"m": 1.5}, gpus=(gpu,)
+    )
+    expected = pack(
+        Gossip.TAG,
+        [
+            ["n", "a", "active", ["x:1"], 8, [], [], 0, 0, [], False, [], {"m": 1.5}, [], {},
+             [["g", 8, 4]], b"", b"", {}],
+        ],
+    )  # fmt: skip
+    assert codec.encode(Gossip(announcements=(ann,))) == expected
+    assert codec.decode(expected) == Gossip(announcements=(ann,))
+    routes = RouteSnapshot(table=RouteTable(models=(), unserved=("u",), actives=()), own_id="me")
+    assert codec.encode(routes) == pack(RouteSnapshot.TAG, [[], ["u"], [], [], {}, [], []], "me", {}, {})

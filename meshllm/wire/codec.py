@@ -50,8 +50,29 @@ M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
 _BY_TAG: dict[int, type[Message]] = {}
-_Decoder = Callable[[Any, str], Any]
-_DECODERS: dict[type, tuple[list[tuple[str, _Decoder]], int]] = {}
+_Decoder = Callable[[Any], Any]
+_Encoder = Callable[[Any], Any]
+_ENCODERS: dict[type, list[tuple[str, _Encoder | None]]] = {}
+_SCALARS = (int, float, str, bytes, bool)
+
+
+class _NotScalar:
+    """Stands for the exact type of a field that is not a scalar: no value's type is this."""
+
+
+class _Problem(Exception):
+    """A field decoder's complaint. The path to the field is added on the way out (only then: a
+    message that decodes formats no path at all), and :func:`decode` raises it as a
+    :class:`FieldTypeError`."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.path: list[str] = []  # innermost first
+
+    def at(self, segment: str) -> _Problem:
+        self.path.append(segment)
+        return self
 
 
 def message(tag: int) -> Callable[[type[M]], type[M]]:
@@ -78,8 +99,11 @@ def catalog() -> dict[int, type[Message]]:
 
 
 def _to_plain(value: Any) -> Any:
+    """Any value as msgpack takes it (for fields typed ``Any``): dataclasses become arrays."""
+    if isinstance(value, _SCALARS) or value is None:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [_to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
+        return _encode_struct(type(value), value)
     if isinstance(value, list | tuple):
         return [_to_plain(v) for v in value]
     if isinstance(value, dict):
@@ -87,9 +111,50 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def _encoder_for(hint: Any) -> _Encoder | None:
+    """How to make a field's value msgpack-ready; None when it already is (scalars, and tuples and
+    maps of them: msgpack packs a tuple as an array)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint in _SCALARS:
+        return None
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        inner = _encoder_for(options[0]) if len(options) == 1 else _to_plain
+        if inner is None:
+            return None
+        present = inner
+        return lambda value: None if value is None else present(value)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _encoder_for(args[0])
+        if item is None:
+            return None
+        each = item
+        return lambda value: [each(v) for v in value]
+    if origin is dict and len(args) == 2:
+        val = _encoder_for(args[1])
+        if val is None:
+            return None
+        each_value = val
+        return lambda value: {k: each_value(v) for k, v in value.items()}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        cls = hint
+        return lambda value: _encode_struct(cls, value)
+    return _to_plain
+
+
+def _encode_struct(cls: type, value: Any) -> list[Any]:
+    plan = _ENCODERS.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        plan = [(f.name, _encoder_for(hints[f.name])) for f in dataclasses.fields(cls)]
+        _ENCODERS[cls] = plan
+    return [getattr(value, name) if enc is None else enc(getattr(value, name)) for name, enc in plan]
+
+
 def encode(msg: Message) -> bytes:
     """Encode a catalog message to msgpack bytes."""
-    body = _to_plain(msg)
+    body = _encode_struct(type(msg), msg)
     data: bytes = msgpack.packb([type(msg).TAG, *body], use_bin_type=True)
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageTooLarge(f"{type(msg).__name__} encodes to {len(data)} bytes, cap {MAX_MESSAGE_BYTES}")
@@ -104,82 +169,143 @@ def _type_name(value: Any) -> str:
 
 
 def _primitive(expected: type) -> _Decoder:
-    def check(value: Any, where: str) -> Any:
+    def check(value: Any) -> Any:
+        if type(value) is expected:  # msgpack gives exact types: the common case, first
+            return value
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, bool) and expected is not bool:
-            raise FieldTypeError(f"{where}: expected {expected.__name__}, got bool")
+            raise _Problem(f"expected {expected.__name__}, got bool")
         if not isinstance(value, expected):
-            raise FieldTypeError(f"{where}: expected {expected.__name__}, got {_type_name(value)}")
+            raise _Problem(f"expected {expected.__name__}, got {_type_name(value)}")
         return value
 
     return check
 
 
+def _any(value: Any) -> Any:
+    return value
+
+
 def _decoder_for(hint: Any) -> _Decoder:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if hint in (int, float, str, bytes, bool):
+    if hint in _SCALARS:
         return _primitive(hint)
     if hint is Any:
-        return lambda value, where: value
+        return _any
     if origin in (Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
         if len(options) != 1:
             raise TypeError(f"only Optional[X] unions are supported, got {hint}")
         inner = _decoder_for(options[0])
-        return lambda value, where: None if value is None else inner(value, where)
+        return lambda value: None if value is None else inner(value)
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            item = _decoder_for(args[0])
-
-            def tuple_of(value: Any, where: str) -> tuple[Any, ...]:
-                if not isinstance(value, list):
-                    raise FieldTypeError(f"{where}: expected array, got {_type_name(value)}")
-                return tuple(item(v, f"{where}[{i}]") for i, v in enumerate(value))
-
-            return tuple_of
+            return _tuple_of(_decoder_for(args[0]), _exact(args[0]))
         raise TypeError(f"only tuple[X, ...] is supported, got {hint}")
     if origin is dict:
-        key, val = _decoder_for(args[0]), _decoder_for(args[1])
-
-        def dict_of(value: Any, where: str) -> dict[Any, Any]:
-            if not isinstance(value, dict):
-                raise FieldTypeError(f"{where}: expected map, got {_type_name(value)}")
-            return {key(k, f"{where}.key"): val(v, f"{where}[{k!r}]") for k, v in value.items()}
-
-        return dict_of
+        return _dict_of(_decoder_for(args[0]), _decoder_for(args[1]))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return lambda value, where: _decode_struct(hint, value, where)
+        cls = hint
+        return lambda value: _decode_struct(cls, value)
     raise TypeError(f"unsupported field type {hint!r}")
 
 
-def _field_decoders(cls: type) -> tuple[list[tuple[str, _Decoder]], int]:
-    """The field decoders, and how many leading fields are required (the rest have defaults)."""
+def _tuple_of(item: _Decoder, exact: type) -> _Decoder:
+    def tuple_of(value: Any) -> tuple[Any, ...]:
+        if type(value) is not list:
+            raise _Problem(f"expected array, got {_type_name(value)}")
+        if not value:
+            return ()
+        if exact is not _NotScalar:  # scalars of the exact type need no call each
+            for v in value:
+                if type(v) is not exact:
+                    break
+            else:
+                return tuple(value)
+        try:
+            return tuple(map(item, value))
+        except _Problem as exc:
+            for i, v in enumerate(value):  # which item: only now, on the way out
+                try:
+                    item(v)
+                except _Problem:
+                    raise exc.at(f"[{i}]") from None
+            raise
+
+    return tuple_of
+
+
+def _dict_of(key: _Decoder, val: _Decoder) -> _Decoder:
+    def dict_of(value: Any) -> dict[Any, Any]:
+        if type(value) is not dict:
+            raise _Problem(f"expected map, got {_type_name(value)}")
+        if not value:
+            return {}
+        try:
+            return {key(k): val(v) for k, v in value.items()}
+        except _Problem as exc:
+            for k, v in value.items():
+                try:
+                    key(k)
+                except _Problem:
+                    raise exc.at(".key") from None
+                try:
+                    val(v)
+                except _Problem:
+                    raise exc.at(f"[{k!r}]") from None
+            raise
+
+    return dict_of
+
+
+def _exact(hint: Any) -> type:
+    """The one type a value of this field may have to be taken as it is, without a decoder call."""
+    return hint if hint in _SCALARS else _NotScalar
+
+
+_FieldPlan = tuple[list[tuple[str, type, _Decoder]], int]
+_DECODERS: dict[type, _FieldPlan] = {}
+
+
+def _field_decoders(cls: type) -> _FieldPlan:
+    """Per field: its name, the exact type a value may have to be taken as it is (a scalar field's
+    own type; msgpack gives exact types, so this skips a call per field), and its decoder; and how
+    many leading fields are required (the rest have defaults)."""
     cached = _DECODERS.get(cls)
     if cached is None:
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls)
-        decoders = [(f.name, _decoder_for(hints[f.name])) for f in fields]
+        plan = [(f.name, _exact(hints[f.name]), _decoder_for(hints[f.name])) for f in fields]
         optional = (dataclasses.MISSING,)
         required = max(
             (i + 1 for i, f in enumerate(fields) if f.default in optional and f.default_factory in optional),
             default=0,
         )
-        cached = (decoders, required)
+        cached = (plan, required)
         _DECODERS[cls] = cached
     return cached
 
 
-def _decode_struct(cls: type[T], value: Any, where: str) -> T:
-    if not isinstance(value, list):
-        raise FieldTypeError(f"{where}: expected array for {cls.__name__}, got {_type_name(value)}")
-    decoders, required = _field_decoders(cls)
+def _decode_struct(cls: type[T], value: Any) -> T:
+    if type(value) is not list:
+        raise _Problem(f"expected array for {cls.__name__}, got {_type_name(value)}")
+    plan, required = _field_decoders(cls)
     # Trailing fields with defaults may be left out, so a field added later still reads older frames.
-    if not required <= len(value) <= len(decoders):
-        raise FieldTypeError(f"{where}: {cls.__name__} has {len(decoders)} fields, got {len(value)}")
-    kwargs = {name: dec(v, f"{where}.{name}") for (name, dec), v in zip(decoders, value, strict=False)}
-    return cls(**kwargs)
+    if not required <= len(value) <= len(plan):
+        raise _Problem(f"{cls.__name__} has {len(plan)} fields, got {len(value)}")
+    try:
+        return cls(
+            *[v if type(v) is exact else dec(v) for (_, exact, dec), v in zip(plan, value, strict=False)]
+        )
+    except _Problem as exc:
+        for (name, _, dec), v in zip(plan, value, strict=False):  # which field: only now
+            try:
+                dec(v)
+            except _Problem:
+                raise exc.at(f".{name}") from None
+        raise
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
@@ -198,7 +324,11 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     cls = _BY_TAG.get(tag)
     if cls is None:
         raise UnknownTag(f"unknown message tag {tag}")
-    return _decode_struct(cls, raw[1:], cls.__name__)
+    try:
+        return _decode_struct(cls, raw[1:])
+    except _Problem as exc:
+        where = cls.__name__ + "".join(reversed(exc.path))
+        raise FieldTypeError(f"{where}: {exc.problem}") from None
 
 
 def decode_as(data: bytes, cls: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
