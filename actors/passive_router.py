@@ -2,7 +2,8 @@
 instead of learned by gossip.
 
 It asks an active node for the table at start, refreshes it every 30-60 s (jittered, so a thousand
-clients do not ask in step) and at once when a tunnel to a host fails. Host choice is rendezvous
+clients do not ask in step), at once when a tunnel to a host fails, and early when asked for a model
+it has no host for or for the model list while a wanted model is still coming up. Host choice is rendezvous
 hashing of (this node, model) over the model's hosts: clients spread out and each keeps its host.
 Death and leaving notices pushed down its connections are applied to the cached table: an active
 node sends its own table with them, which is taken as a refresh; from an older node, which sends
@@ -48,7 +49,8 @@ from meshllm.wire.messages import (
 RETRY_S = (1.0, 2.0, 5.0, 10.0)
 NOTICE_SPREAD_S = 2.0
 EAGER_REFRESH_S = 2.0
-"""A request for a model with no known host refreshes the table, at most this often."""
+"""A request for a model with no known host, or a model list while a wanted model is still coming up,
+refreshes the table, at most this often."""
 
 
 class PassiveRouter(MsgpackActor):
@@ -216,6 +218,12 @@ class PassiveRouter(MsgpackActor):
 
     @handles(ListModels)
     def on_list(self, msg: ListModels) -> ModelList:
+        coming = set(self.table.unserved) - set(self.table.stuck)
+        if coming and time.monotonic() - self.last_refresh >= EAGER_REFRESH_S:
+            # A model is wanted and not stuck: it is loading, and may be served by now. Someone is
+            # asking (a client started with the mesh): refresh rather than list it as missing for
+            # the 30-60 s until the next scheduled refresh.
+            self._refresh_soon()
         return model_list(self.table)
 
     @handles(GetStatus)

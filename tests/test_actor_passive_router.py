@@ -8,6 +8,8 @@ ticks themselves (a timer tick landing in between sees the same clock and does t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import actors.passive_router as passive_module
@@ -240,6 +242,26 @@ def test_a_request_for_a_model_without_hosts_refreshes_early(h: Harness, clock: 
     route(h, "big")  # it has hosts: nothing to refresh for
     assert tick(h) == 1
     route(h, "new-model")
+    assert tick(h) == 2
+
+
+def test_a_model_list_while_a_wanted_model_comes_up_refreshes_early(h: Harness, clock: FakeClock) -> None:
+    """"later" is wanted and not stuck (loading): a client asking for the list gets a fresh table
+    within EAGER_REFRESH_S, not at the next scheduled refresh. Once every wanted model is served or
+    stuck, listing asks for nothing."""
+    start(h)
+    say(h, RoutesReceived(source="host-0", table=TABLE))
+    clock.advance(EAGER_REFRESH_S - 0.5)
+    h.ask("router", ListModels(), ModelList)  # the table is fresh
+    assert tick(h) == 1
+    clock.advance(0.5)
+    assert h.ask("router", ListModels(), ModelList).wanted == ("later",)
+    assert tick(h) == 2
+
+    settled = dataclasses.replace(TABLE, stuck=("later",))
+    say(h, RoutesReceived(source="host-0", table=settled))
+    clock.advance(EAGER_REFRESH_S)
+    h.ask("router", ListModels(), ModelList)
     assert tick(h) == 2
 
 
