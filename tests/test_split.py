@@ -108,7 +108,9 @@ def test_model_that_fits_is_never_split(procs: ProcessFactory, layered_gguf: Pat
     b = procs.start("b", join=(a.token,), extra=serve(layered_gguf))
     for p in (a, b):
         wait_until(lambda p=p: model_status(p, "tiny4").get("state") == "solo", timeout=30, what="solo")
-    assert set(model_status(a, "tiny4")["hosts"]) == {a.node_id, b.node_id}
+    # b's own llama-server can be up before a has heard by gossip that b serves it
+    both = {a.node_id, b.node_id}
+    wait_until(lambda: set(model_status(a, "tiny4")["hosts"]) == both, timeout=15, what="a to list both hosts")
     assert complete(a, "tiny4") == complete(b, "tiny4")
     assert not rpc_starts(a) and not rpc_starts(b)
 
