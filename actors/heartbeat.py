@@ -53,8 +53,6 @@ class Heartbeat(MsgpackActor):
         self.last_ok: dict[str, float] = {}
         self.declared: set[str] = set()
         self.last_tick: float | None = None
-        self.stalled_s = 0.0
-        """All the time this node's ticks have lost, in seconds (not counted as peers' silence)."""
 
     def on_start(self) -> None:
         self.tell("registry", Subscribe(subscriber=self.name))
@@ -131,7 +129,6 @@ class Heartbeat(MsgpackActor):
         lost = now - previous - LATE_TICKS * check_s
         if lost <= 0:
             return
-        self.stalled_s += lost
         for node_id, last in self.last_ok.items():
             self.last_ok[node_id] = min(now, last + lost)
         if lost >= STALL_LOGGED_S:
