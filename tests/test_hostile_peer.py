@@ -315,6 +315,7 @@ def test_a_stream_the_peer_resets_is_no_violation(nodes: NodeFactory, mesh: tupl
 STREAMS = 10_000
 
 
+@pytest.mark.serial
 def test_ten_thousand_streams_are_served_a_bounded_number_at_a_time(
     nodes: NodeFactory, mesh: tuple[Node, Node]
 ) -> None:

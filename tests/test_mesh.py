@@ -19,6 +19,7 @@ from meshllm.wire.messages import Gossip, Refused
 from tests.support import NodeFactory, wait_until
 
 
+@pytest.mark.serial
 def test_ten_nodes_join_through_one_bootstrap(nodes: NodeFactory) -> None:
     boot = nodes.start("n0")
     others = [nodes.start(f"n{i}", join=(boot.invite_token,)) for i in range(1, 10)]

@@ -25,7 +25,7 @@ import pytest
 from tests.netns import NamespacedNodeProcess, NetLab, available
 from tests.support import console_status, model_status, wait_until
 
-pytestmark = [pytest.mark.llama, pytest.mark.slow]
+pytestmark = [pytest.mark.llama, pytest.mark.slow, pytest.mark.serial]
 
 MODEL = "tiny"
 

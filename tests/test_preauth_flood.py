@@ -23,6 +23,8 @@ from meshllm.wire.invite import InviteToken
 from tests.bench.passive_load import Load
 from tests.support import REPO, NodeProcess, ProcessFactory, wait_until
 
+pytestmark = pytest.mark.serial  # floods the node on purpose: alone, not beside other tests
+
 TCP_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 6))
 QUIC_SOURCES = ",".join(f"127.0.0.{i}" for i in range(6, 10))
 FLOOD_HOLD_S = 16.0  # longer than a queued connection's wait (5 s) plus its deadline (3 s), with room

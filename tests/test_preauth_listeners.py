@@ -39,6 +39,8 @@ from meshllm.wire.messages import Refused, RpcTunnelRequest
 from tests.support import NodeFactory, read_until_closed, until, wait_until
 from tests.test_capabilities import client_of, hello_from
 
+pytestmark = pytest.mark.serial  # floods the node on purpose: alone, not beside other tests
+
 ATTACKER = "127.0.0.2"  # another loopback address: the real nodes all come from 127.0.0.1
 SMALL = Limits(per_source=2, total=8, queue_per_source=2, queue_total=8, queue_wait_s=5.0)
 

@@ -108,6 +108,7 @@ def test_the_pushed_table_is_read_after_the_notice_and_an_older_senders_end_of_s
 # -- the endpoint ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.serial
 def test_the_server_socket_reads_every_waiting_datagram_when_it_wakes() -> None:
     """asyncio reads one datagram a loop iteration: behind a busy loop the socket's queue grows and the
     kernel drops. Drained (128 a wake), a backlog of 200 is read within five iterations (one at a time: five)."""

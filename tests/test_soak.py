@@ -13,7 +13,7 @@ import pytest
 
 from tests.soak import Soak
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.serial]
 
 SOAK_S = 120.0
 SCHEDULE = (("a", "SIGKILL"), ("b", "SIGTERM"), ("s", "SIGKILL"), ("c", "SIGTERM"))
