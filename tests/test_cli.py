@@ -18,6 +18,20 @@ def meshllm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
+def test_starting_a_node_or_a_command_does_not_import_the_hub_client() -> None:
+    """huggingface_hub (with httpx2 and trio) takes ~0.5 s to import: paid only by what names a hub
+    model, not by every node start and every ``meshllm`` command."""
+    hub = "('huggingface_hub', 'httpx2')"
+    code = f"import sys, meshllm.cli, meshllm.node; print(sorted(m for m in sys.modules if m.startswith({hub})))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
 def test_help_explains_every_command_and_option() -> None:
     top = meshllm("--help")
     assert top.returncode == 0 and "run" in top.stdout and "invite" in top.stdout

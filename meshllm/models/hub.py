@@ -13,6 +13,10 @@ start again at byte 0 (see DESIGN.md). Here the partial file has a stable name p
 file is checked against the hub's sha256 before it is moved into the cache's usual layout
 (``blobs/<sha256>``, ``snapshots/<commit>/<file>`` linked to it, ``refs/<revision>``), where every hub
 tool finds it offline. A file is never used before its checksum matched.
+
+huggingface_hub is imported by the methods that use it, not with this module: it (with httpx2 and
+trio) takes half a second to import, which every node and every ``meshllm`` command would pay, while
+only a node or command that names a hub model needs it.
 """
 
 from __future__ import annotations
@@ -25,17 +29,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx2
-from huggingface_hub import HfApi, constants, get_session, hf_hub_url, hf_raise_for_status
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils._headers import build_hf_headers
 
 from meshllm.models.digest import BackgroundSha256
 from meshllm.models.files import FileChoiceError, files_for_name, files_for_quant
@@ -101,6 +94,8 @@ class Hub:
     def __init__(
         self, cache_dir: Path | None = None, endpoint: str | None = None, token: str | None = None
     ) -> None:
+        from huggingface_hub import HfApi, constants
+
         self.cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
         self.token = token  # None: huggingface_hub's own (HF_TOKEN, or the saved login)
@@ -110,6 +105,15 @@ class Hub:
     # -- errors ---------------------------------------------------------------------------------------
 
     def _explain(self, ref: HubRef, exc: Exception) -> HubError:
+        import httpx2
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
         what = ref.text
         if isinstance(exc, GatedRepoError):
             return HubError(
@@ -173,14 +177,20 @@ class Hub:
         return RemoteModel(ref=ref, commit=commit, files=model.files, shape=self._shape(model, timeout))
 
     def _url(self, model: RemoteModel, path: str) -> str:
+        from huggingface_hub import hf_hub_url
+
         return hf_hub_url(model.ref.repo, path, revision=model.commit, endpoint=self.endpoint)
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        from huggingface_hub.utils._headers import build_hf_headers
+
         return build_hf_headers(token=self.token, headers=extra)
 
     def _shape(self, model: RemoteModel, timeout: float) -> ModelShape | None:
         """The shape from the first bytes of the first file; None when the header cannot be read
         (then only the weights are counted)."""
+        from huggingface_hub import get_session, hf_raise_for_status
+
         first = model.files[0]
         want = REMOTE_HEAD_BYTES
         while True:
