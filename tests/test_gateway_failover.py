@@ -1,16 +1,23 @@
 """A host that fails while answering, as the soak test saw it: before the first byte of the body the
 request goes to another host (the client never gets an empty 200); after it, the client's OpenAI
 library reports an error, never a normal end. The failing host runs a fake llama-server
-(tests/data/fake-llama) that sends its streaming headers and then dies, before or after one event."""
+(tests/data/fake-llama) that sends its streaming headers and then dies, before or after one event.
+A host killed outright is given up within a ping when its TCP port refuses, not after the seconds of
+silence a QUIC connection needs to show a dead peer."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.support import NodeProcess, ProcessFactory, model_status, wait_until
+from meshllm.net.fast_path import NothingListens
+from meshllm.placement import rank_hosts
+from tests.support import NodeFactory, NodeProcess, ProcessFactory, model_status, wait_until, write_config
+from tests.tunnel_support import tunnel_request
 
 pytestmark = pytest.mark.llama
 
@@ -71,3 +78,68 @@ def test_an_answer_cut_after_its_first_byte_is_an_error_for_the_client(
         error = wait_until(cut_reported, 60, what=f"{proc.config.stem} to report the cut")
         assert "host serving this answer was lost" in str(error)
         assert proc.events("gateway.host_lost_mid_response")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_port_that_refuses_is_told_apart_from_other_fast_path_failures(nodes: NodeFactory) -> None:
+    endpoint = nodes.start("front").endpoint
+    assert endpoint is not None
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()  # accepts, never speaks TLS: a failure, but someone listens
+
+    def open_to(*ports: int) -> BaseException:
+        async def run() -> None:
+            await endpoint.fast.open("0" * 32, tuple(f"127.0.0.1:{p}" for p in ports), tunnel_request())
+
+        try:
+            endpoint.loop_thread.run(asyncio.wait_for(run(), 20), timeout=30)
+        except BaseException as exc:
+            return exc
+        raise AssertionError("connected")
+
+    try:
+        assert isinstance(open_to(closed_port(), closed_port()), NothingListens)
+        mixed = open_to(closed_port(), mute.getsockname()[1])
+        assert isinstance(mixed, ConnectionError) and not isinstance(mixed, NothingListens), mixed
+    finally:
+        mute.close()
+
+
+CLIENT = 'role = "client"'
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["ping", "handshake"])
+def test_a_killed_host_whose_port_refuses_is_given_up_at_once(
+    procs: ProcessFactory, tiny_gguf: Path, connected: bool
+) -> None:
+    """The client's first choice is killed; its next request finds it gone before any death notice
+    can come (peers need seconds to call it dead). The TCP refusal, then a missed QUIC ping (1 s) on
+    the connection the client holds to its route source, or a missed handshake (2 s) to a host it only
+    reached by TCP, say so. Before, the client waited 2 s of silence and a 2 s ping, or a 10 s
+    handshake timeout."""
+    a = procs.start("a", extra=serve(tiny_gguf))
+    b = procs.start("b", join=(a.token,), extra=serve(tiny_gguf))
+    both = {a.node_id, b.node_id}
+    wait_until(lambda: set(model_status(a.console_url, "tiny").get("hosts", [])) == both, 60, what="both serving")
+    asker = procs.start("asker", join=(a.token_for("client"),), node_extra=CLIENT)
+    by_id = {a.node_id: a, b.node_id: b}
+    first, other = (by_id[n] for n in rank_hosts(asker.node_id, "tiny", list(by_id)))
+    source = first if connected else other
+    if source is not a:  # rejoin through the host that is to be the route source
+        asker.stop()
+        write_config(procs.tmp, "asker", (source.token_for("client"),), node_extra=CLIENT)
+        asker = procs.start("asker")
+    wait_until(lambda: set(model_status(asker.console_url, "tiny").get("hosts", [])) == both, 10, what="routes")
+    assert stream(asker)  # through the fast path to its first choice
+    first.kill9()
+    mark = len(asker.records())
+    assert stream(asker), "an empty answer"
+    retry = next(r for r in asker.records()[mark:] if r.get("event") == "gateway.retry")
+    missed = "did not answer a ping within 1 s" if connected else "completed no QUIC handshake within 2 s"
+    assert f"refused TCP and {missed}" in str(retry["reason"]), retry

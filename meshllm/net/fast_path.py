@@ -115,6 +115,12 @@ def _wake(admitted: bool) -> Callable[[asyncio.Future[bool]], None]:
     return wake
 
 
+class NothingListens(ConnectionError):
+    """Every address of the node refused the TCP connection: its machine answered that nothing listens
+    on the port, which is what a node whose process died looks like (a live node that could not open
+    its fast path looks the same, so this is a reason to check, not a verdict)."""
+
+
 class FastPath:
     """Listener and dialler of the fast path; lives on the transport's event loop."""
 
@@ -358,6 +364,7 @@ class FastPath:
         if not self.enabled:
             raise ConnectionError("fast path disabled (MESHLLM_FAST_PATH=0)")
         errors = []
+        refused = 0
         for addr in addrs:
             host, port = _split(addr)
             try:
@@ -367,6 +374,7 @@ class FastPath:
                 )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 errors.append(f"{addr}: {type(exc).__name__}: {exc}")
+                refused += isinstance(exc, ConnectionRefusedError)
                 continue
             sslobj = writer.get_extra_info("ssl_object")
             try:
@@ -379,4 +387,6 @@ class FastPath:
             tune_socket(writer)
             writer.write(greeting + then)
             return reader, writer
+        if addrs and refused == len(addrs):
+            raise NothingListens("; ".join(errors))
         raise ConnectionError("; ".join(errors) or "no address")

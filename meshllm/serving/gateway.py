@@ -30,6 +30,7 @@ from meshllm.logsetup import Logger
 from meshllm.net.aio import start_http
 from meshllm.net.body_pump import source_of
 from meshllm.net.endpoint import MeshEndpoint
+from meshllm.net.fast_path import NothingListens
 from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, pass_headers
 from meshllm.net.in_flight import InFlight
 from meshllm.net.library_internals import abort_tunnel
@@ -65,6 +66,10 @@ from meshllm.wire.messages import (
 DEMAND_EVERY_S = 10.0
 ASK_TIMEOUT_S = 5.0
 TUNNEL_OPEN_TIMEOUT_S = 10.0
+REFUSED_PING_S = 1.0
+REFUSED_HANDSHAKE_S = 2.0
+"""How long a host whose TCP port refused the fast path gets to answer a QUIC ping, or to complete a
+QUIC handshake when there is no connection to ping on."""
 LIVENESS_S = 2.0
 RETRY_AFTER_S = 5
 HOST_POLL_S = 0.2
@@ -382,10 +387,25 @@ class Gateway:
         try:
             reader, writer, pooled = await self.endpoint.fast.take(host.node_id, host.addrs, header, body)
             return reader, writer, True, pooled
-        except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
-            reader, writer = await self.endpoint.open_tunnel(
-                host.node_id, host.addrs, StreamKind.HTTP_TUNNEL, header, TUNNEL_OPEN_TIMEOUT_S
-            )
+        except (ConnectionError, OSError, TimeoutError, ssl.SSLError) as exc:
+            refused = isinstance(exc, NothingListens)
+            try:
+                if refused:
+                    await self._ping_if_connected(host)
+                reader, writer = await self.endpoint.open_tunnel(
+                    host.node_id,
+                    host.addrs,
+                    StreamKind.HTTP_TUNNEL,
+                    header,
+                    REFUSED_HANDSHAKE_S if refused else TUNNEL_OPEN_TIMEOUT_S,
+                )
+            except TimeoutError:
+                if not refused:
+                    raise
+                raise ConnectionError(
+                    f"host {host.node_id[:12]} refused TCP and completed no QUIC handshake "
+                    f"within {REFUSED_HANDSHAKE_S:g} s"
+                ) from None
             writer.write(body)
             writer.write_eof()
             return reader, writer, False, False
@@ -461,6 +481,20 @@ class Gateway:
         finally:
             if fast and writer is not None and not keep:
                 writer.close()
+
+    async def _ping_if_connected(self, host: HostInfo) -> None:
+        """A host whose TCP port refused us has most likely died, and a QUIC connection would show that
+        only after LIVENESS_S of silence and a ping, seconds in which another host could answer. So it
+        must answer a ping at once (a live host without a fast path does, and is then used over QUIC);
+        with no connection yet, the handshake gets REFUSED_HANDSHAKE_S."""
+        try:
+            await self.endpoint.ping_peer(host.node_id, REFUSED_PING_S)
+        except TimeoutError:
+            raise ConnectionError(
+                f"host {host.node_id[:12]} refused TCP and did not answer a ping within {REFUSED_PING_S:g} s"
+            ) from None
+        except ConnectionError:
+            pass  # no connection: open_tunnel dials
 
     def _tunnel_reader(
         self, host: HostInfo, reader: asyncio.StreamReader, fast: bool
