@@ -12,7 +12,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from meshllm.net.body_pump import PumpEnd, PumpResult, pump_body, source_of
+from meshllm.net.body_pump import CLOSED_AT_END, PumpEnd, PumpResult, pump_body, source_of
 from meshllm.net.raw_http import Body, ChunkedBody, LengthBody
 from tests.support import until
 
@@ -139,6 +139,26 @@ def test_a_sink_that_went_away_ends_the_pump_at_the_next_event() -> None:
             source.far_w.write(b"y" * 10)
             result = await asyncio.wait_for(task, 10)
             assert result.end is PumpEnd.SINK_LEFT
+
+    asyncio.run(main())
+
+
+def test_a_sink_gone_when_only_the_bodys_end_was_left_is_a_whole_body() -> None:
+    """The openai library closes at ``data: [DONE]``; llama-server's terminating chunk comes after."""
+
+    async def main() -> None:
+        async with connection() as source, connection() as sink:
+            task = pump(ChunkedBody(), source, sink)
+            done = chunk(b"data: [DONE]\n\n")
+            source.far_w.write(done)
+            assert await read_all(sink.far_r, len(done)) == done
+            reset(sink.far_w)  # it has what it waited for: it closes, unread bytes and all (a reset)
+            await until(sink.near_w.transport.is_closing, timeout=10, what="the sink's connection to close")
+            source.far_w.write(LAST)
+            result = await asyncio.wait_for(task, 10)
+            assert result == PumpResult(PumpEnd.WHOLE, CLOSED_AT_END)
+            source.far_w.write(b"NEXT")  # the connection is whole: the stream reads its next answer
+            assert await read_all(source.near_r, 4) == b"NEXT"
 
     asyncio.run(main())
 

@@ -90,3 +90,28 @@ def test_a_streamed_answer_keeps_llama_servers_bytes(procs: ProcessFactory, tiny
     api = str(asker.started["api"]).removesuffix("/v1")
     assert events(api) == direct
     assert events(str(host.started["api"]).removesuffix("/v1")) == direct
+
+
+FAKE_BIN = Path(__file__).parent / "data" / "fake-llama"
+
+
+@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["fast-path", "quic"])
+def test_a_client_that_closes_at_done_has_not_left_mid_answer(
+    procs: ProcessFactory, tiny_gguf: Path, fast_path: str
+) -> None:
+    """The openai library closes its connection at ``data: [DONE]``; llama-server's terminating chunk
+    can come after that (here 0.3 s after). The answer was whole: no ``gateway.client_left`` (and
+    the tunnel is kept, not reset: tests/test_body_pump.py)."""
+    late_end = {"FAKE_LLAMA_MODE": "slow", "SLOW_EVENTS": "2", "SLOW_GAP_S": "0", "SLOW_END_GAP_S": "0.3"}
+    host = procs.start(
+        "host", extra=f'[models]\nserve = ["{tiny_gguf}"]\n[llama]\nbin_dir = "{FAKE_BIN}"\n', env=late_end
+    )
+    asker = procs.start("asker", join=(host.token,), env={"MESHLLM_FAST_PATH": fast_path})
+    wait_until(lambda: model_status(asker.console_url, "tiny").get("hosts") == [host.node_id], 60, what="routes")
+    for proc in (asker, host):  # through a tunnel, and the host's own gateway
+        mark = len(proc.records())
+        assert [complete(proc, stream=True) for _ in range(3)] == ["OnceOnce"] * 3
+        # The fake serves one request at a time: the third began after the second's last chunk was
+        # sent, so the first two answers' ends have been seen by now.
+        left = [r for r in proc.records()[mark:] if r.get("event") == "gateway.client_left"]
+        assert left == [], left

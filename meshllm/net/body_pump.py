@@ -44,6 +44,11 @@ class PumpResult:
     reason: str = ""
 
 
+CLOSED_AT_END = "the sink closed as the body ended"
+"""The reason of a WHOLE result whose last bytes found the sink closed: the openai library closes its
+connection at ``data: [DONE]``, and llama-server's terminating chunk can come after that. The source
+ended where its framing says (a pooled tunnel stays usable), and nobody left mid-answer."""
+
 _PAUSED = PumpResult(PumpEnd.WHOLE, "paused")  # a signal to the waiting coroutine, never returned
 
 
@@ -82,7 +87,10 @@ class BodyPump(asyncio.Protocol):
             return
         if out:
             if self.sink.is_closing():
-                self._finish(PumpResult(PumpEnd.SINK_LEFT, "the connection to pass the answer on to closed"))
+                if self.body.done:  # it missed only the body's last bytes (a client done at its own end
+                    self._finish(PumpResult(PumpEnd.WHOLE, CLOSED_AT_END))  # marker): the source is whole
+                else:
+                    self._finish(PumpResult(PumpEnd.SINK_LEFT, "the connection to pass the answer on to closed"))
                 return
             self.sink.write(out)
         if self.body.done:

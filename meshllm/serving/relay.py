@@ -95,11 +95,17 @@ async def _pump_rest(
             log.warning("gateway.host_lost_mid_response", model=model, source=source, reason=result.reason)
             await fail_mid_stream(request, response, result.reason, raw_chunks=isinstance(body, ChunkedBody))
             return response, False
-    try:
-        await response.write_eof()
-    except ConnectionError:
-        log.info("gateway.client_left", model=model, source=source)
+    await _end(response, request)
     return response, body.done
+
+
+async def _end(response: web.StreamResponse, request: web.Request) -> None:
+    """End a body that came whole; a client that closed at its own end marker (the openai library
+    does at ``data: [DONE]``) is not told, and did not leave mid-answer."""
+    if request.transport is None or request.transport.is_closing():
+        return
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
 
 
 async def relay(
@@ -140,6 +146,8 @@ async def relay(
             try:
                 await response.write(dechunk(chunk) if decode else chunk)
             except ConnectionError:
+                if body.done:  # it missed only the body's last bytes (see _end)
+                    return response, True
                 log.info("gateway.client_left", model=model, source=source)
                 on_client_left()
                 return response, False
@@ -156,8 +164,5 @@ async def relay(
             return response, False
         if not data:
             break  # an older host's body: its stream's end is the body's end
-    try:
-        await response.write_eof()
-    except ConnectionError:
-        log.info("gateway.client_left", model=model, source=source)
+    await _end(response, request)
     return response, body.done
