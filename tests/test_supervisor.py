@@ -306,10 +306,15 @@ def test_bad_model_backs_off_then_gives_up(start: Callable[..., Harness], tmp_pa
     assert h.events.of(LlamaStopped, "bad")  # the old spec was let go
     h.desire()  # not desired any more: the pending restart must not happen
     assert h.events.wait(LlamaStopped, "bad", n=2)
-    # A restart would fail again within milliseconds; none comes in many times the 0.02 s backoff.
+    # The restart was due 0.02 s after the failure: on a loaded machine it can come before the
+    # supervisor reads that the model is no longer desired (a 7th start, stopped at once). Once that
+    # is read, nothing starts again: a restart would fail within milliseconds, and none comes in many
+    # times the backoff.
+    starts = len(h.starts("bad"))
+    assert starts in (6, 7)
     with pytest.raises(AssertionError, match="no LlamaFailed"):
         h.events.wait(LlamaFailed, "bad", n=7, timeout=0.3)
-    assert len(h.starts("bad")) == 6
+    assert len(h.starts("bad")) == starts
 
 
 def test_a_given_up_child_is_tried_again_after_a_while(start: Callable[..., Harness], tmp_path: Path) -> None:
