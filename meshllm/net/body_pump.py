@@ -87,8 +87,10 @@ class BodyPump(asyncio.Protocol):
             return
         if out:
             if self.sink.is_closing():
-                if self.body.done:  # it missed only the body's last bytes (a client done at its own end
-                    self._finish(PumpResult(PumpEnd.WHOLE, CLOSED_AT_END))  # marker): the source is whole
+                # A client done at its own end marker missed only the body's last bytes: the body
+                # came whole, and the source connection is fit for its next request.
+                if self.body.done:
+                    self._finish(PumpResult(PumpEnd.WHOLE, CLOSED_AT_END))
                 else:
                     self._finish(PumpResult(PumpEnd.SINK_LEFT, "the connection to pass the answer on to closed"))
                 return
