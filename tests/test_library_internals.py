@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from meshllm.net import library_internals as internals
+from meshllm.net.fast_path import tls_contexts
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
 
 T = TypeVar("T")
@@ -270,3 +272,42 @@ def test_send_chunks_as_they_are_passes_chunked_bytes_untouched() -> None:
     body, raw = asyncio.run(serving(handler, client))
     assert body == b"".join(payload)
     assert raw == framed
+
+
+def test_tls_state_is_the_transports_own_and_only_when_it_has_sent_everything() -> None:
+    """The SSL object and buffers asyncio's TLS transport uses: what is encrypted with them reaches the
+    peer as the transport's own next bytes would."""
+    server_tls, client_tls = tls_contexts(NodeIdentity.generate())
+
+    async def main() -> None:
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+        async def on_accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await accepted.put((r, w))
+
+        server = await asyncio.start_server(on_accept, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
+        far_r, far_w = await asyncio.wait_for(accepted.get(), 5)
+        try:
+            state = internals.tls_state(writer.transport)
+            assert state is not None
+            assert state.tcp.get_extra_info("socket") is writer.get_extra_info("socket")
+            state.sslobj.write(b"by hand")
+            state.tcp.write(state.outgoing.read())
+            assert await asyncio.wait_for(far_r.readexactly(7), 5) == b"by hand"
+            writer.write(b", then by the transport")
+            assert await asyncio.wait_for(far_r.readexactly(23), 5) == b", then by the transport"
+            near, far = socket.socketpair()
+            _, plain_w = await asyncio.open_connection(sock=near)
+            assert internals.tls_state(plain_w.transport) is None
+            plain_w.close()
+            far.close()
+            writer.close()  # closing: no longer one a thread may take
+            assert internals.tls_state(writer.transport) is None
+        finally:
+            writer.transport.abort()
+            far_w.transport.abort()
+            server.close()
+
+    asyncio.run(main())

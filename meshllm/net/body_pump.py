@@ -12,42 +12,26 @@ The source's own stream protocol is put back as soon as the body is over (or the
 whatever came after the body and the end of the connection passed on to it, so a pooled tunnel
 connection is left exactly as a stream read would have left it. Flow control: when the sink's buffer
 grows past :data:`HIGH_WATER` the source is paused until the sink drains.
+
+:func:`pump_body` first offers the body to a relay thread (:mod:`meshllm.net.thread_relay`), which
+costs less per token still; this pump passes it when every relay thread is busy, relay threads are
+off, or a transport is not one a thread can take.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import cast
 
 from meshllm.net.library_internals import take_buffered
+from meshllm.net.pump_result import CLOSED_AT_END, PumpEnd, PumpResult
 from meshllm.net.raw_http import BadBody, Body
+from meshllm.net.thread_relay import take_over
 
 HIGH_WATER = 256 * 1024
 """Sink bytes not yet sent at which the source is paused (a client that reads slowly)."""
 
-
-class PumpEnd(enum.Enum):
-    WHOLE = "whole"
-    """The body ended where its framing says (or with its stream, for a body that runs until then)."""
-    SOURCE_BROKE = "source_broke"
-    """The source ended or failed before the body did, or sent a body that is not valid framing."""
-    SINK_LEFT = "sink_left"
-    """The connection the body goes to closed: nobody reads the rest."""
-
-
-@dataclass(frozen=True)
-class PumpResult:
-    end: PumpEnd
-    reason: str = ""
-
-
-CLOSED_AT_END = "the sink closed as the body ended"
-"""The reason of a WHOLE result whose last bytes found the sink closed: the openai library closes its
-connection at ``data: [DONE]``, and llama-server's terminating chunk can come after that. The source
-ended where its framing says (a pooled tunnel stays usable), and nobody left mid-answer."""
 
 _PAUSED = PumpResult(PumpEnd.WHOLE, "paused")  # a signal to the waiting coroutine, never returned
 
@@ -152,9 +136,12 @@ async def pump_body(
     source: asyncio.Transport,
     sink: asyncio.WriteTransport,
     sink_drain: Callable[[], Awaitable[None]],
+    threads: bool = True,
 ) -> PumpResult:
     """Pass the rest of ``body`` from the stream (``reader`` over ``source``) to ``sink``: first what
-    the stream already holds, then each read as it comes, written by the transport's callback."""
+    the stream already holds, then each read as it comes, by a relay thread when one can take both
+    connections (:mod:`meshllm.net.thread_relay`; ``threads`` False: never), else written by the
+    transport's callback."""
     pump = BodyPump(body, source, sink, sink_drain)
     held, ended, failed = take_buffered(reader)
     if held:
@@ -169,6 +156,9 @@ async def pump_body(
         return PumpResult(PumpEnd.SOURCE_BROKE, "the stream ended mid-body")
     if source.is_closing():
         return PumpResult(PumpEnd.SOURCE_BROKE, "the connection closed mid-body")
+    relay = take_over(source, sink, threads)
+    if relay is not None:
+        return await relay.run(body)
     source.set_protocol(pump)
     if not pump.paused and not source.is_reading():
         source.resume_reading()  # the stream had paused it for a full buffer, now empty

@@ -31,11 +31,12 @@ import aiohttp
 
 from actors.base import Directory
 from meshllm.logsetup import Logger
-from meshllm.net.body_pump import PumpEnd, pump_body, source_of
+from meshllm.net.body_pump import pump_body, source_of
 from meshllm.net.in_flight import InFlight
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.local_route import RouteNow, local_route
 from meshllm.net.misbehaviour import read_header
+from meshllm.net.pump_result import PumpEnd
 from meshllm.net.raw_http import (
     BODY_HEADER,
     FRAMED,
@@ -46,6 +47,7 @@ from meshllm.net.raw_http import (
     first_bytes,
     open_upstream,
 )
+from meshllm.net.thread_relay import stop_relaying
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import (
     MAX_BODY_BYTES,
@@ -152,6 +154,7 @@ class HttpTunnelServer:
         """Reset the tunnels of answers still under way (a drain that ran out of time): their requesters
         must see a cut answer as an error, never as a normal end."""
         for writer in list(self._answering):
+            stop_relaying(writer.transport)  # no relay thread may still use the connection's TLS
             abort_tunnel(writer)
         if self._session is not None:
             await self._session.close()

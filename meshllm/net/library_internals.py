@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do ten things we need:
+aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eleven things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -20,6 +20,10 @@ aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do ten things we 
   ``_send_headers_immediately``: see :func:`send_head_with_first_write`);
 - take what an asyncio stream has buffered without waiting, before a body pump takes its connection
   over (``StreamReader._buffer``: see :func:`take_buffered`);
+- relay a body on a TLS connection from a thread (:mod:`meshllm.net.thread_relay`) with the
+  connection's own TLS state: asyncio's TLS transport keeps its SSL object, memory BIOs and the TCP
+  transport under it in ``_ssl_protocol`` (``_sslobj``, ``_incoming``, ``_outgoing``, ``_transport``,
+  ``_state``, ``_write_buffer_size``; see :func:`tls_state`);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
   whether a datagram would create one - an Initial with a valid Retry token for an unknown
   connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
@@ -36,7 +40,10 @@ import asyncio
 import contextlib
 import functools
 import socket
+import ssl
 import struct
+from asyncio import sslproto
+from dataclasses import dataclass
 from importlib.metadata import version
 
 from aiohttp.abc import AbstractStreamWriter
@@ -156,6 +163,39 @@ def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool, BaseExcept
     held = bytes(buffer)
     buffer.clear()
     return held, reader.at_eof(), reader.exception()
+
+
+@dataclass(frozen=True)
+class TlsState:
+    """A TLS connection's state as asyncio's TLS transport holds it."""
+
+    sslobj: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    tcp: asyncio.Transport
+    """The TCP transport under the TLS one: the one that reads the socket."""
+
+
+def tls_state(transport: asyncio.BaseTransport) -> TlsState | None:
+    """The TLS state of asyncio's TLS transport when it carries data (handshake done, not closing) and
+    holds nothing it has not sent; None for any other transport, or one in another state. While a
+    thread uses it the loop must not: the TCP transport is paused, and nothing is written."""
+    protocol = getattr(transport, "_ssl_protocol", None)
+    if not isinstance(protocol, sslproto.SSLProtocol):
+        return None
+    sslobj = getattr(protocol, "_sslobj", None)
+    incoming = getattr(protocol, "_incoming", None)
+    outgoing = getattr(protocol, "_outgoing", None)
+    tcp = getattr(protocol, "_transport", None)
+    if not isinstance(sslobj, ssl.SSLObject) or not isinstance(tcp, asyncio.Transport):
+        return None
+    if not isinstance(incoming, ssl.MemoryBIO) or not isinstance(outgoing, ssl.MemoryBIO):
+        return None
+    if getattr(protocol, "_state", None) is not sslproto.SSLProtocolState.WRAPPED:
+        return None
+    if outgoing.pending or getattr(protocol, "_write_buffer_size", 1) or tcp.get_write_buffer_size():
+        return None
+    return TlsState(sslobj, incoming, outgoing, tcp)
 
 
 def abort_tunnel(writer: asyncio.StreamWriter) -> None:

@@ -29,8 +29,9 @@ import aiohttp
 from aiohttp import web
 
 from meshllm.logsetup import Logger
-from meshllm.net.body_pump import PumpEnd, PumpResult, pump_body
+from meshllm.net.body_pump import pump_body
 from meshllm.net.library_internals import send_chunks_as_they_are, send_head_with_first_write
+from meshllm.net.pump_result import PumpEnd, PumpResult
 from meshllm.net.raw_http import BadBody, Body, ChunkedBody, LengthBody, dechunk
 
 HOST_LOST = "host_lost"

@@ -26,10 +26,11 @@ body pumps do, without TLS, routing or HTTP. A yardstick for what N extra proces
 machine whatever they do (2: the hops of the remote path (c)). ``--llama-threads 1`` sets A's
 ``[llama] threads``, and ``--llama-args '--poll 0'`` appends arguments to A's llama-server (through a
 wrapper script in a ``[llama] bin_dir``), to see how much of a gap is CPU contention rather than
-latency.
+latency. ``--relay-threads 0`` runs both nodes with bodies passed on by the transport callback's pump
+instead of relay threads (meshllm/net/thread_relay.py), for runs interleaved with default ones.
 
 Run: .venv/bin/python -m tests.bench.bench_gateway [--rounds 20] [--warmup 2] [--max-tokens 64]
-     [--relays 2] [--llama-threads 1] [--llama-args '--poll 0']
+     [--relays 2] [--llama-threads 1] [--llama-args '--poll 0'] [--relay-threads 0]
 """
 
 from __future__ import annotations
@@ -442,6 +443,9 @@ def main() -> None:
     parser.add_argument(
         "--llama-args", default="", help="extra llama-server arguments, e.g. '-t 1' or '--poll 0'"
     )
+    parser.add_argument(
+        "--relay-threads", type=int, default=None, help="MESHLLM_RELAY_THREADS for both nodes (0: callback pump)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -458,8 +462,9 @@ def main() -> None:
                 llama.append(f'bin_dir = "{llama_wrapper(tmp, args.llama_args)}"')
             if llama:
                 extra += "\n[llama]\n" + "\n".join(llama) + "\n"
-            a = factory.start("a", extra=extra)
-            b = factory.start("b", join=(a.token,))
+            env = {} if args.relay_threads is None else {"MESHLLM_RELAY_THREADS": str(args.relay_threads)}
+            a = factory.start("a", extra=extra, env=env)
+            b = factory.start("b", join=(a.token,), env=env)
             ready = a.wait_event("llama.ready", timeout=180, kind="llama-server")
             llama_port = int(ready["port"])
             a_api = str(a.started["api"])
