@@ -6,9 +6,10 @@ and the transports' Python around each ``recv`` and ``send`` (asyncio's TLS prot
 a host that CPU is taken from llama.cpp's threads. A thread that waits in ``poll`` on the one
 connection it relays, then reads, finds the chunk boundaries and writes, does less per token. On this
 project's 2-core VM (tests/bench/bench_gateway, SmolLM2 streaming 64 tokens, runs with
-``MESHLLM_RELAY_THREADS=0`` interleaved): node A's CPU per response on the remote path 29.7-31.0 ms
-against 37.5-38.3 ms, on the local path ~26.5 against ~30 ms. Most of what remains per token is the
-wake-up itself on a machine whose caches llama.cpp keeps cold.
+``--relay-threads 0`` interleaved, 3 runs each): CPU per response on the remote path, node A
+29.8-36.2 ms against 35.6-42.5, node B 23.7-28.2 against 33.0-37.8 (~8 ms of each is the node's idle
+work); on the local path node A 25.8-31.2 against 30.2-33.3. Most of what remains per token is the
+wake-up itself, on a machine whose caches llama.cpp keeps cold.
 
 A relay holds a connection only while one body passes: the loop's transport reads nothing meanwhile
 (a source's, and a TLS connection's TCP transport, are paused; nothing else writes to either), the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import select
 import socket
 import ssl
@@ -143,7 +145,8 @@ class TlsEnd:
             state.incoming.write_eof()
         plain = []
         ended = False
-        while True:
+        while raw is not None or state.incoming.pending or state.sslobj.pending():
+            raw = None  # read again only while bytes wait: an SSLWantReadError costs more than a token
             try:
                 data = state.sslobj.read(READ_BYTES)
             except ssl.SSLWantReadError:
@@ -189,6 +192,7 @@ class Relay:
         self.sink_closed = False
         self._resume: list[asyncio.Transport] = []
         self._ended = threading.Event()
+        self._pollers: dict[tuple[int, int], select.poll] = {}
 
     async def run(self, body: Body) -> PumpResult:
         """Relay the rest of ``body``; the connections are the loop's again when this returns."""
@@ -200,12 +204,16 @@ class Relay:
         result: asyncio.Future[PumpResult] = loop.create_future()
 
         def relay() -> None:
-            outcome = self._relay(body)
+            try:
+                outcome = self._relay(body)
+            except Exception as exc:  # a bug here must not leave the answer waiting for ever
+                outcome = PumpResult(
+                    PumpEnd.SOURCE_BROKE, f"the relay thread failed: {type(exc).__name__}: {exc}"
+                )
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, result, outcome)
 
-        # A daemon thread: a node that exits mid-answer is not held up by the answer's end
-        threading.Thread(target=relay, name="body-relay", daemon=True).start()
+        _workers.run(relay)
         for transport in (self.source, self.sink):
             _holding[transport] = self
         try:
@@ -249,9 +257,11 @@ class Relay:
     def _wait(self, fd: int, events: int) -> None:
         """Wait until ``fd`` is ready for ``events``; :class:`Stopped` when cancelled or the sink is
         closed while we wait to write to it, :class:`SourceClosed` when the source's transport is."""
-        poller = select.poll()
-        poller.register(fd, events)
-        poller.register(self.stop_fd, select.POLLIN)
+        poller = self._pollers.get((fd, events))
+        if poller is None:
+            poller = self._pollers[fd, events] = select.poll()
+            poller.register(fd, events)
+            poller.register(self.stop_fd, select.POLLIN)
         while True:
             ready = poller.poll(TICK_MS)
             if any(fd_ == self.stop_fd for fd_, _ in ready):
@@ -311,6 +321,35 @@ class Relay:
 
 _slots = threading.BoundedSemaphore(max(RELAY_THREADS, 1))
 _holding: weakref.WeakKeyDictionary[asyncio.BaseTransport, Relay] = weakref.WeakKeyDictionary()
+
+
+class _Workers:
+    """Daemon threads that run relays, kept for the next one: a node that exits mid-answer is not held
+    up by the answer's end (as by a ThreadPoolExecutor's), and a relay starts without a new thread.
+    One is started when none is idle; the slots bound how many relays, so how many threads."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._work, name="body-relay", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._jobs.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_workers = _Workers()
 
 
 def _settle(future: asyncio.Future[PumpResult], result: PumpResult) -> None:
