@@ -23,7 +23,7 @@ aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eleven things 
 - relay a body on a TLS connection from a thread (:mod:`meshllm.net.thread_relay`) with the
   connection's own TLS state: asyncio's TLS transport keeps its SSL object, memory BIOs and the TCP
   transport under it in ``_ssl_protocol`` (``_sslobj``, ``_incoming``, ``_outgoing``, ``_transport``,
-  ``_state``, ``_write_buffer_size``; see :func:`tls_state`);
+  ``_state``, ``_write_buffer_size``, ``_ssl_reading_paused``; see :func:`tls_state`);
 - count and queue connections before the server creates them (:mod:`meshllm.net.quic_listener`):
   whether a datagram would create one - an Initial with a valid Retry token for an unknown
   connection id (``QuicServer._protocols``, ``_retry``, ``_configuration``, ``_loop``) - and the
@@ -194,6 +194,8 @@ def tls_state(transport: asyncio.BaseTransport) -> TlsState | None:
     if getattr(protocol, "_state", None) is not sslproto.SSLProtocolState.WRAPPED:
         return None
     if outgoing.pending or getattr(protocol, "_write_buffer_size", 1) or tcp.get_write_buffer_size():
+        return None
+    if getattr(protocol, "_ssl_reading_paused", True):  # it resumes its TCP transport itself
         return None
     return TlsState(sslobj, incoming, outgoing, tcp)
 

@@ -44,7 +44,8 @@ from meshllm.net.raw_http import BadBody, Body
 
 RELAY_THREADS = int(os.environ.get("MESHLLM_RELAY_THREADS", "32"))
 """Bodies relayed by threads at once, per process."""
-READ_BYTES = 256 * 1024
+READ_BYTES = 64 * 1024
+"""Per read: a TLS record is at most 16 KiB, and an allocation this size stays off mmap."""
 STOP_WAIT_S = 2.0
 """A stopped relay's thread is out of its wait at once; this only bounds a wait that should not be."""
 TICK_MS = 250
