@@ -301,12 +301,18 @@ def test_a_sink_still_sending_earlier_bytes_is_not_taken_by_a_thread() -> None:
     asyncio.run(main())
 
 
+async def relay_under_way(source: Pair, sink: Pair) -> asyncio.Future[PumpResult]:
+    """A thread relaying a 1,000-byte body, its first bytes through."""
+    task = pump(LengthBody(1000), source, sink, threads=True)
+    source.far_w.write(b"abc")
+    assert await read_all(sink.far_r, 3) == b"abc"
+    return task
+
+
 def test_a_cancelled_thread_relay_stops_at_once_and_gives_the_connection_back() -> None:
     async def main() -> None:
         async with connection() as source, connection() as sink:
-            task = pump(LengthBody(1000), source, sink, threads=True)
-            source.far_w.write(b"abc")
-            assert await read_all(sink.far_r, 3) == b"abc"
+            task = await relay_under_way(source, sink)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -321,9 +327,7 @@ def test_a_cancelled_thread_relay_stops_at_once_and_gives_the_connection_back() 
 def test_a_source_the_loop_closes_mid_body_ends_the_thread_relay_as_broken() -> None:
     async def main() -> None:
         async with connection() as source, connection() as sink:
-            task = pump(LengthBody(1000), source, sink, threads=True)
-            source.far_w.write(b"abc")
-            assert await read_all(sink.far_r, 3) == b"abc"
+            task = await relay_under_way(source, sink)
             source_of(source.near_w).abort()  # a tunnel reset by a drain that ran out of time
             result = await asyncio.wait_for(task, 5)
             assert result.end is PumpEnd.SOURCE_BROKE
@@ -394,9 +398,7 @@ def test_a_drain_stops_a_thread_relaying_to_a_tls_tunnel_before_it_resets_it(
 
     async def main() -> None:
         async with connection() as source, connection(tls=True) as sink:
-            task = pump(LengthBody(1000), source, sink, threads=True)
-            source.far_w.write(b"abc")
-            assert await read_all(sink.far_r, 3) == b"abc"
+            task = await relay_under_way(source, sink)
             thread_relay.stop_relaying(sink.near_w.transport)
             assert started[0]._ended.is_set()
             result = await asyncio.wait_for(task, 5)
