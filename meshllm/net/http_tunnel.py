@@ -200,8 +200,8 @@ class HttpTunnelServer:
         """Forward one tunnelled request to this node's llama-server for its model, if it is one the
         gateway would pass on; otherwise answer it with the error and forward nothing. True when a
         framed answer went out whole (the connection may carry another request). ``pumped``: the
-        tunnel is a TCP connection (the fast path), and the body may be passed on by a
-        :class:`~meshllm.net.body_pump.BodyPump`."""
+        tunnel is a TCP connection (the fast path), and the body may be passed on by a relay thread
+        or a :class:`~meshllm.net.body_pump.BodyPump`."""
         if self.draining:
             writer.write(pack_frame(Refused(reason="this node is leaving the mesh")))
             return False
@@ -297,8 +297,9 @@ class HttpTunnelServer:
     async def _pump_answer(
         self, request: TunnelRequest, upstream: Upstream, writer: asyncio.StreamWriter, peer: str | None
     ) -> bool:
-        """The rest of the body from llama-server's connection to the tunnel's, written by the
-        transport's read callback (:mod:`meshllm.net.body_pump`); True when it went out whole."""
+        """The rest of the body from llama-server's connection to the tunnel's, by a relay thread or
+        the transport's read callback (:func:`~meshllm.net.body_pump.pump_body`); True when it went out
+        whole."""
         result = await pump_body(
             upstream.body, upstream.reader, source_of(upstream.writer), writer.transport, writer.drain
         )

@@ -13,9 +13,10 @@ The body's bytes go to the client as llama-server framed them (:mod:`meshllm.net
 chunked body keeps its chunks, and only whole ones are passed on, so an error event can still follow
 as a chunk of its own; a body with a length keeps it. An older host's tunnel body (payload until the
 stream ends) is chunked by aiohttp as before. A body that comes over TCP (the local llama-server's
-connection, a fast-path tunnel) is passed on after its first bytes by a body pump
-(:mod:`meshllm.net.body_pump`): written from the source connection's read callback to the client's
-transport, with no coroutine step per token.
+connection, a fast-path tunnel) is passed on after its first bytes by :func:`~meshllm.net.body_pump.pump_body`:
+a relay thread that waits on the source alone (:mod:`meshllm.net.thread_relay`), or, when none can
+take it, the source connection's read callback writing to the client's transport; no coroutine step
+per token either way.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ async def _pump_rest(
     source: str,
 ) -> tuple[web.StreamResponse, bool]:
     """:func:`relay` for a body from a TCP stream: the first bytes through aiohttp (they carry the
-    response head with them), the rest by a body pump straight to the client's connection."""
+    response head with them), the rest by a relay thread or body pump straight to the client's connection."""
     try:
         await response.write(first)
     except ConnectionError:
@@ -125,7 +126,8 @@ async def relay(
     """Send the client the answer whose head (``status``, ``headers``) and first body bytes (already
     through ``body.feed``) came from ``source``; ``read_more`` gives the raw bytes that follow (``b""``
     when its stream ends). ``pump_from``: the stream and TCP connection those bytes come from, for a
-    :class:`~meshllm.net.body_pump.BodyPump` to pass them on without a read per event. Returns the
+    relay thread or :class:`~meshllm.net.body_pump.BodyPump` to pass them on without a read per
+    event. Returns the
     response and whether the body went out whole (it ended where its framing said: the source's
     connection may carry another request)."""
     response = web.StreamResponse(status=status, headers=headers)
