@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from meshllm.net.library_internals import take_buffered
-from meshllm.net.pump_result import CLOSED_AT_END, PumpEnd, PumpResult
+from meshllm.net.pump_result import PumpEnd, PumpResult, sink_gone, stream_ended
 from meshllm.net.raw_http import BadBody, Body
 from meshllm.net.thread_relay import take_over
 
@@ -71,12 +71,7 @@ class BodyPump(asyncio.Protocol):
             return
         if out:
             if self.sink.is_closing():
-                # A client done at its own end marker missed only the body's last bytes: the body
-                # came whole, and the source connection is fit for its next request.
-                if self.body.done:
-                    self._finish(PumpResult(PumpEnd.WHOLE, CLOSED_AT_END))
-                else:
-                    self._finish(PumpResult(PumpEnd.SINK_LEFT, "the connection to pass the answer on to closed"))
+                self._finish(sink_gone(self.body, "the connection to pass the answer on to closed"))
                 return
             self.sink.write(out)
         if self.body.done:
@@ -94,12 +89,7 @@ class BodyPump(asyncio.Protocol):
         self._pass_on(data)  # what follows the body in the same read is dropped, as a stream read would
 
     def eof_received(self) -> bool | None:
-        ended = self.body.close_is_end()
-        self._finish(
-            PumpResult(PumpEnd.WHOLE)
-            if ended
-            else PumpResult(PumpEnd.SOURCE_BROKE, "the stream ended mid-body")
-        )
+        self._finish(stream_ended(self.body))
         return self.previous.eof_received()  # type: ignore[attr-defined, no-any-return]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -151,9 +141,7 @@ async def pump_body(
     if failed is not None:
         return PumpResult(PumpEnd.SOURCE_BROKE, f"{type(failed).__name__}: {failed}")
     if ended:
-        if body.close_is_end():
-            return PumpResult(PumpEnd.WHOLE)
-        return PumpResult(PumpEnd.SOURCE_BROKE, "the stream ended mid-body")
+        return stream_ended(body)
     if source.is_closing():
         return PumpResult(PumpEnd.SOURCE_BROKE, "the connection closed mid-body")
     relay = take_over(source, sink, threads)

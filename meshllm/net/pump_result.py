@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshllm.net.raw_http import Body
 
 
 class PumpEnd(enum.Enum):
@@ -26,3 +30,18 @@ CLOSED_AT_END = "the sink closed as the body ended"
 """The reason of a WHOLE result whose last bytes found the sink closed: the openai library closes its
 connection at ``data: [DONE]``, and llama-server's terminating chunk can come after that. The source
 ended where its framing says (a pooled tunnel stays usable), and nobody left mid-answer."""
+
+
+def stream_ended(body: Body) -> PumpResult:
+    """The source's stream ended: whole if that is where this body ends, else cut short."""
+    if body.close_is_end():
+        return PumpResult(PumpEnd.WHOLE)
+    return PumpResult(PumpEnd.SOURCE_BROKE, "the stream ended mid-body")
+
+
+def sink_gone(body: Body, reason: str) -> PumpResult:
+    """The sink closed as bytes were to go to it: nobody reads the rest, unless those bytes were the
+    body's last (:data:`CLOSED_AT_END`)."""
+    if body.done:
+        return PumpResult(PumpEnd.WHOLE, CLOSED_AT_END)
+    return PumpResult(PumpEnd.SINK_LEFT, reason)

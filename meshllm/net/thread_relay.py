@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from meshllm.net.library_internals import TlsState, tls_state
-from meshllm.net.pump_result import CLOSED_AT_END, PumpEnd, PumpResult
+from meshllm.net.pump_result import PumpEnd, PumpResult, sink_gone, stream_ended
 from meshllm.net.raw_http import BadBody, Body
 
 RELAY_THREADS = int(os.environ.get("MESHLLM_RELAY_THREADS", "32"))
@@ -296,9 +296,7 @@ class Relay:
             except OSError as exc:  # ssl.SSLError is one
                 return PumpResult(PumpEnd.SOURCE_BROKE, f"{type(exc).__name__}: {exc}")
             if data is None:
-                if body.close_is_end():
-                    return PumpResult(PumpEnd.WHOLE)
-                return PumpResult(PumpEnd.SOURCE_BROKE, "the stream ended mid-body")
+                return stream_ended(body)
             ready = source.more
             if not data:
                 continue
@@ -312,10 +310,7 @@ class Relay:
                         raise Stopped("the connection to pass the answer on to closed")
                     self.sink_end.write(out, self._wait)
                 except (Stopped, SourceClosed, OSError) as exc:
-                    # As in the callback pump: a sink gone when only the body's end was left got it whole
-                    if body.done:
-                        return PumpResult(PumpEnd.WHOLE, CLOSED_AT_END)
-                    return PumpResult(PumpEnd.SINK_LEFT, str(exc) or type(exc).__name__)
+                    return sink_gone(body, str(exc) or type(exc).__name__)
             if body.done:
                 return PumpResult(PumpEnd.WHOLE)
 
