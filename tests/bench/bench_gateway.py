@@ -4,6 +4,8 @@ On one machine, same model (SmolLM2-135M) and prompt, streaming chat completions
 runs interleaved in a random order per round:
 
   (a) straight to node A's llama-server,
+  (a2) the same again: an A/A control, whose ratio to (a) shows how far this bench's own noise moves a
+      ratio in one run (``--no-control`` leaves it out),
   (b) through node A's gateway (A serves the model: gateway -> local llama-server),
   (c) through node B's gateway (B serves nothing: gateway -> tunnel -> A -> llama-server); the
       tunnel is the TLS-over-TCP fast path when it connects, else a QUIC stream; the run says which.
@@ -12,7 +14,9 @@ A and B are separate ``meshllm run`` processes (one GIL each). The client is the
 target: a fresh ``http.client`` connection per request, each SSE ``data:`` line timestamped as it
 arrives. TTFT = request start (connect included) to the first event with content; tokens/s =
 (content events - 1) / (last - first content event). llama-server's own ``timings`` (last event)
-are printed alongside. Target for (b) and (c): tokens/s ratio >= 0.97 and added TTFT <= 5 ms.
+are printed alongside. Target for (b) and (c): tokens/s ratio >= 0.97 and added TTFT <= 5 ms. Ratios
+and added TTFT are also given per round against the same round's (a) ("paired"), with a 90% interval of
+their median from resampling the rounds.
 
 Per request it also records the CPU time each process spent (the bench client, node A, node B,
 llama-server, the relay, and "other": everything else on the machine), since on a small machine the
@@ -60,9 +64,11 @@ MODEL = "smollm2-135m"
 TARGET_RATIO = 0.97
 TARGET_ADDED_TTFT_MS = 5.0
 CLEAN_OTHER_SHARE = 0.05  # a round counts as clean when other processes took under 5% of the CPU
+RESAMPLES = 2000  # bootstrap resamples of the rounds, for the 90% intervals
 PROMPT = "Write a short story about a robot who learns to paint. Use simple words."
 LABELS = {
     "a": "llama-server direct",
+    "a2": "llama-server direct, again",
     "b": "local gateway (A)",
     "c": "remote gateway (B, tunnel)",
     "d": "plain TCP relay processes",
@@ -393,8 +399,8 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
         print("  (none)")
         return
     print(
-        f"{'target':<36} {'tok/s ratio':>11} {'paired ratio':>12} {'+TTFT ms':>9} {'paired +TTFT ms':>15} "
-        f"{'paired p90':>10} {'verdict':>8}"
+        f"{'target':<36} {'tok/s ratio':>11} {'paired ratio':>12} {'90% interval':>13} {'+TTFT ms':>9} "
+        f"{'paired +TTFT ms':>15} {'90% interval':>13} {'paired p90':>10} {'verdict':>8}"
     )
     base = [targets[0].samples[i] for i in rounds]
     a_tps = statistics.median(x.tokens_per_s for x in base)
@@ -407,12 +413,27 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
         paired_ratio = [x.tokens_per_s / y.tokens_per_s for x, y in zip(mine, base, strict=True)]
         paired_add = [(x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(mine, base, strict=True)]
         ok = tps_ratio >= TARGET_RATIO and add_ttft <= TARGET_ADDED_TTFT_MS
+        lo, hi = median_interval(paired_ratio)
+        add_lo, add_hi = median_interval(paired_add)
         print(
             f"{'(' + t.key + ')/(a) ' + LABELS[t.key]:<36} {tps_ratio:>11.3f} "
-            f"{statistics.median(paired_ratio):>12.3f} {add_ttft:>9.1f} {statistics.median(paired_add):>15.1f} "
-            f"{pct(paired_add, 0.9):>10.1f} {'meets' if ok else 'MISSES':>8}"
+            f"{statistics.median(paired_ratio):>12.3f} {lo:>6.3f}-{hi:<6.3f} {add_ttft:>9.1f} "
+            f"{statistics.median(paired_add):>15.1f} {add_lo:>6.1f}-{add_hi:<6.1f} "
+            f"{pct(paired_add, 0.9):>10.1f} {'' if t.key == 'a2' else 'meets' if ok else 'MISSES':>8}"
         )
     print(f"  target for (b) and (c): tokens/s ratio >= {TARGET_RATIO} and added TTFT <= {TARGET_ADDED_TTFT_MS:g} ms")
+    print(
+        "  90% interval: of the paired median, by resampling the rounds; (a2) is (a) measured again in the same"
+        " rounds, so its spread is the bench's own"
+    )
+
+
+def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of the median of ``values`` resampled with replacement (a bootstrap):
+    how far a run of this many rounds could put the median by chance."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(RESAMPLES))
+    return pct(medians, 0.05), pct(medians, 0.95)
 
 
 def summary(targets: list[Target]) -> None:
@@ -420,13 +441,15 @@ def summary(targets: list[Target]) -> None:
     rounds), and the CPU each node process spent per response (median ms)."""
     base = targets[0].samples
     for t in targets[1:]:
-        ratio = statistics.median(
-            x.tokens_per_s / y.tokens_per_s for x, y in zip(t.samples, base, strict=True)
-        )
+        paired = [x.tokens_per_s / y.tokens_per_s for x, y in zip(t.samples, base, strict=True)]
+        lo, hi = median_interval(paired)
         ttft = statistics.median((x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(t.samples, base, strict=True))
         names = ["node A", "node B"] if t.key != "d" else [k for k in t.samples[0].cpu_ms if k.startswith("relay")]
         cpu = ", ".join(f"{name} {statistics.median(x.cpu_ms[name] for x in t.samples):.1f} ms" for name in names)
-        print(f"SUMMARY ({t.key}) {LABELS[t.key]}: tok/s ratio {ratio:.3f}  +TTFT {ttft:.1f} ms  CPU per response: {cpu}")
+        print(
+            f"SUMMARY ({t.key}) {LABELS[t.key]}: tok/s ratio {statistics.median(paired):.3f} "
+            f"(90% {lo:.3f}-{hi:.3f})  +TTFT {ttft:.1f} ms  CPU per response: {cpu}"
+        )
 
 
 def main() -> None:
@@ -442,6 +465,11 @@ def main() -> None:
     parser.add_argument("--llama-threads", type=int, default=0, help="[llama] threads for A (0: default)")
     parser.add_argument(
         "--llama-args", default="", help="extra llama-server arguments, e.g. '-t 1' or '--poll 0'"
+    )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="leave out (a2), llama-server direct measured a second time (the bench's own noise)",
     )
     parser.add_argument(
         "--relay-threads", type=int, default=None, help="MESHLLM_RELAY_THREADS for both nodes (0: callback pump)"
@@ -476,6 +504,7 @@ def main() -> None:
             )
             targets = [
                 Target("a", "127.0.0.1", llama_port, "/v1/chat/completions"),
+                *([] if args.no_control else [Target("a2", "127.0.0.1", llama_port, "/v1/chat/completions")]),
                 target_from_url("b", a_api, "/v1/chat/completions"),
                 target_from_url("c", b_api, "/v1/chat/completions"),
             ]
