@@ -83,6 +83,15 @@ def test_garbage_is_not_a_chunked_body() -> None:
         ChunkedBody().feed(b"1" * 2000)
 
 
+def test_a_chunk_size_may_carry_extensions_and_is_never_negative() -> None:
+    raw = b"5 ; name=value\r\nhello\r\n0;last\r\n\r\n"
+    body = ChunkedBody()
+    assert body.feed(raw) == raw and body.done
+    for bad in (b"-5\r\nhello\r\n", b"5x;ext\r\nhello\r\n", b";ext\r\n"):
+        with pytest.raises(BadBody):
+            ChunkedBody().feed(bad)
+
+
 def test_length_body_ends_at_its_length() -> None:
     body = LengthBody(5)
     assert body.feed(b"abc") == b"abc" and not body.done and not body.close_is_end()

@@ -74,6 +74,21 @@ class LengthBody(Body):
         return self.done
 
 
+def _chunk_size(line: bytes) -> int:
+    """A chunk's size from its size line (hex, maybe with ``;extensions``)."""
+    try:
+        size = int(line, 16)  # int() allows the spaces around it
+    except ValueError:
+        field = line.split(b";", 1)[0].strip()
+        try:
+            size = int(field, 16)
+        except ValueError:
+            raise BadBody(f"bad chunk size {field[:20]!r}") from None
+    if size < 0:
+        raise BadBody("negative chunk size")
+    return size
+
+
 class ChunkedBody(Body):
     """A chunked body passed through as it is: :meth:`feed` returns whole chunks only (the rest is held
     until it completes), and ``done`` once the last chunk and its empty trailer have gone by."""
@@ -87,20 +102,22 @@ class ChunkedBody(Body):
         self._last = False  # the zero-size chunk has been seen
 
     def feed(self, data: bytes) -> bytes:
+        # Once per token on every relaying node: kept to locals, one pass, no copy of a whole chunk.
         if self.done:
             return b""
         buf = self._held + data if self._held else data
         i = self._pos
+        need = self._need
         boundary = 0
         end = len(buf)
         while i < end:
-            if self._need:
-                if end - i < self._need:
-                    self._need -= end - i
+            if need:
+                if end - i < need:
+                    need -= end - i
                     i = end
                     break
-                i += self._need
-                self._need = 0
+                i += need
+                need = 0
                 boundary = i
                 if self._last:
                     self.done = True
@@ -111,25 +128,21 @@ class ChunkedBody(Body):
                 if end - i >= MAX_CHUNK_LINE:
                     raise BadBody("chunk size line too long")
                 break
-            size_field = buf[i:j].split(b";", 1)[0].strip()
-            try:
-                size = int(size_field, 16)
-            except ValueError:
-                raise BadBody(f"bad chunk size {size_field[:20]!r}") from None
-            if size < 0:
-                raise BadBody("negative chunk size")
+            size = _chunk_size(buf[i:j])
             i = j + 2
             if size == 0:
                 self._last = True  # no trailer fields from llama-server: the next line is empty
-                self._need = 2
+                need = 2
             else:
-                self._need = size + 2
-        out = buf[:boundary]
-        self._held = buf[boundary:]
-        self._pos = i - boundary
-        if self.done:
+                need = size + 2
+        self._need = need
+        if boundary == end:
             self._held = b""
-        return out
+            self._pos = 0
+            return buf
+        self._held = b"" if self.done else buf[boundary:]
+        self._pos = i - boundary
+        return buf[:boundary]
 
     def close_is_end(self) -> bool:
         return self.done

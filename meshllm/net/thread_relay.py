@@ -80,7 +80,13 @@ class End(Protocol):
 
 
 def _send_all(sock: socket.socket, data: bytes, wait: Callable[[int, int], None]) -> None:
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return  # nearly always: a token is far smaller than the socket's buffer
+    view = memoryview(data)[sent:]
     while view:
         try:
             sent = sock.send(view)
@@ -104,10 +110,11 @@ class SocketEnd:
         self.fd = self.sock.fileno()
         self.paused = paused
         self.more = False
+        self._recv = self.sock.recv
 
     def read(self, wait: Callable[[int, int], None]) -> bytes | None:
         try:
-            data = self.sock.recv(READ_BYTES)
+            data = self._recv(READ_BYTES)
         except BlockingIOError:
             self.more = False
             return b""
@@ -132,24 +139,32 @@ class TlsEnd:
         self.state = state
         self.paused: asyncio.Transport | None = state.tcp
         self.more = False
+        # Bound once: these run once per token.
+        self._recv = self.sock.recv
+        self._incoming = state.incoming
+        self._outgoing = state.outgoing
+        self._decrypt = state.sslobj.read
+        self._encrypt = state.sslobj.write
+        self._plain_waiting = state.sslobj.pending
 
     def read(self, wait: Callable[[int, int], None]) -> bytes | None:
-        state = self.state
+        incoming = self._incoming
         try:
-            raw = self.sock.recv(READ_BYTES)
+            raw: bytes | None = self._recv(READ_BYTES)
         except BlockingIOError:
             raw = None
         self.more = raw is not None and len(raw) == READ_BYTES
         if raw:
-            state.incoming.write(raw)
+            incoming.write(raw)
         elif raw == b"":
-            state.incoming.write_eof()
+            incoming.write_eof()
         plain = []
         ended = False
-        while raw is not None or state.incoming.pending or state.sslobj.pending():
-            raw = None  # read again only while bytes wait: an SSLWantReadError costs more than a token
+        # Decrypt again only while bytes wait: an SSLWantReadError costs more than a token.
+        while raw is not None or incoming.pending or self._plain_waiting():
+            raw = None
             try:
-                data = state.sslobj.read(READ_BYTES)
+                data = self._decrypt(READ_BYTES)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -159,15 +174,15 @@ class TlsEnd:
                 ended = True
                 break
             plain.append(data)
-        if state.outgoing.pending:  # a TLS 1.3 post-handshake answer (a key update)
-            _send_all(self.sock, state.outgoing.read(), wait)
+        if self._outgoing.pending:  # a TLS 1.3 post-handshake answer (a key update)
+            _send_all(self.sock, self._outgoing.read(), wait)
         if plain:
-            return b"".join(plain)
+            return plain[0] if len(plain) == 1 else b"".join(plain)
         return None if ended else b""
 
     def write(self, data: bytes, wait: Callable[[int, int], None]) -> None:
-        self.state.sslobj.write(data)
-        _send_all(self.sock, self.state.outgoing.read(), wait)
+        self._encrypt(data)
+        _send_all(self.sock, self._outgoing.read(), wait)
 
     def close(self) -> None:
         self.sock.close()
@@ -255,21 +270,34 @@ class Relay:
         if self.sink_closed and waiting_on_sink:
             raise Stopped("the connection to pass the answer on to closed")
 
-    def _wait(self, fd: int, events: int) -> None:
-        """Wait until ``fd`` is ready for ``events``; :class:`Stopped` when cancelled or the sink is
-        closed while we wait to write to it, :class:`SourceClosed` when the source's transport is."""
+    def _poller(self, fd: int, events: int) -> select.poll:
+        """One poll set per descriptor and events, kept: the cancel's eventfd is in each."""
         poller = self._pollers.get((fd, events))
         if poller is None:
             poller = self._pollers[fd, events] = select.poll()
             poller.register(fd, events)
             poller.register(self.stop_fd, select.POLLIN)
+        return poller
+
+    def _woken(self, ready: list[tuple[int, int]], waiting_on_sink: bool) -> None:
+        """After a poll that was not just the descriptor waited on: :class:`Stopped` when cancelled;
+        on a tick (nothing ready), what :meth:`_gone` finds."""
+        if any(fd == self.stop_fd for fd, _ in ready):
+            raise Stopped("cancelled")
+        if not ready:
+            self._gone(waiting_on_sink)
+
+    def _wait(self, fd: int, events: int) -> None:
+        """Wait until ``fd`` is ready for ``events``; :class:`Stopped` when cancelled or the sink is
+        closed while we wait to write to it, :class:`SourceClosed` when the source's transport is."""
+        poll = self._poller(fd, events).poll
         while True:
-            ready = poller.poll(TICK_MS)
-            if any(fd_ == self.stop_fd for fd_, _ in ready):
-                raise Stopped("cancelled")
+            ready = poll(TICK_MS)
+            if len(ready) == 1 and ready[0][0] == fd:
+                return
+            self._woken(ready, waiting_on_sink=events == select.POLLOUT)
             if ready:
                 return
-            self._gone(waiting_on_sink=events == select.POLLOUT)
 
     def _relay(self, body: Body) -> PumpResult:
         try:
@@ -282,13 +310,26 @@ class Relay:
             self._ended.set()
 
     def _pass_on(self, body: Body) -> PumpResult:
+        # Once per token: the bound methods are looked up once, and the usual wake-up (the source's
+        # bytes alone) is told apart without a call.
         source = self.source_end
+        source_fd = source.fd
+        read = source.read
+        write = self.sink_end.write
+        feed = body.feed
+        wait = self._wait
+        sink_closing = self.sink.is_closing
+        poll_source = self._poller(source_fd, select.POLLIN).poll
         ready = True  # the first read may find bytes the loop's transport had not taken yet
         while True:
             try:
                 if not ready:
-                    self._wait(source.fd, select.POLLIN)
-                data = source.read(self._wait)
+                    woken = poll_source(TICK_MS)
+                    if len(woken) != 1 or woken[0][0] != source_fd:
+                        self._woken(woken, waiting_on_sink=False)
+                        if not woken:
+                            continue
+                data = read(wait)
             except Stopped as exc:
                 return PumpResult(PumpEnd.SINK_LEFT, str(exc))
             except SourceClosed as exc:
@@ -301,14 +342,14 @@ class Relay:
             if not data:
                 continue
             try:
-                out = body.feed(data)
+                out = feed(data)
             except BadBody as exc:
                 return PumpResult(PumpEnd.SOURCE_BROKE, str(exc))
             if out:
                 try:
-                    if self.sink_closed or self.sink.is_closing():
+                    if self.sink_closed or sink_closing():
                         raise Stopped("the connection to pass the answer on to closed")
-                    self.sink_end.write(out, self._wait)
+                    write(out, wait)
                 except (Stopped, SourceClosed, OSError) as exc:
                     return sink_gone(body, str(exc) or type(exc).__name__)
             if body.done:
