@@ -8,8 +8,9 @@ connection it relays, then reads, finds the chunk boundaries and writes, does le
 project's 2-core VM (tests/bench/bench_gateway, SmolLM2 streaming 64 tokens, runs with
 ``--relay-threads 0`` interleaved, 3 runs each): CPU per response on the remote path, node A
 29.8-36.2 ms against 35.6-42.5, node B 23.7-28.2 against 33.0-37.8 (~8 ms of each is the node's idle
-work); on the local path node A 25.8-31.2 against 30.2-33.3. Most of what remains per token is the
-wake-up itself, on a machine whose caches llama.cpp keeps cold.
+work); on the local path node A 25.8-31.2 against 30.2-33.3. Per leg (tests/bench/bench_relay.py), a relay
+thread takes 0.66-0.78 of the callback pump's CPU per token, and 1.07-1.15 of a bare blocking Python
+relay's: most of what remains is the wake-up, the system calls and TLS, not this module's Python.
 
 A relay holds a connection only while one body passes: the loop's transport reads nothing meanwhile
 (a source's, and a TLS connection's TCP transport, are paused; nothing else writes to either), the
