@@ -34,7 +34,8 @@ latency. ``--relay-threads 0`` runs both nodes with bodies passed on by the tran
 instead of relay threads (meshllm/net/thread_relay.py), for runs interleaved with default ones.
 
 Run: .venv/bin/python -m tests.bench.bench_gateway [--rounds 20] [--warmup 2] [--max-tokens 64]
-     [--relays 2] [--llama-threads 1] [--llama-args '--poll 0'] [--relay-threads 0]
+     [--relays 2] [--llama-threads 1] [--llama-args '--poll 0'] [--relay-threads 0] [--samples-out F]
+Pool earlier runs: .venv/bin/python -m tests.bench.bench_gateway --pool F1 F2 ...
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -452,6 +453,32 @@ def summary(targets: list[Target]) -> None:
         )
 
 
+def save_samples(path: Path, targets: list[Target]) -> None:
+    rounds = {t.key: [asdict(x) for x in t.samples] for t in targets}
+    path.write_text(json.dumps({"labels": {t.key: LABELS[t.key] for t in targets}, "rounds": rounds}))
+    print(f"  rounds written to {path}")
+
+
+def pool(paths: list[Path]) -> None:
+    """The ratios of several runs' rounds taken together: a tighter interval than one run's, and the
+    drift between runs (which a run's own interval does not see) averaged in."""
+    pooled: dict[str, Target] = {}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        keys = list(saved["rounds"])
+        if pooled and keys != list(pooled):
+            raise SystemExit(f"{path}: targets {keys}, not {list(pooled)} as in the files before it")
+        for key in keys:
+            LABELS.setdefault(key, saved["labels"][key])
+            target = pooled.setdefault(key, Target(key, "", 0, ""))
+            target.samples += [Sample(**x) for x in saved["rounds"][key]]
+    targets = list(pooled.values())
+    rounds = len(targets[0].samples)
+    ratios(targets, list(range(rounds)), f"== relative to (a), {rounds} rounds of {len(paths)} runs pooled ==")
+    print()
+    summary(targets)
+
+
 def main() -> None:
     exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
@@ -474,7 +501,18 @@ def main() -> None:
     parser.add_argument(
         "--relay-threads", type=int, default=None, help="MESHLLM_RELAY_THREADS for both nodes (0: callback pump)"
     )
+    parser.add_argument("--samples-out", type=Path, help="write every measured round to this JSON file")
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="start nothing: pool the rounds of earlier runs' --samples-out files and print their ratios",
+    )
     args = parser.parse_args()
+    if args.pool:
+        pool(args.pool)
+        return
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -562,6 +600,8 @@ def main() -> None:
             report(targets, args.rounds)
             print()
             summary(targets)
+            if args.samples_out:
+                save_samples(args.samples_out, targets)
             print(f"  tunnel transport for (c): {tunnel_transport(int(a.started['quic_port']))}")
             if disturbed:
                 print("WARNING: other benchmark/test runs overlapped this one: the figures are not clean")
