@@ -15,8 +15,9 @@ target: a fresh ``http.client`` connection per request, each SSE ``data:`` line 
 arrives. TTFT = request start (connect included) to the first event with content; tokens/s =
 (content events - 1) / (last - first content event). llama-server's own ``timings`` (last event)
 are printed alongside. Target for (b) and (c): tokens/s ratio >= 0.97 and added TTFT <= 5 ms. Ratios
-and added TTFT are also given per round against the same round's (a) ("paired"), with a 90% interval of
-their median from resampling the rounds.
+and added TTFT are also given per round against the same round's direct answers ("paired": the mean of
+(a) and (a2), or (a) alone without the control), with a 90% interval of their median from resampling the
+rounds.
 
 Per request it also records the CPU time each process spent (the bench client, node A, node B,
 llama-server, the relay, and "other": everything else on the machine), since on a small machine the
@@ -378,7 +379,7 @@ def report(targets: list[Target], rounds: int) -> None:
         )
 
     print()
-    ratios(targets, list(range(rounds)), "== relative to (a) ==")
+    ratios(targets, list(range(rounds)), "== relative to the direct answers ==")
     busy = [
         sum(t.samples[i].cpu_ms["other"] for t in targets) / sum(t.samples[i].total_s * 1e3 for t in targets)
         for i in range(rounds)
@@ -389,7 +390,7 @@ def report(targets: list[Target], rounds: int) -> None:
         ratios(
             targets,
             clean,
-            f"== relative to (a), only the {len(clean)} of {rounds} rounds where other processes used "
+            f"== relative to the direct answers, only the {len(clean)} of {rounds} rounds where other processes used "
             f"< {CLEAN_OTHER_SHARE:.0%} of the CPU ==",
         )
 
@@ -400,24 +401,22 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
         print("  (none)")
         return
     print(
-        f"{'target':<36} {'tok/s ratio':>11} {'paired ratio':>12} {'90% interval':>13} {'+TTFT ms':>9} "
+        f"{'target':<40} {'tok/s ratio':>11} {'paired ratio':>12} {'90% interval':>13} {'+TTFT ms':>9} "
         f"{'paired +TTFT ms':>15} {'90% interval':>13} {'paired p90':>10} {'verdict':>8}"
     )
-    base = [targets[0].samples[i] for i in rounds]
-    a_tps = statistics.median(x.tokens_per_s for x in base)
-    a_ttft = statistics.median(x.ttft_s for x in base)
     for t in targets[1:]:
         mine = [t.samples[i] for i in rounds]
-        tps_ratio = statistics.median(x.tokens_per_s for x in mine) / a_tps
-        add_ttft = (statistics.median(x.ttft_s for x in mine) - a_ttft) * 1e3
-        # Paired per round: the same round's (a) is the nearest comparison under CPU noise.
-        paired_ratio = [x.tokens_per_s / y.tokens_per_s for x, y in zip(mine, base, strict=True)]
-        paired_add = [(x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(mine, base, strict=True)]
+        ref = reference(targets, rounds, t.key)
+        tps_ratio = statistics.median(x.tokens_per_s for x in mine) / statistics.median(r[0] for r in ref)
+        add_ttft = (statistics.median(x.ttft_s for x in mine) - statistics.median(r[1] for r in ref)) * 1e3
+        # Paired per round: the same round's direct answers are the nearest comparison under CPU noise.
+        paired_ratio = [x.tokens_per_s / r[0] for x, r in zip(mine, ref, strict=True)]
+        paired_add = [(x.ttft_s - r[1]) * 1e3 for x, r in zip(mine, ref, strict=True)]
         ok = tps_ratio >= TARGET_RATIO and add_ttft <= TARGET_ADDED_TTFT_MS
         lo, hi = median_interval(paired_ratio)
         add_lo, add_hi = median_interval(paired_add)
         print(
-            f"{'(' + t.key + ')/(a) ' + LABELS[t.key]:<36} {tps_ratio:>11.3f} "
+            f"{'(' + t.key + ')/' + reference_name(targets, t.key) + ' ' + LABELS[t.key]:<40} {tps_ratio:>11.3f} "
             f"{statistics.median(paired_ratio):>12.3f} {lo:>6.3f}-{hi:<6.3f} {add_ttft:>9.1f} "
             f"{statistics.median(paired_add):>15.1f} {add_lo:>6.1f}-{add_hi:<6.1f} "
             f"{pct(paired_add, 0.9):>10.1f} {'' if t.key == 'a2' else 'meets' if ok else 'MISSES':>8}"
@@ -425,8 +424,26 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
     print(f"  target for (b) and (c): tokens/s ratio >= {TARGET_RATIO} and added TTFT <= {TARGET_ADDED_TTFT_MS:g} ms")
     print(
         "  90% interval: of the paired median, by resampling the rounds; (a2) is (a) measured again in the same"
-        " rounds, so its spread is the bench's own"
+        " rounds, so its spread is the bench's own; (a,a2): the mean of both in each round"
     )
+
+
+def reference(targets: list[Target], rounds: list[int], key: str) -> list[tuple[float, float]]:
+    """Per round, the direct answer a target is compared with (tokens/s, TTFT s): the mean of (a) and
+    (a2) when the control ran (two samples of the same thing: half the noise of one), (a) for (a2)."""
+    direct = [targets[0].samples[i] for i in rounds]
+    control = next((t for t in targets if t.key == "a2"), None)
+    if control is None or key == "a2":
+        return [(x.tokens_per_s, x.ttft_s) for x in direct]
+    again = [control.samples[i] for i in rounds]
+    return [
+        ((x.tokens_per_s + y.tokens_per_s) / 2, (x.ttft_s + y.ttft_s) / 2)
+        for x, y in zip(direct, again, strict=True)
+    ]
+
+
+def reference_name(targets: list[Target], key: str) -> str:
+    return "(a,a2)" if key != "a2" and any(t.key == "a2" for t in targets) else "(a)"
 
 
 def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
@@ -439,16 +456,18 @@ def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
 
 def summary(targets: list[Target]) -> None:
     """One line per gateway path, for comparing runs: paired tokens/s ratio and added TTFT (medians over
-    rounds), and the CPU each node process spent per response (median ms)."""
-    base = targets[0].samples
+    rounds, against :func:`reference`), and the CPU each node process spent per response (median ms)."""
+    rounds = list(range(len(targets[0].samples)))
     for t in targets[1:]:
-        paired = [x.tokens_per_s / y.tokens_per_s for x, y in zip(t.samples, base, strict=True)]
+        ref = reference(targets, rounds, t.key)
+        paired = [x.tokens_per_s / r[0] for x, r in zip(t.samples, ref, strict=True)]
         lo, hi = median_interval(paired)
-        ttft = statistics.median((x.ttft_s - y.ttft_s) * 1e3 for x, y in zip(t.samples, base, strict=True))
+        ttft = statistics.median((x.ttft_s - r[1]) * 1e3 for x, r in zip(t.samples, ref, strict=True))
         names = ["node A", "node B"] if t.key != "d" else [k for k in t.samples[0].cpu_ms if k.startswith("relay")]
         cpu = ", ".join(f"{name} {statistics.median(x.cpu_ms[name] for x in t.samples):.1f} ms" for name in names)
         print(
-            f"SUMMARY ({t.key}) {LABELS[t.key]}: tok/s ratio {statistics.median(paired):.3f} "
+            f"SUMMARY ({t.key}) {LABELS[t.key]}: tok/s ratio to {reference_name(targets, t.key)} "
+            f"{statistics.median(paired):.3f} "
             f"(90% {lo:.3f}-{hi:.3f})  +TTFT {ttft:.1f} ms  CPU per response: {cpu}"
         )
 
@@ -474,7 +493,7 @@ def pool(paths: list[Path]) -> None:
             target.samples += [Sample(**x) for x in saved["rounds"][key]]
     targets = list(pooled.values())
     rounds = len(targets[0].samples)
-    ratios(targets, list(range(rounds)), f"== relative to (a), {rounds} rounds of {len(paths)} runs pooled ==")
+    ratios(targets, list(range(rounds)), f"== relative to the direct answers, {rounds} rounds of {len(paths)} runs pooled ==")
     print()
     summary(targets)
 
