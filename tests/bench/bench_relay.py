@@ -31,12 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from meshllm.net.body_pump import pump_body, source_of
 from meshllm.net.fast_path import tls_contexts
 from meshllm.net.raw_http import ChunkedBody
 from meshllm.wire.identity import NodeIdentity
+from tests.bench.bench_gateway import CpuMeter
 
 KINDS = ("thread", "callback", "floor")
 EVENT = (
@@ -101,13 +101,7 @@ async def pump_relay(
 
 
 def cpu_s(pid: int) -> float:
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        try:
-            total += int(stat.read_text().split()[0])
-        except (OSError, ValueError):
-            continue  # the thread ended
-    return total / 1e9
+    return CpuMeter.sched(pid)[0]  # summed over the process's threads, from schedstat
 
 
 def start(*args: str) -> tuple[subprocess.Popen[bytes], int]:
