@@ -76,7 +76,10 @@ def floor_relay(up_port: int, down_tls: ssl.SSLContext | None, up_tls: ssl.SSLCo
         up.sendall(request)
         body = ChunkedBody()
         while not body.done:
-            down.sendall(body.feed(up.recv(65536)))
+            data = up.recv(65536)
+            if not data:
+                return  # the producer went away mid-answer: the consumer sees the close
+            down.sendall(body.feed(data))
 
 
 async def pump_relay(
