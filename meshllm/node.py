@@ -331,6 +331,7 @@ class Node(StandbyRoles):
             demand,
             api_keys=cfg.api.api_keys,
             host_wait_s=cfg.api.host_wait_s,
+            spares=self.tunnel_server.spares,
         )
         try:
             console_port = self.console.start()

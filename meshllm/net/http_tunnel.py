@@ -41,12 +41,14 @@ from meshllm.net.raw_http import (
     BODY_HEADER,
     FRAMED,
     FRAMED_HEADER,
+    MAX_HEAD_BYTES,
     BadBody,
     Upstream,
     UpstreamError,
     first_bytes,
     open_upstream,
 )
+from meshllm.net.spare_connection import SpareConnections
 from meshllm.net.thread_relay import stop_relaying
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import (
@@ -138,6 +140,9 @@ class HttpTunnelServer:
         self.in_flight = InFlight()
         self._answering: set[asyncio.StreamWriter] = set()
         self.draining = False
+        self.spares = SpareConnections(limit=MAX_HEAD_BYTES)
+        """Connections to this node's llama-servers opened ahead of requests, for the tunnel and the
+        gateway alike."""
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new requests (their requesters retry on another host, as before a first byte) and wait
@@ -156,6 +161,7 @@ class HttpTunnelServer:
         for writer in list(self._answering):
             stop_relaying(writer.transport)  # no relay thread may still use the connection's TLS
             abort_tunnel(writer)
+        self.spares.close()
         if self._session is not None:
             await self._session.close()
 
@@ -262,7 +268,9 @@ class HttpTunnelServer:
         each side. Until then nothing is sent, so a llama-server that breaks off before its first
         byte gets the request refused, and the requester tries another host."""
         try:
-            upstream = await open_upstream(port, request.method, request.path, request_headers(headers), body)
+            upstream = await open_upstream(
+                port, request.method, request.path, request_headers(headers), body, spares=self.spares
+            )
         except UpstreamError as exc:
             self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=str(exc))
             writer.write(pack_frame(Refused(reason=str(exc))))

@@ -14,10 +14,10 @@ only, so a relay cut mid-answer can still append an error event as a chunk of it
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+
+from meshllm.net.spare_connection import SpareConnections, connect
 
 MAX_HEAD_BYTES = 65536
 MAX_CHUNK_LINE = 1024
@@ -204,10 +204,15 @@ class Upstream:
     writer: asyncio.StreamWriter
     first: bytes = b""
     """Body bytes that came with the head (to pass through ``body.feed`` first)."""
+    spares: SpareConnections | None = None
+    port: int = 0
 
     def close(self) -> None:
-        """Drop the connection: llama-server stops generating for it."""
+        """Drop the connection: llama-server stops generating for it. The request has ended, so the
+        next one to this llama-server gets a connection opened now (:mod:`~meshllm.net.spare_connection`)."""
         self.writer.transport.abort()
+        if self.spares is not None:
+            self.spares.replenish(self.port)
 
 
 class UpstreamError(Exception):
@@ -256,29 +261,62 @@ def _body_of(method: str, status: int, headers: Mapping[str, str]) -> Body | Non
     return None  # until the connection closes
 
 
+class _StaleSpare(Exception):
+    """A spare connection closed before any byte of an answer: llama-server never took the request."""
+
+
 async def open_upstream(
-    port: int, method: str, path: str, headers: Mapping[str, str], body: bytes, timeout_s: float = 5.0
+    port: int,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    timeout_s: float = 5.0,
+    spares: SpareConnections | None = None,
 ) -> Upstream:
     """Send a request to the llama-server on loopback ``port`` and read its response head. A body that
-    runs until the connection closes (not llama-server's way) is read whole and given a length."""
+    runs until the connection closes (not llama-server's way) is read whole and given a length.
+    ``spares``: take a connection opened ahead of time when there is one (and open the next when
+    the answer is closed)."""
+    request = request_bytes(port, method, path, headers, body)
+    spare = spares.take(port) if spares is not None else None
+    if spare is not None:
+        try:
+            return await _exchange(port, method, request, *spare, spares, stale_is_error=False)
+        except _StaleSpare:
+            pass  # llama-server closed it just as the request went out: send it on a new one
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MAX_HEAD_BYTES)
+            reader, writer = await connect(port, MAX_HEAD_BYTES)
     except (OSError, TimeoutError) as exc:
         raise UpstreamError(f"llama-server on port {port}: {type(exc).__name__}: {exc}") from exc
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return await _exchange(port, method, request, reader, writer, spares, stale_is_error=True)
+
+
+async def _exchange(
+    port: int,
+    method: str,
+    request: bytes,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    spares: SpareConnections | None,
+    stale_is_error: bool,
+) -> Upstream:
+    """Write ``request`` on the connection and read the answer's head; ``stale_is_error``: False for a
+    spare, whose end before any byte raises _StaleSpare instead of UpstreamError."""
     try:
-        writer.write(request_bytes(port, method, path, headers, body))
+        writer.write(request)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError as exc:
             raise UpstreamError("llama-server's response head is too large") from exc
         except asyncio.IncompleteReadError as exc:
+            if not exc.partial and not stale_is_error:
+                raise _StaleSpare from exc
             raise UpstreamError("llama-server closed the connection before its response head") from exc
         except (ConnectionError, OSError) as exc:
+            if not stale_is_error:
+                raise _StaleSpare from exc
             raise UpstreamError(f"llama-server on port {port}: {type(exc).__name__}: {exc}") from exc
         status, response_headers = _parse_head(head[:-4])
         framing = _body_of(method, status, response_headers)
@@ -287,8 +325,9 @@ async def open_upstream(
                 whole = await reader.read()
             except (ConnectionError, OSError) as exc:
                 raise UpstreamError(f"llama-server on port {port}: {type(exc).__name__}: {exc}") from exc
-            return Upstream(status, response_headers, LengthBody(len(whole)), reader, writer, whole)
-        return Upstream(status, response_headers, framing, reader, writer)
+            sized = LengthBody(len(whole))
+            return Upstream(status, response_headers, sized, reader, writer, whole, spares, port)
+        return Upstream(status, response_headers, framing, reader, writer, spares=spares, port=port)
     except BaseException:
         writer.transport.abort()
         raise

@@ -37,6 +37,7 @@ from meshllm.net.raw_http import (
     first_bytes,
     open_upstream,
 )
+from meshllm.net.spare_connection import SpareConnections
 from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body, model_entry
@@ -127,8 +128,10 @@ class Gateway:
         demand: DemandCounter | None = None,
         api_keys: tuple[str, ...] = (),
         host_wait_s: float = 0.0,
+        spares: SpareConnections | None = None,
     ) -> None:
         self.directory = directory
+        self.spares = spares
         self.host_wait_s = host_wait_s
         self.in_flight = InFlight()
         self._known: dict[str, float] = {}  # model -> when a route last knew it
@@ -331,7 +334,9 @@ class Gateway:
             return await self.tunnels.forward(request, target.host, model, headers, body)
         self.demand.hit(model)
         try:
-            upstream = await open_upstream(target.local_port, request.method, request.path, headers, body)
+            upstream = await open_upstream(
+                target.local_port, request.method, request.path, headers, body, spares=self.spares
+            )
         except UpstreamError as exc:
             raise UpstreamUnavailable(str(exc)) from exc
         try:
