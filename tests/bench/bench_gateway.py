@@ -17,7 +17,9 @@ arrives. TTFT = request start (connect included) to the first event with content
 are printed alongside. Target for (b) and (c): tokens/s ratio >= 0.97 and added TTFT <= 5 ms. Ratios
 and added TTFT are also given per round against the same round's direct answers ("paired": the mean of
 (a) and (a2), or (a) alone without the control), with a 90% interval of their median from resampling the
-rounds.
+rounds. The added TTFT is also given less llama-server's own prompt time (its ``timings.prompt_ms``),
+which varies by a few ms from one answer to the next and is most of the TTFT's noise; the prompt-time
+ratio beside it shows whether a path slows llama-server's prompt, which that figure would hide.
 
 Per request it also records the CPU time each process spent (the bench client, node A, node B,
 llama-server, the relay, and "other": everything else on the machine), since on a small machine the
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import random
 import statistics
@@ -380,6 +383,8 @@ def report(targets: list[Target], rounds: int) -> None:
 
     print()
     ratios(targets, list(range(rounds)), "== relative to the direct answers ==")
+    print()
+    beyond_prompt(targets, list(range(rounds)))
     busy = [
         sum(t.samples[i].cpu_ms["other"] for t in targets) / sum(t.samples[i].total_s * 1e3 for t in targets)
         for i in range(rounds)
@@ -428,18 +433,55 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
     )
 
 
-def reference(targets: list[Target], rounds: list[int], key: str) -> list[tuple[float, float]]:
-    """Per round, the direct answer a target is compared with (tokens/s, TTFT s): the mean of (a) and
-    (a2) when the control ran (two samples of the same thing: half the noise of one), (a) for (a2)."""
+def reference(targets: list[Target], rounds: list[int], key: str) -> list[tuple[float, float, float]]:
+    """Per round, the direct answer a target is compared with (tokens/s, TTFT s, llama-server's prompt
+    ms): the mean of (a) and (a2) when the control ran (two samples of the same thing: half the noise of
+    one), (a) for (a2)."""
     direct = [targets[0].samples[i] for i in rounds]
     control = next((t for t in targets if t.key == "a2"), None)
     if control is None or key == "a2":
-        return [(x.tokens_per_s, x.ttft_s) for x in direct]
+        return [(x.tokens_per_s, x.ttft_s, prompt_ms(x)) for x in direct]
     again = [control.samples[i] for i in rounds]
     return [
-        ((x.tokens_per_s + y.tokens_per_s) / 2, (x.ttft_s + y.ttft_s) / 2)
+        ((x.tokens_per_s + y.tokens_per_s) / 2, (x.ttft_s + y.ttft_s) / 2, (prompt_ms(x) + prompt_ms(y)) / 2)
         for x, y in zip(direct, again, strict=True)
     ]
+
+
+def prompt_ms(sample: Sample) -> float:
+    return sample.server_prompt_ms if sample.server_prompt_ms is not None else math.nan
+
+
+def beyond_prompt(targets: list[Target], rounds: list[int]) -> None:
+    """The added TTFT less llama-server's own prompt time, paired per round. The prompt time of the
+    same request varies by a few ms from one answer to the next, and that is most of the TTFT's noise:
+    taking it out (a control variate) leaves what the path adds with a much tighter interval. It would
+    hide a path that slows llama-server's prompt (CPU contention), so the prompt-time ratio is beside it."""
+    print(
+        "== added TTFT beyond llama-server's own prompt time (TTFT - timings.prompt_ms), paired per round =="
+    )
+    print(
+        f"{'target':<40} {'+TTFT ms':>9} {'90% interval':>13} {'prompt time ratio':>17} {'90% interval':>13}"
+    )
+    for t in targets[1:]:
+        mine = [t.samples[i] for i in rounds]
+        pairs = [
+            (x, r)
+            for x, r in zip(mine, reference(targets, rounds, t.key), strict=True)
+            if not math.isnan(prompt_ms(x) + r[2])
+        ]
+        if not pairs:
+            print(f"  ({t.key}): llama-server gave no prompt times")
+            continue
+        added = [(x.ttft_s - r[1]) * 1e3 - (prompt_ms(x) - r[2]) for x, r in pairs]
+        prompt = [prompt_ms(x) / r[2] for x, r in pairs]
+        lo, hi = median_interval(added)
+        p_lo, p_hi = median_interval(prompt)
+        print(
+            f"{'(' + t.key + ')/' + reference_name(targets, t.key) + ' ' + LABELS[t.key]:<40} "
+            f"{statistics.median(added):>9.2f} {lo:>6.2f}-{hi:<6.2f} {statistics.median(prompt):>17.3f} "
+            f"{p_lo:>6.3f}-{p_hi:<6.3f}"
+        )
 
 
 def reference_name(targets: list[Target], key: str) -> str:
@@ -494,6 +536,8 @@ def pool(paths: list[Path]) -> None:
     targets = list(pooled.values())
     rounds = len(targets[0].samples)
     ratios(targets, list(range(rounds)), f"== relative to the direct answers, {rounds} rounds of {len(paths)} runs pooled ==")
+    print()
+    beyond_prompt(targets, list(range(rounds)))
     print()
     summary(targets)
 
