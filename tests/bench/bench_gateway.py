@@ -35,9 +35,13 @@ machine whatever they do (2: the hops of the remote path (c)). ``--llama-threads
 wrapper script in a ``[llama] bin_dir``), to see how much of a gap is CPU contention rather than
 latency. ``--relay-threads 0`` runs both nodes with bodies passed on by the transport callback's pump
 instead of relay threads (meshllm/net/thread_relay.py), for runs interleaved with default ones.
+``--gap-ms 100`` waits before each request: back to back, a request starts while the last answer's
+processes still wind down (connections closed, threads ended, logs written), and a path that reaches
+llama-server later finds a quieter CPU for its prompt; the prompt-time ratio shows how much.
 
 Run: .venv/bin/python -m tests.bench.bench_gateway [--rounds 20] [--warmup 2] [--max-tokens 64]
-     [--relays 2] [--llama-threads 1] [--llama-args '--poll 0'] [--relay-threads 0] [--samples-out F]
+     [--relays 2] [--llama-threads 1] [--llama-args '--poll 0'] [--relay-threads 0] [--gap-ms 100]
+     [--samples-out F]
 Pool earlier runs: .venv/bin/python -m tests.bench.bench_gateway --pool F1 F2 ...
 """
 
@@ -551,6 +555,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0,
+        help="wait this long before each request, so that it starts on a machine at rest (0: at once)",
+    )
     parser.add_argument("--relays", type=int, default=0, help="add (d): N plain TCP relay processes in a chain")
     parser.add_argument("--llama-threads", type=int, default=0, help="[llama] threads for A (0: default)")
     parser.add_argument(
@@ -634,7 +644,8 @@ def main() -> None:
             print(
                 f"prompt {PROMPT!r}, max_tokens {args.max_tokens}, temperature 0, "
                 f"{args.warmup} warm-up + {args.rounds} measured rounds, random order per round, "
-                f"llama threads: {args.llama_threads or 'default'}, extra llama-server args: {args.llama_args or 'none'}"
+                f"llama threads: {args.llama_threads or 'default'}, extra llama-server args: {args.llama_args or 'none'}, "
+                f"gap before each request: {args.gap_ms:g} ms"
             )
             disturbed: set[int] = set()
             for r in range(args.warmup + args.rounds):
@@ -645,6 +656,8 @@ def main() -> None:
                 order = list(targets)
                 rng.shuffle(order)
                 for t in order:
+                    if args.gap_ms:
+                        time.sleep(args.gap_ms / 1e3)  # pacing: the last answer's tail work is over
                     sample = measured(meter, t, args.max_tokens)
                     if r >= args.warmup:
                         t.samples.append(sample)
