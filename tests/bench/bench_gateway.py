@@ -425,7 +425,7 @@ def ratios(targets: list[Target], rounds: list[int], title: str) -> None:
         lo, hi = median_interval(paired_ratio)
         add_lo, add_hi = median_interval(paired_add)
         print(
-            f"{'(' + t.key + ')/' + reference_name(targets, t.key) + ' ' + LABELS[t.key]:<40} {tps_ratio:>11.3f} "
+            f"{row_label(targets, t.key):<40} {tps_ratio:>11.3f} "
             f"{statistics.median(paired_ratio):>12.3f} {lo:>6.3f}-{hi:<6.3f} {add_ttft:>9.1f} "
             f"{statistics.median(paired_add):>15.1f} {add_lo:>6.1f}-{add_hi:<6.1f} "
             f"{pct(paired_add, 0.9):>10.1f} {'' if t.key == 'a2' else 'meets' if ok else 'MISSES':>8}"
@@ -479,13 +479,18 @@ def beyond_prompt(targets: list[Target], rounds: list[int]) -> None:
             continue
         added = [(x.ttft_s - r[1]) * 1e3 - (prompt_ms(x) - r[2]) for x, r in pairs]
         prompt = [prompt_ms(x) / r[2] for x, r in pairs]
-        lo, hi = median_interval(added)
-        p_lo, p_hi = median_interval(prompt)
-        print(
-            f"{'(' + t.key + ')/' + reference_name(targets, t.key) + ' ' + LABELS[t.key]:<40} "
-            f"{statistics.median(added):>9.2f} {lo:>6.2f}-{hi:<6.2f} {statistics.median(prompt):>17.3f} "
-            f"{p_lo:>6.3f}-{p_hi:<6.3f}"
-        )
+        print(f"{row_label(targets, t.key):<40} {with_interval(added, 9, 2)} {with_interval(prompt, 17, 3)}")
+
+
+def row_label(targets: list[Target], key: str) -> str:
+    """``(c)/(a,a2) remote gateway (B, tunnel)``: a target, what it is compared with, what it is."""
+    return f"({key})/{reference_name(targets, key)} {LABELS[key]}"
+
+
+def with_interval(values: list[float], width: int, digits: int) -> str:
+    """The median of ``values`` and its 90% interval, as table columns."""
+    lo, hi = median_interval(values)
+    return f"{statistics.median(values):>{width}.{digits}f} {lo:>6.{digits}f}-{hi:<6.{digits}f}"
 
 
 def reference_name(targets: list[Target], key: str) -> str:
