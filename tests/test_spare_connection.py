@@ -20,7 +20,7 @@ import pytest
 
 from meshllm.net.raw_http import MAX_HEAD_BYTES, Upstream, open_upstream
 from meshllm.net.spare_connection import SpareConnections
-from tests.support import NodeProcess, ProcessFactory, model_status, wait_until
+from tests.support import NodeProcess, ProcessFactory, model_status, until, wait_until
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 DEADLINE_S = 10.0
@@ -62,14 +62,6 @@ class FakeLlama:
             writer.close()
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def with_server(
     fake: FakeLlama, body: Callable[[int, SpareConnections], Awaitable[None]], max_age_s: float = 30.0
 ) -> None:
@@ -99,12 +91,12 @@ def test_the_request_after_one_ends_goes_on_a_connection_opened_before_it() -> N
 
     async def body(port: int, spares: SpareConnections) -> None:
         await ask(port, spares)
-        await until(lambda: spares.held(port) and len(fake.accepted) == 2, "a spare")
+        await until(lambda: spares.held(port) and len(fake.accepted) == 2, DEADLINE_S, "a spare")
         asked_at = time.monotonic()
         await ask(port, spares)
         assert fake.served_on == [1, 2], "the second request went on the spare"
         assert fake.accepted[1] < asked_at, "and the spare was open before it was asked"
-        await until(lambda: spares.held(port), "the next spare")
+        await until(lambda: spares.held(port), DEADLINE_S, "the next spare")
         assert len(fake.accepted) == 3
 
     with_server(fake, body)
@@ -115,7 +107,7 @@ def test_a_spare_the_server_closed_is_not_used() -> None:
 
     async def body(port: int, spares: SpareConnections) -> None:
         await ask(port, spares)
-        await until(lambda: 2 in fake.closed_idle, "the server to close the idle spare")
+        await until(lambda: 2 in fake.closed_idle, DEADLINE_S, "the server to close the idle spare")
         await ask(port, spares)
         assert fake.served_on == [1, 3]
 
@@ -127,7 +119,7 @@ def test_a_spare_closed_as_the_request_goes_out_is_replaced() -> None:
 
     async def body(port: int, spares: SpareConnections) -> None:
         await ask(port, spares)
-        await until(lambda: spares.held(port), "a spare")
+        await until(lambda: spares.held(port), DEADLINE_S, "a spare")
         await ask(port, spares)
         assert fake.served_on == [1, 3], "the request went again on a new connection"
 
@@ -153,8 +145,12 @@ def test_a_spare_nobody_takes_is_given_up_after_its_max_age() -> None:
 
     async def body(port: int, spares: SpareConnections) -> None:
         await ask(port, spares)
-        await until(lambda: spares.held(port), "a spare")
-        await until(lambda: 2 in fake.ended, "the spare to be closed, holding none of the server's threads")
+        await until(lambda: spares.held(port), DEADLINE_S, "a spare")
+        await until(
+            lambda: 2 in fake.ended,
+            DEADLINE_S,
+            "the spare to be closed, holding none of the server's threads",
+        )
         assert not spares.held(port) and not fake.closed_idle
 
     with_server(fake, body, max_age_s=0.2)
@@ -169,7 +165,7 @@ def test_there_is_at_most_one_spare_per_port() -> None:
         )
         for up in ups:
             up.close()
-        await until(lambda: spares.held(port) and len(fake.accepted) == 4, "one spare")
+        await until(lambda: spares.held(port) and len(fake.accepted) == 4, DEADLINE_S, "one spare")
         ups[0].close()  # closing an answer again asks for no second spare
         assert len(fake.accepted) == 4 and spares.held(port)
 
@@ -181,9 +177,9 @@ def test_close_drops_the_spares_and_opens_no_more() -> None:
 
     async def body(port: int, spares: SpareConnections) -> None:
         up = await ask(port, spares)
-        await until(lambda: spares.held(port), "a spare")
+        await until(lambda: spares.held(port), DEADLINE_S, "a spare")
         spares.close()
-        await until(lambda: 2 in fake.ended, "the spare to be closed")
+        await until(lambda: 2 in fake.ended, DEADLINE_S, "the spare to be closed")
         up.close()
         spares.replenish(port)
         assert not spares.held(port) and len(fake.accepted) == 2
