@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
 
 SPARE_MAX_AGE_S = float(os.environ.get("MESHLLM_SPARE_MAX_AGE_S", "3"))
 """How long a spare is kept unused (``MESHLLM_SPARE_MAX_AGE_S``; 0: no spares). Under llama-server's
@@ -47,18 +46,19 @@ class SpareConnections:
     def __init__(self, limit: int, max_age_s: float = SPARE_MAX_AGE_S) -> None:
         self.limit = limit
         self.max_age_s = max_age_s
-        self._spares: dict[int, tuple[Connection, float, asyncio.TimerHandle]] = {}
+        self._spares: dict[int, tuple[Connection, asyncio.TimerHandle]] = {}
         self._opening: dict[int, asyncio.Task[None]] = {}
         self._closed = False
 
     def take(self, port: int) -> Connection | None:
-        """The spare to ``port`` if there is one still open and young enough; the caller owns it."""
+        """The spare to ``port`` if there is one still open (its expiry keeps it young); the caller
+        owns it."""
         entry = self._spares.pop(port, None)
         if entry is None:
             return None
-        (reader, writer), since, expiry = entry
+        (reader, writer), expiry = entry
         expiry.cancel()
-        if time.monotonic() - since < self.max_age_s and not reader.at_eof() and not writer.is_closing():
+        if not reader.at_eof() and not writer.is_closing():
             return reader, writer
         writer.transport.abort()
         return None
@@ -84,22 +84,21 @@ class SpareConnections:
         if self._closed or port in self._spares:
             connection[1].transport.abort()
             return
-        expiry = asyncio.get_running_loop().call_later(self.max_age_s, self._expire, port, connection[1])
-        self._spares[port] = (connection, time.monotonic(), expiry)
+        expiry = asyncio.get_running_loop().call_later(self.max_age_s, self._expire, port)
+        self._spares[port] = (connection, expiry)
 
-    def _expire(self, port: int, writer: asyncio.StreamWriter) -> None:
-        """Give up a spare nobody took in time, so that it holds none of llama-server's threads."""
-        entry = self._spares.get(port)
-        if entry is not None and entry[0][1] is writer:
-            del self._spares[port]
-            writer.transport.abort()
+    def _expire(self, port: int) -> None:
+        """Give up a spare nobody took in time, so that it holds none of llama-server's threads (taking
+        or closing a spare cancels its expiry, so this is always the port's current one)."""
+        (_, writer), _ = self._spares.pop(port)
+        writer.transport.abort()
 
     def close(self) -> None:
         """Close every spare and open no more (the node is stopping)."""
         self._closed = True
         for task in self._opening.values():
             task.cancel()
-        for (_, writer), _, expiry in self._spares.values():
+        for (_, writer), expiry in self._spares.values():
             expiry.cancel()
             writer.transport.abort()
         self._spares.clear()
