@@ -113,6 +113,35 @@ def test_stream_readers_are_the_ones_aioquic_feeds(tmp_path: Path) -> None:
     run(check, tmp_path)
 
 
+def test_close_received_is_the_peers_close_while_aioquic_still_drains(tmp_path: Path) -> None:
+    async def check(
+        client: QuicConnectionProtocol, server: QuicConnectionProtocol, node_id: str, _: object
+    ) -> None:
+        assert internals.close_received(server) is None
+        server._quic._loss.get_probe_timeout = lambda *_, **__: 30.0  # type: ignore[method-assign]  # a slow path
+        client.close(error_code=0, reason_phrase="bye")
+        closed = await wait_for_value(lambda: internals.close_received(server), 5)
+        assert closed.reason_phrase == "bye"
+        # aioquic reports the end only after 90 s of draining; a ping meanwhile waits for nothing.
+        pending = asyncio.ensure_future(internals.quiet_ping(server))
+        await asyncio.wait({pending}, timeout=0.2)
+        assert not pending.done()
+        internals.fail_pings(server)
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(pending, 1)
+
+    run(check, tmp_path)
+
+
+async def wait_for_value(get: Callable[[], T | None], timeout: float) -> T:
+    """Poll ``get`` on the loop until it returns something (or fail after ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := get()) is None:
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+    return value
+
+
 def _abandoned_ping_reports(
     tmp_path: Path, ping: Callable[[QuicConnectionProtocol], Coroutine[Any, Any, None]]
 ) -> list[str]:

@@ -16,7 +16,13 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
-from meshllm.net.library_internals import peer_certificate, quiet_ping, stream_readers
+from meshllm.net.library_internals import (
+    close_received,
+    fail_pings,
+    peer_certificate,
+    quiet_ping,
+    stream_readers,
+)
 from meshllm.net.misbehaviour import PEER_DROPPED, UNKNOWN_STRIKES, quic_fault
 from meshllm.net.preauth import AUTH_DEADLINE_S, MAX_PREAUTH_BYTES
 from meshllm.wire.identity import node_id_of, public_key_of_certificate
@@ -157,20 +163,41 @@ class MeshConnection(QuicConnectionProtocol):
             if reader is not None:
                 self._reset_readers.add(reader)
                 reader.feed_eof()
-        elif isinstance(event, events.ConnectionTerminated):
-            fault = quic_fault(event.error_code, event.frame_type, event.reason_phrase)
-            if fault and self.authenticated.is_set() and not self.closing:
-                self._note_dropped(fault)  # aioquic closed it (e.g. more streams than it allows)
-            self.terminated = self.closing = True
-            if self._release_slot is not None:  # closed by the other side before it authenticated
-                self.note_preauth("gone", reason=event.reason_phrase or f"error {event.error_code}")
-            self._settle_preauth()
-            self.endpoint.on_terminated(self, event.reason_phrase or f"error {event.error_code}")
+        elif isinstance(event, events.ConnectionTerminated) and not self.terminated:
+            self._terminate(event)
         super().quic_event_received(event)
         if isinstance(event, events.StreamDataReceived) and event.end_stream:
             # aioquic never forgets a stream's reader (~200 B a stream, forever); the stream's
             # handler holds its own reference, and no data comes after the end.
             stream_readers(self).pop(event.stream_id, None)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if not self.terminated:
+            closed = close_received(self)
+            if closed is not None:
+                # The peer closed it: aioquic drains it for three probe timeouts (seconds on a loaded
+                # path) before it says so, and meanwhile nothing sent on it is answered. Whoever uses
+                # it must know now: a probe that pinged it until then found a live peer silent.
+                fail_pings(self)
+                self.wake_readers()
+                self._terminate(closed)
+
+    def _terminate(self, event: events.ConnectionTerminated) -> None:
+        """The connection is over (closed by either side, or timed out): tell the endpoint, once."""
+        fault = quic_fault(event.error_code, event.frame_type, event.reason_phrase)
+        if fault and self.authenticated.is_set() and not self.closing:
+            self._note_dropped(fault)  # aioquic closed it (e.g. more streams than it allows)
+        self.terminated = self.closing = True
+        if self._release_slot is not None:  # closed by the other side before it authenticated
+            self.note_preauth("gone", reason=event.reason_phrase or f"error {event.error_code}")
+        self._settle_preauth()
+        self.endpoint.on_terminated(self, event.reason_phrase or f"error {event.error_code}")
+
+    @property
+    def usable(self) -> bool:
+        """Neither side has closed it: streams and pings on it can be answered."""
+        return not self.closing
 
     async def ping(self) -> None:
         await quiet_ping(self)

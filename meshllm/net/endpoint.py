@@ -272,8 +272,10 @@ class MeshEndpoint:
         self._close(conn)
 
     def track(self, conn: MeshConnection) -> None:
-        """Count a connection as ours (inbound ones from their first stream)."""
-        self._all.add(conn)
+        """Count a connection as ours (inbound ones from their first stream). A stream that came in
+        the same datagram as the peer's close is served after the connection ended: not counted."""
+        if not conn.terminated:
+            self._all.add(conn)
 
     def adopt(self, conn: MeshConnection) -> None:
         """Make an authenticated connection the one we use for its (active) peer."""
@@ -293,7 +295,7 @@ class MeshEndpoint:
     async def connect(self, node_id: str, addrs: tuple[str, ...], timeout: float) -> MeshConnection:
         """The connection we use for a node, dialling it (and checking its certificate) if needed."""
         existing = self.peers.get(node_id)
-        if existing is not None and not existing.terminated:
+        if existing is not None and existing.usable:
             return existing
         reason = self.gate.revoked_reason(node_id, "")
         if reason:
@@ -433,7 +435,7 @@ class MeshEndpoint:
         """Open a tunnel stream to a node (connecting and authenticating first if needed) and send its
         header frame; the caller then moves raw bytes."""
         conn = self.peers.get(node_id)
-        if conn is None or conn.terminated:
+        if conn is None or not conn.usable:
             await asyncio.wait_for(self._authenticate(node_id, addrs), timeout)
             conn = self.peers[node_id]
         return await self._open(conn, kind, header)
@@ -441,7 +443,7 @@ class MeshEndpoint:
     async def ping_peer(self, node_id: str, timeout: float) -> None:
         """A QUIC-level ping on our connection to a node; raises if there is none or no answer."""
         conn = self.peers.get(node_id)
-        if conn is None or conn.terminated:
+        if conn is None or not conn.usable:
             raise ConnectionError(f"no connection to {node_id[:12]}")
         await asyncio.wait_for(conn.ping(), timeout)
 
@@ -451,7 +453,7 @@ class MeshEndpoint:
         self.counters.probes_sent += 1
         try:
             conn = self.peers.get(node_id)
-            if conn is None or conn.terminated:
+            if conn is None or not conn.usable:
                 await asyncio.wait_for(self._exchange_gossip(node_id, addrs, self.published.gossip), timeout)
             else:
                 await asyncio.wait_for(conn.ping(), timeout)

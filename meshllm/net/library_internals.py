@@ -1,6 +1,6 @@
 """Every place meshllm reaches into aioquic's internals, in one module, for the one version pinned.
 
-aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eleven things we need:
+aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do twelve things we need:
 
 - keep per-connection memory small for active nodes that hold thousands of passive connections
   (module globals ``CRYPTO_BUFFER_SIZE`` and ``EPOCHS``: see :func:`slim_aioquic`);
@@ -9,6 +9,9 @@ aioquic 1.7.2 (and asyncio, and aiohttp) have no public way to do eleven things 
   "exception never retrieved" report when the connection later fails (``_ping_waiters`` with the
   connection's ``send_ping``; ``_connected_waiter`` and ``_connected``);
 - read the peer's certificate to pin it to the node id it claims (``tls._peer_certificate``);
+- learn that the peer closed a connection when its close arrives, not when the draining period after
+  it ends (three probe timeouts: seconds on a loaded path), and fail the pings that wait on it
+  (``_quic._state``, ``_quic._close_event``, ``_ping_waiters``: see :func:`close_received`);
 - stop a tunnel stream whose reader went away (STOP_SENDING from the stream adapter: ``_quic``);
 - read every datagram waiting on the server socket when it is readable, not one a loop iteration
   (asyncio's selector datagram transport: ``_loop``, ``_sock``, ``_sock_fd``, ``_protocol``; see
@@ -53,6 +56,7 @@ from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import connection as aioquic_connection
+from aioquic.quic import events as aioquic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
@@ -123,6 +127,26 @@ async def quiet_wait_connected(protocol: QuicConnectionProtocol) -> None:
     waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
     protocol._connected_waiter = waiter
     await asyncio.shield(waiter)
+
+
+def close_received(protocol: QuicConnectionProtocol) -> aioquic_events.ConnectionTerminated | None:
+    """The peer's close, once it has arrived: aioquic then only drains the connection (it answers
+    nothing) and reports :class:`ConnectionTerminated` when the draining ends. None otherwise."""
+    quic = protocol._quic
+    if quic._state is not aioquic_connection.QuicConnectionState.DRAINING:
+        return None
+    event: aioquic_events.ConnectionTerminated | None = quic._close_event
+    return event
+
+
+def fail_pings(protocol: QuicConnectionProtocol) -> None:
+    """Fail every ping that waits on this connection with ConnectionError (as aioquic does when the
+    connection terminates): no answer can come on a connection the peer closed."""
+    waiters: dict[int, asyncio.Future[None]] = protocol._ping_waiters
+    for waiter in waiters.values():
+        if not waiter.done():
+            waiter.set_exception(ConnectionError("the peer closed the connection"))
+    waiters.clear()
 
 
 def peer_certificate(protocol: QuicConnectionProtocol) -> x509.Certificate | None:
