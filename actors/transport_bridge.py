@@ -36,6 +36,7 @@ from meshllm.wire.messages import (
     RouteRequest,
     RouteSnapshot,
     RpcListeners,
+    Subscribe,
     TransportStats,
 )
 
@@ -104,6 +105,11 @@ class TransportBridge(MsgpackActor):
         self._spawn(
             self.endpoint.exchange_gossip(msg.node_id, msg.addrs, msg.gossip, CONTROL_TIMEOUT_S)
         )
+
+    @handles(Subscribe)
+    def on_subscribe(self, msg: Subscribe) -> None:
+        """The heartbeat asks for the loop's pulse: a loop that stops pulsing is stalled."""
+        self._thread.loop.call_soon_threadsafe(self.endpoint.pulse_to, msg.subscriber)
 
     @handles(ProbePeer)
     def on_probe(self, msg: ProbePeer) -> None:

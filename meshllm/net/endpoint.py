@@ -35,6 +35,7 @@ from meshllm.net.connection import MeshConnection
 from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelHandler
 from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
+from meshllm.net.loop_watch import LoopWatch
 from meshllm.net.notices import NOTICE_BATCH, notice_payloads
 from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.net.published import Counters, Published
@@ -59,6 +60,7 @@ from meshllm.wire.messages import (
     GossipFailed,
     GossipReceived,
     Hello,
+    LoopPulse,
     ModelList,
     PeerDown,
     PeerLeaving,
@@ -122,6 +124,8 @@ class MeshEndpoint:
         self.fast = FastPath(identity, gate, role, self.log)
         self.revocations = Revocations(self)
         self.notice_target = "registry" if role == "active" else "router"
+        self.loop_watch = LoopWatch(self.loop, self._pulse)
+        self._pulse_target = ""
         self.counters = Counters(Counter(), Counter(), Counter())
         cert = identity.certificate()
         self._cert = cert
@@ -169,6 +173,16 @@ class MeshEndpoint:
         library_internals.drain_datagrams(transport, SERVER_READS_PER_WAKE)
         return transport
 
+    def pulse_to(self, subscriber: str) -> None:
+        """Tell ``subscriber`` (the heartbeat) this loop's pulse from now on (:mod:`.loop_watch`)."""
+        self._pulse_target = subscriber
+        self.loop_watch.close()
+        self.loop_watch.start()
+
+    def _pulse(self, lost_s: float) -> None:
+        if self._pulse_target:
+            self.directory.tell(self._pulse_target, LoopPulse(lost_s=lost_s))
+
     @property
     def quic_guard(self) -> PreAuthGuard[Any] | None:  # counts before admission, once started
         return self._server.guard if self._server is not None else None
@@ -179,6 +193,7 @@ class MeshEndpoint:
         self.loop_thread.stop()
 
     async def _stop(self) -> None:
+        self.loop_watch.close()
         self.fast.close()
         self.revocations.close()
         for conn in list(self._all):

@@ -383,6 +383,16 @@ class DeathReported(Message):
     notice: PeerDown
 
 
+@message(122)
+@dataclass(frozen=True)
+class LoopPulse(Message):
+    """Transport -> heartbeat: the transport's event loop runs (every second while on time). After it
+    ran late (a starved or overloaded node), ``lost_s`` is the time it lost: the pings it sent and
+    the answers it read meanwhile were that late."""
+
+    lost_s: float
+
+
 @message(119)
 @dataclass(frozen=True)
 class Subscribe(Message):
