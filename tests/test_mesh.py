@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+import threading
 import time
 
 import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
+from meshllm.net import endpoint as endpoint_module
 from meshllm.net.endpoint import ALPN
+from meshllm.wire.codec import M
 from meshllm.wire.framing import FrameBuffer, StreamKind, pack_stream_start
 from meshllm.wire.invite import InviteToken, MeshMembership
-from meshllm.wire.messages import Gossip, Refused
+from meshllm.wire.messages import Gossip, Hello, Refused
 from tests.support import NodeFactory, wait_until
 
 
@@ -41,6 +44,30 @@ def test_leave_is_a_leave_not_a_death(nodes: NodeFactory) -> None:
     record = nodes.logs["a"].wait_for("peer.left", timeout=10, peer=b.node_id)
     assert record["peer_name"] == "b"
     assert a.peer_ids() == set()
+    assert not nodes.logs["a"].find("peer.died")
+
+
+def test_a_node_that_leaves_while_its_join_is_answered_leaves(
+    nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b leaves while a's answer to its first exchange is on its way. a has registered b already, so
+    b waits for the answer and tells a it leaves; it used to close without a word (its connection
+    was not authenticated yet), and a declared it dead."""
+    a = nodes.start("a")
+    answered = threading.Event()
+    read_frame_as = endpoint_module.read_frame_as
+
+    async def held(reader: asyncio.StreamReader, cls: type[M]) -> M:
+        if cls is Hello:
+            await asyncio.to_thread(answered.wait, 10)
+        return await read_frame_as(reader, cls)
+
+    monkeypatch.setattr(endpoint_module, "read_frame_as", held)
+    b = nodes.start("b", join=(a.invite_token,))
+    wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="a to register b")
+    threading.Timer(0.2, answered.set).start()  # the answer comes while b leaves
+    b.stop(leave=True)
+    nodes.logs["a"].wait_for("peer.left", timeout=10, peer=b.node_id)
     assert not nodes.logs["a"].find("peer.died")
 
 

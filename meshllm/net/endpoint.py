@@ -496,9 +496,24 @@ class MeshEndpoint:
         """Tell everyone we are leaving (passive connections with our table without us), wait
         (bounded) for their acks, and close every connection."""
         routes = self._routes_without(self.node_id)
+        await self._finish_introductions(timeout / 2)
         await self._notify_all(StreamKind.PEER_LEAVING, notice, wait_ack=True, timeout=timeout, routes=routes)
         for conn in list(self._all):
             self._close(conn)
+
+    async def _finish_introductions(self, timeout: float) -> None:
+        """Wait (bounded) for the connections we dialled whose first exchange is in flight: the other
+        side may have registered us already, and only an authenticated connection is told notices
+        (a node that left just after joining was declared dead instead)."""
+        waits = [
+            asyncio.ensure_future(c.authenticated.wait())
+            for c in self._all
+            if c.outbound and c.usable and c.auth_lock.locked() and not c.authenticated.is_set()
+        ]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for task in pending:
+                task.cancel()
 
     async def _notify_all(
         self,
