@@ -20,6 +20,7 @@ from aioquic.quic.connection import QuicConnection
 from meshllm.net import library_internals as internals
 from meshllm.net.fast_path import tls_contexts
 from meshllm.wire.identity import NodeIdentity, node_id_of, public_key_of_certificate
+from tests.support import until
 
 T = TypeVar("T")
 
@@ -120,8 +121,9 @@ def test_close_received_is_the_peers_close_while_aioquic_still_drains(tmp_path: 
         assert internals.close_received(server) is None
         server._quic._loss.get_probe_timeout = lambda *_, **__: 30.0  # type: ignore[method-assign]  # a slow path
         client.close(error_code=0, reason_phrase="bye")
-        closed = await wait_for_value(lambda: internals.close_received(server), 5)
-        assert closed.reason_phrase == "bye"
+        await until(lambda: internals.close_received(server) is not None, 5, "the client's close")
+        closed = internals.close_received(server)
+        assert closed is not None and closed.reason_phrase == "bye"
         # aioquic reports the end only after 90 s of draining; a ping meanwhile waits for nothing.
         pending = asyncio.ensure_future(internals.quiet_ping(server))
         await asyncio.wait({pending}, timeout=0.2)
@@ -131,15 +133,6 @@ def test_close_received_is_the_peers_close_while_aioquic_still_drains(tmp_path: 
             await asyncio.wait_for(pending, 1)
 
     run(check, tmp_path)
-
-
-async def wait_for_value(get: Callable[[], T | None], timeout: float) -> T:
-    """Poll ``get`` on the loop until it returns something (or fail after ``timeout``)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (value := get()) is None:
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-    return value
 
 
 def _abandoned_ping_reports(
