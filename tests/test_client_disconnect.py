@@ -58,3 +58,8 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(
     local = start_and_leave(host, llama_port)
     print(f"{carrier}: idle {through_tunnel:.2f} s after the client left (tunnel), {local:.2f} s (local)")
     assert host.events("tunnel.requester_left") and asker.events("gateway.client_left")
+    # The access log says how each ended, on the node that took it and on the host that answered it.
+    via = "fast" if carrier == "fast-path" else "quic"
+    wait_until(lambda: asker.events("gateway.served", end="client_left", via=via), 10, what="asker's log line")
+    wait_until(lambda: host.events("tunnel.served", end="requester_left"), 10, what="the host's log line")
+    wait_until(lambda: host.events("gateway.served", end="client_left", via="local"), 10, what="host's own")

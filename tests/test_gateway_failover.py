@@ -78,6 +78,8 @@ def test_an_answer_cut_after_its_first_byte_is_an_error_for_the_client(
         error = wait_until(cut_reported, 60, what=f"{proc.config.stem} to report the cut")
         assert "host serving this answer was lost" in str(error)
         assert proc.events("gateway.host_lost_mid_response")
+        wait_until(lambda p=proc: p.events("gateway.served", end="host_lost"), 10, what="the access log")
+    assert bad.events("tunnel.served", end="llama_broke")  # the host's side of the tunnelled cut
 
 
 def closed_port() -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Mapping
 
 import aiohttp
@@ -58,6 +59,7 @@ from meshllm.serving.openai_api import (
     request_headers,
     response_headers,
 )
+from meshllm.serving.request_log import LLAMA_BROKE, REFUSED, REQUESTER_LEFT, WHOLE, RequestRecord
 from meshllm.wire.framing import pack_frame
 from meshllm.wire.messages import Hello, Refused, TunnelRequest, TunnelResponse
 
@@ -138,7 +140,9 @@ class HttpTunnelServer:
         self.log = logger.bind(actor="http-tunnel")
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = InFlight()
-        self._answering: set[asyncio.StreamWriter] = set()
+        self._answering: dict[asyncio.StreamWriter, RequestRecord] = {}
+        """The tunnels with a request under way, and what each request has done so far (its
+        ``tunnel.served`` line)."""
         self.draining = False
         self.spares = SpareConnections(limit=MAX_HEAD_BYTES)
         """Connections to this node's llama-servers opened ahead of requests, for the tunnel and the
@@ -194,6 +198,24 @@ class HttpTunnelServer:
         head = TunnelResponse(status=refusal.status, headers={"Content-Type": "application/json"})
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             writer.write(pack_frame(head) + json.dumps(refusal.body()).encode())
+        self._answered(writer, refusal.status)
+
+    def _answered(self, writer: asyncio.StreamWriter, status: int) -> None:
+        """The request on ``writer`` got its head and first bytes (written just now)."""
+        record = self._answering.get(writer)
+        if record is not None:
+            record.status = status
+            record.first_byte()
+
+    def _sent_back(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        """Refuse the request on ``writer`` before any answer: its requester tries another host."""
+        writer.write(pack_frame(Refused(reason=reason)))
+        self._ended(writer, REFUSED)
+
+    def _ended(self, writer: asyncio.StreamWriter, end: str) -> None:
+        record = self._answering.get(writer)
+        if record is not None:
+            record.end = end
 
     async def serve(
         self,
@@ -208,15 +230,17 @@ class HttpTunnelServer:
         framed answer went out whole (the connection may carry another request). ``pumped``: the
         tunnel is a TCP connection (the fast path), and the body may be passed on by a relay thread
         or a :class:`~meshllm.net.body_pump.BodyPump`."""
-        if self.draining:
-            writer.write(pack_frame(Refused(reason="this node is leaving the mesh")))
-            return False
-        self._answering.add(writer)
+        record = RequestRecord(path=request.path, started=time.monotonic(), model=request.model)
+        self._answering[writer] = record
         try:
+            if self.draining:
+                self._sent_back(writer, "this node is leaving the mesh")
+                return False
             with self.in_flight.track():
                 return await self._serve(request, reader, writer, peer, pumped)
         finally:
-            self._answering.discard(writer)
+            del self._answering[writer]
+            self.log.info("tunnel.served", peer=peer, **record.fields())
 
     async def _serve(
         self,
@@ -245,7 +269,7 @@ class HttpTunnelServer:
         if port:
             self.demand.hit(request.model)
         if not port:
-            writer.write(pack_frame(Refused(reason=f"model {request.model!r} is not served on this node")))
+            self._sent_back(writer, f"model {request.model!r} is not served on this node")
             return False
         if framed:
             return await self._serve_framed(request, headers, body, port, writer, peer, pumped)
@@ -273,7 +297,7 @@ class HttpTunnelServer:
             )
         except UpstreamError as exc:
             self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=str(exc))
-            writer.write(pack_frame(Refused(reason=str(exc))))
+            self._sent_back(writer, str(exc))
             return False
         try:
             framing = upstream.body
@@ -283,12 +307,14 @@ class HttpTunnelServer:
             except (ConnectionError, OSError, BadBody) as exc:
                 reason = f"llama-server broke off before its first byte: {type(exc).__name__}: {exc}"
                 self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=reason)
-                writer.write(pack_frame(Refused(reason=reason)))
+                self._sent_back(writer, reason)
                 return False
             head = pass_headers(upstream.headers)
             head[BODY_HEADER] = framing.framing
             writer.write(pack_frame(TunnelResponse(status=upstream.status, headers=head)) + first)
+            self._answered(writer, upstream.status)
             if framing.done:
+                self._ended(writer, WHOLE)
                 return True
             if pumped:
                 return await self._pump_answer(request, upstream, writer, peer)
@@ -298,6 +324,7 @@ class HttpTunnelServer:
             # RuntimeError or ValueError on the next write); closing the llama-server connection stops
             # the generation.
             self.log.info("tunnel.requester_left", model=request.model, peer=peer, reason=str(exc))
+            self._ended(writer, REQUESTER_LEFT)
             return False
         finally:
             upstream.close()
@@ -312,11 +339,13 @@ class HttpTunnelServer:
             upstream.body, upstream.reader, source_of(upstream.writer), writer.transport, writer.drain
         )
         if result.end is PumpEnd.WHOLE:
+            self._ended(writer, WHOLE)
             return True
         if result.end is PumpEnd.SOURCE_BROKE:
             self._upstream_broke(request, writer, peer, result.reason)
         else:
             self.log.info("tunnel.requester_left", model=request.model, peer=peer, reason=result.reason)
+            self._ended(writer, REQUESTER_LEFT)
         return False
 
     async def _copy_answer(
@@ -343,6 +372,7 @@ class HttpTunnelServer:
             if out:
                 writer.write(out)
                 await writer.drain()
+        self._ended(writer, WHOLE)
         return True
 
     def _upstream_broke(
@@ -351,6 +381,7 @@ class HttpTunnelServer:
         """llama-server broke off mid-answer: reset the tunnel rather than end it, so the requester's
         gateway tells its client the answer is incomplete, not whole."""
         self.log.warning("tunnel.upstream_broke", model=request.model, peer=peer, reason=reason)
+        self._ended(writer, LLAMA_BROKE)
         abort_tunnel(writer)
 
     async def _serve_unframed(
@@ -363,23 +394,25 @@ class HttpTunnelServer:
             )
         except UpstreamUnavailable as exc:
             self.log.warning("tunnel.upstream_unavailable", model=request.model, reason=str(exc))
-            writer.write(pack_frame(Refused(reason=str(exc))))
+            self._sent_back(writer, str(exc))
             return
         async with upstream:
             writer.write(
                 pack_frame(TunnelResponse(status=upstream.status, headers=pass_headers(upstream.headers)))
             )
+            self._answered(writer, upstream.status)
             try:
                 async for chunk in upstream.content.iter_any():
                     writer.write(chunk)
                     await writer.drain()
+                self._ended(writer, WHOLE)
             except aiohttp.ClientPayloadError as exc:
                 # llama-server broke off mid-answer: reset the tunnel rather than end it, so the
                 # requester's gateway tells its client the answer is incomplete, not whole.
-                self.log.warning("tunnel.upstream_broke", model=request.model, peer=peer, reason=str(exc))
-                abort_tunnel(writer)
+                self._upstream_broke(request, writer, peer, str(exc))
             except (ConnectionError, RuntimeError) as exc:
                 # The requester went away (a reset, or QUIC STOP_SENDING: aioquic raises RuntimeError
                 # on the next write). Leaving this block closes the llama-server connection, and
                 # llama-server stops generating.
                 self.log.info("tunnel.requester_left", model=request.model, peer=peer, reason=str(exc))
+                self._ended(writer, REQUESTER_LEFT)

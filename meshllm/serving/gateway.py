@@ -42,6 +42,7 @@ from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body, model_entry
 from meshllm.serving.relay import relay
+from meshllm.serving.request_log import RECORD, RequestRecord, record_of
 from meshllm.serving.tunnel_requester import TunnelRequester
 from meshllm.wire.messages import (
     HostFailed,
@@ -235,8 +236,19 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        with self.in_flight.track():  # a graceful stop waits for it (Node.stop, [timing] drain_s)
-            return await self._proxy(request)
+        record = RequestRecord(path=request.path, started=time.monotonic())
+        request[RECORD] = record
+        record.status = 500  # unless it answers: an exception becomes errors_as_openai's 500
+        try:
+            with self.in_flight.track():  # a graceful stop waits for it (Node.stop, [timing] drain_s)
+                response = await self._proxy(request)
+            record.status = response.status
+            return response
+        except web.HTTPException as exc:
+            record.status = exc.status  # aiohttp's own refusals (a body over the cap: 413)
+            raise
+        finally:
+            self.log.info("gateway.served", **record.fields())
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -251,6 +263,9 @@ class Gateway:
             return openai_error(
                 400, "missing 'model' (a string)", "invalid_request_error", code="missing_model"
             )
+        record = record_of(request)
+        if record is not None:
+            record.model = model
         route = await self._route(model)
         if isinstance(route, web.Response):
             return route
@@ -330,8 +345,13 @@ class Gateway:
     async def _forward(
         self, request: web.Request, target: Target, model: str, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:
+        record = record_of(request)
         if target.host is not None:
+            if record is not None:
+                record.tried(str(target), "")  # the tunnel says which transport when it has one
             return await self.tunnels.forward(request, target.host, model, headers, body)
+        if record is not None:
+            record.tried(str(target), "local")
         self.demand.hit(model)
         try:
             upstream = await open_upstream(

@@ -34,8 +34,20 @@ from meshllm.net.body_pump import pump_body
 from meshllm.net.library_internals import send_chunks_as_they_are, send_head_with_first_write
 from meshllm.net.pump_result import PumpEnd, PumpResult
 from meshllm.net.raw_http import BadBody, Body, ChunkedBody, LengthBody, dechunk
+from meshllm.serving.request_log import CLIENT_LEFT, HOST_LOST, WHOLE, record_of
 
-HOST_LOST = "host_lost"
+
+def _ended(request: web.Request, end: str) -> None:
+    """Note in the request's access-log record how its answer ended."""
+    record = record_of(request)
+    if record is not None:
+        record.end = end
+
+
+def _first_byte(request: web.Request) -> None:
+    record = record_of(request)
+    if record is not None:
+        record.first_byte()
 
 
 def sse_error(reason: str) -> bytes:
@@ -80,8 +92,10 @@ async def _pump_rest(
         await response.write(first)
     except ConnectionError:
         log.info("gateway.client_left", model=model, source=source)
+        _ended(request, CLIENT_LEFT)
         on_client_left()
         return response, False
+    _first_byte(request)
     sink = request.transport
     if not body.done:
         if sink is None:
@@ -91,13 +105,16 @@ async def _pump_rest(
             result = await pump_body(body, reader, transport, sink, request.writer.drain)
         if result.end is PumpEnd.SINK_LEFT:
             log.info("gateway.client_left", model=model, source=source)
+            _ended(request, CLIENT_LEFT)
             on_client_left()
             return response, False
         if result.end is PumpEnd.SOURCE_BROKE:
             log.warning("gateway.host_lost_mid_response", model=model, source=source, reason=result.reason)
+            _ended(request, HOST_LOST)
             await fail_mid_stream(request, response, result.reason, raw_chunks=isinstance(body, ChunkedBody))
             return response, False
     await _end(response, request)
+    _ended(request, WHOLE)
     return response, body.done
 
 
@@ -150,10 +167,13 @@ async def relay(
                 await response.write(dechunk(chunk) if decode else chunk)
             except ConnectionError:
                 if body.done:  # it missed only the body's last bytes (see _end)
+                    _ended(request, WHOLE)
                     return response, True
                 log.info("gateway.client_left", model=model, source=source)
+                _ended(request, CLIENT_LEFT)
                 on_client_left()
                 return response, False
+            _first_byte(request)
         if body.done:
             break
         try:
@@ -163,9 +183,11 @@ async def relay(
             chunk = body.feed(data) if data else b""
         except (ConnectionError, TimeoutError, aiohttp.ClientPayloadError, BadBody) as exc:
             log.warning("gateway.host_lost_mid_response", model=model, source=source, reason=str(exc))
+            _ended(request, HOST_LOST)
             await fail_mid_stream(request, response, str(exc) or type(exc).__name__, raw_chunks)
             return response, False
         if not data:
             break  # an older host's body: its stream's end is the body's end
     await _end(response, request)
+    _ended(request, WHOLE)
     return response, body.done
