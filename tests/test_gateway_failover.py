@@ -55,6 +55,15 @@ def test_a_host_that_dies_before_its_first_byte_is_skipped(procs: ProcessFactory
 
         wait_until(retried, 60, what=f"{proc.config.stem} to retry past the dying host")
 
+        # Its access-log line (written when the answer has ended) says it came whole from good, after
+        # two tries.
+        def retried_line(proc: NodeProcess = proc, mark: int = mark) -> list[dict[str, object]]:
+            return [r for r in proc.records()[mark:] if r.get("event") == "gateway.served" and r.get("tries")]
+
+        served = wait_until(retried_line, 10, what=f"{proc.config.stem}'s gateway.served line")[-1]
+        assert served["tries"] == 2 and served["target"] == f"node:{good.node_id[:12]}"
+        assert served["end"] == "whole" and served["status"] == 200
+
 
 def test_an_answer_cut_after_its_first_byte_is_an_error_for_the_client(
     procs: ProcessFactory, tiny_gguf: Path
@@ -79,7 +88,7 @@ def test_an_answer_cut_after_its_first_byte_is_an_error_for_the_client(
         assert "host serving this answer was lost" in str(error)
         assert proc.events("gateway.host_lost_mid_response")
         wait_until(lambda p=proc: p.events("gateway.served", end="host_lost"), 10, what="the access log")
-    assert bad.events("tunnel.served", end="llama_broke")  # the host's side of the tunnelled cut
+    wait_until(lambda: bad.events("tunnel.served", end="llama_broke"), 10, what="the host's side of the cut")
 
 
 def closed_port() -> int:
