@@ -21,6 +21,11 @@ rounds. The added TTFT is also given less llama-server's own prompt time (its ``
 which varies by a few ms from one answer to the next and is most of the TTFT's noise; the prompt-time
 ratio beside it shows whether a path slows llama-server's prompt, which that figure would hide.
 
+The nodes' access logs (``gateway.served``, ``tunnel.served``) give, request by request, how long each
+node took from its handler to its first byte written; the run prints where (b)'s and (c)'s first byte
+goes: outside the gateway's handler (connect, accept, HTTP parsing, the client's wake-up), in the
+host's handler (mostly llama-server), and in the tunnel's hops between the two.
+
 Per request it also records the CPU time each process spent (the bench client, node A, node B,
 llama-server, the relay, and "other": everything else on the machine), since on a small machine the
 relaying processes compete with llama-server's own threads. Rounds in which other processes took
@@ -505,6 +510,49 @@ def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
     return pct(medians, 0.05), pct(medians, 0.95)
 
 
+def stages(targets: list[Target], a_log: list[dict[str, Any]], b_log: list[dict[str, Any]]) -> None:
+    """Where a gateway path's time to the first byte goes, request by request: the client's first byte
+    against the nodes' access-log lines for the same requests (``gateway.served``, ``tunnel.served``:
+    meshllm/serving/request_log.py), which time from each node's handler to its first byte written.
+    Requests are sequential, so the last lines of each kind are the measured rounds' answers."""
+    by_key = {t.key: t for t in targets}
+    gateway_lines = {
+        "b": [r for r in a_log if r.get("event") == "gateway.served" and r.get("via") == "local"],
+        "c": [r for r in b_log if r.get("event") == "gateway.served"],
+    }
+    host_lines = [r for r in a_log if r.get("event") == "tunnel.served"]
+    print("== the first byte's time by stage, from the nodes' access logs (median ms per request) ==")
+    print(
+        f"{'target':<32} {'client 1st byte':>15} {'outside handler':>15} {'gateway handler':>15} "
+        f"{'host handler':>12} {'tunnel hops':>11}"
+    )
+    for key, lines in gateway_lines.items():
+        t = by_key.get(key)
+        if t is None:
+            continue
+        n = len(t.samples)
+        host = host_lines[-n:] if key == "c" else []
+        if len(lines) < n or (key == "c" and len(host) < n):
+            print(f"({key}): {len(lines)} access-log lines for {n} requests, not paired")
+            continue
+        client = [x.first_byte_s * 1e3 for x in t.samples]
+        gateway = [float(r["first_byte_ms"]) for r in lines[-n:]]
+        outside = [c - g for c, g in zip(client, gateway, strict=True)]
+        row = f"({key}) {LABELS[key]:<28} {statistics.median(client):>15.2f} {statistics.median(outside):>15.2f} "
+        row += f"{statistics.median(gateway):>15.2f}"
+        if host:
+            answered = [float(r["first_byte_ms"]) for r in host]
+            hops = [g - h for g, h in zip(gateway, answered, strict=True)]
+            row += f" {statistics.median(answered):>12.2f} {statistics.median(hops):>11.2f}"
+        print(row)
+    print(
+        "  outside handler: the client's first byte less the gateway's (connect, accept, HTTP parsing, "
+        "the client's wake-up); gateway handler: its handler to the first byte written to the client; "
+        "host handler: the host's tunnel header read to the first byte sent back (llama-server's work "
+        "and the host's own); tunnel hops: the gateway's less the host's (routing, the tunnel both ways)"
+    )
+
+
 def summary(targets: list[Target]) -> None:
     """One line per gateway path, for comparing runs: paired tokens/s ratio and added TTFT (medians over
     rounds, against :func:`reference`), and the CPU each node process spent per response (median ms)."""
@@ -679,6 +727,14 @@ def main() -> None:
             if other_benchmarks():
                 disturbed.add(args.warmup + args.rounds)
             report(targets, args.rounds)
+            print()
+            served = args.warmup + args.rounds  # (b) and (c) requests each, every line written at its end
+            wait_until(
+                lambda: len(a.events("gateway.served")) >= served and len(b.events("gateway.served")) >= served,
+                timeout=10,
+                what="the nodes' access-log lines",
+            )
+            stages(targets, a.records(), b.records())
             print()
             summary(targets)
             if args.samples_out:
