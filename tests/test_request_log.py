@@ -5,6 +5,8 @@ where they are made: tests/test_client_disconnect.py, tests/test_gateway_failove
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,10 @@ def test_each_request_is_logged_where_it_was_taken_and_where_it_was_answered(
     client(host).completions.create(model="tiny", prompt="Once", max_tokens=4, temperature=0)
     with pytest.raises(openai.NotFoundError):
         client(front).chat.completions.create(model="nope", messages=messages)
+    too_big = urllib.request.Request(front.api_url + "/chat/completions", data=b"{" + b" " * (9 << 20) + b"}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(too_big, timeout=30)
+    assert refused.value.code == 413
 
     tunnelled = nodes.logs["front"].wait_for("gateway.served", 10, path="/v1/chat/completions", model="tiny")
     assert tunnelled["status"] == 200 and tunnelled["end"] == "whole"
@@ -84,6 +90,8 @@ def test_each_request_is_logged_where_it_was_taken_and_where_it_was_answered(
 
     unknown = nodes.logs["front"].wait_for("gateway.served", 10, model="nope")
     assert unknown["status"] == 404 and unknown["end"] == "error" and "target" not in unknown
+    refused_line = nodes.logs["front"].wait_for("gateway.served", 10, status=413)  # aiohttp refused it
+    assert refused_line["end"] == "error" and "model" not in refused_line
     # One line per request, on the node that took it: the host's own request is not logged by front.
-    assert len(nodes.logs["front"].find("gateway.served")) == 2
+    assert len(nodes.logs["front"].find("gateway.served")) == 3
     assert len(nodes.logs["host"].find("tunnel.served")) == 1
