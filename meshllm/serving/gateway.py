@@ -236,9 +236,9 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        record = RequestRecord(path=request.path, started=time.monotonic())
+        # Status 500 unless it answers: an exception becomes errors_as_openai's 500.
+        record = RequestRecord(path=request.path, started=time.monotonic(), status=500)
         request[RECORD] = record
-        record.status = 500  # unless it answers: an exception becomes errors_as_openai's 500
         try:
             with self.in_flight.track():  # a graceful stop waits for it (Node.stop, [timing] drain_s)
                 response = await self._proxy(request)

@@ -25,9 +25,11 @@ HOST_LOST = "host_lost"
 REQUESTER_LEFT = "requester_left"
 LLAMA_BROKE = "llama_broke"
 REFUSED = "refused"
-"""How an answer ended. At the gateway: whole, its client gone, or its host lost mid-answer. At a
-host serving a tunnelled request: whole, the requesting node gone, llama-server broken off
-mid-answer, or the request sent back before any answer (the requester tries another host)."""
+ERROR = "error"
+"""How an answer ended. At the gateway: whole, its client gone, or its host lost mid-answer. At a host
+serving a tunnelled request: whole, the requesting node gone, llama-server broken off mid-answer, or
+the request sent back before any answer (the requester tries another host). At either: an error
+answer of the node's own, nothing relayed (its status says which)."""
 
 
 @dataclass
@@ -67,16 +69,16 @@ class RequestRecord:
             out["model"] = self.model[:100]
         if status is not None:
             out["status"] = status
-        for name in ("target", "via"):
-            value = getattr(self, name)
-            if value:
-                out[name] = value
+        if self.target:
+            out["target"] = self.target
+        if self.via:
+            out["via"] = self.via
         if self.tries > 1:
             out["tries"] = self.tries
         if self.first_byte_at is not None:
             out["first_byte_ms"] = round((self.first_byte_at - self.started) * 1e3, 1)
         out["ms"] = round((now - self.started) * 1e3, 1)
-        out["end"] = self.end or (WHOLE if status is not None and status < 400 else "error")
+        out["end"] = self.end or (WHOLE if status is not None and status < 400 else ERROR)
         return out
 
 
