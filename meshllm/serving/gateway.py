@@ -42,7 +42,7 @@ from meshllm.serving.api_keys import KeyCheck, bearer, unauthorized
 from meshllm.serving.demand import DemandCounter
 from meshllm.serving.openai_api import MAX_BODY_BYTES, PROXIED, SERVER_LIMITS, error_body, model_entry
 from meshllm.serving.relay import relay
-from meshllm.serving.request_log import RECORD, RequestRecord, record_of
+from meshllm.serving.request_log import RECORD, RequestRecord
 from meshllm.serving.tunnel_requester import TunnelRequester
 from meshllm.wire.messages import (
     HostFailed,
@@ -263,9 +263,7 @@ class Gateway:
             return openai_error(
                 400, "missing 'model' (a string)", "invalid_request_error", code="missing_model"
             )
-        record = record_of(request)
-        if record is not None:
-            record.model = model
+        request[RECORD].model = model
         route = await self._route(model)
         if isinstance(route, web.Response):
             return route
@@ -345,13 +343,11 @@ class Gateway:
     async def _forward(
         self, request: web.Request, target: Target, model: str, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:
-        record = record_of(request)
+        record = request[RECORD]  # proxy() made it
         if target.host is not None:
-            if record is not None:
-                record.tried(str(target), "")  # the tunnel says which transport when it has one
+            record.tried(str(target), "")  # the tunnel says which transport when it has one
             return await self.tunnels.forward(request, target.host, model, headers, body)
-        if record is not None:
-            record.tried(str(target), "local")
+        record.tried(str(target), "local")
         self.demand.hit(model)
         try:
             upstream = await open_upstream(
