@@ -12,12 +12,20 @@ relay is its own process, in one of three kinds, run in a random order per round
 
   thread    meshllm's body pump with relay threads (meshllm/net/thread_relay.py), as the nodes run it,
   callback  the same pump with relay threads off (the event loop's transport callbacks),
-  floor     a bare blocking Python relay (recv, find the chunk ends, sendall): as little as Python does.
+  floor     a bare blocking Python relay (recv, find the chunk ends, sendall): as little as Python does,
+  plain     the floor relay with no TLS on either leg: what TLS adds to the floor.
+
+With more than one ``--gap-ms`` every kind runs at each gap, interleaved, and the run prints each
+kind's CPU per token at the longest gap over the shortest. On this project's 2-core Firecracker VM a
+token that comes after 10 ms (SmolLM2's rate) costs a relay about 5 times what one after 1 ms does:
+the code and data a wake-up touches have left the caches meanwhile (llama-server's threads thrash them
+further), so what sets a relay's CPU per token at a real token rate is how much it touches, Python's
+interpreter and OpenSSL's record layer most of all, more than how many instructions it runs.
 
 CPU is each relay process's, from ``/proc/PID/task/*/schedstat``, divided by the tokens passed. Both
 relays use the fast path's own TLS contexts (TLS 1.3, the node certificates).
 
-Run: .venv/bin/python -m tests.bench.bench_relay [--rounds 5] [--answers 40] [--tokens 64] [--gap-ms 4]
+Run: .venv/bin/python -m tests.bench.bench_relay [--rounds 5] [--answers 40] [--tokens 64] [--gap-ms 4 [10 ...]]
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from meshllm.net.raw_http import ChunkedBody
 from meshllm.wire.identity import NodeIdentity
 from tests.bench.bench_gateway import CpuMeter
 
-KINDS = ("thread", "callback", "floor")
+KINDS = ("thread", "callback", "floor", "plain")
 EVENT = (
     b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" token"}}],"created":1764600000,'
     b'"id":"chatcmpl-0123456789abcdef","model":"smollm2-135m","system_fingerprint":"b0-0","object":'
@@ -130,12 +138,13 @@ def answer(consumer: socket.socket, kind: str) -> None:
 def one_round(kind: str, answers: int, tokens: int, gap_ms: float) -> tuple[float, float]:
     """CPU per token (us) of R1 and R2 of the given kind over ``answers`` answers."""
     procs: list[subprocess.Popen[bytes]] = []
+    plain = kind == "plain"
     try:
         producer, port = start("produce", str(tokens), str(gap_ms))
         procs.append(producer)
-        r1, port = start("relay", kind, str(port), "tls-down")
+        r1, port = start("relay", kind, str(port), "plain" if plain else "tls-down")
         procs.append(r1)
-        r2, port = start("relay", kind, str(port), "tls-up")
+        r2, port = start("relay", kind, str(port), "plain" if plain else "tls-up")
         procs.append(r2)
         with socket.create_connection(("127.0.0.1", port)) as consumer:
             consumer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -156,7 +165,7 @@ def relay_main(kind: str, up_port: int, side: str) -> None:
     server_tls, client_tls = tls_contexts(NodeIdentity.generate())
     down_tls = server_tls if side == "tls-down" else None
     up_tls = client_tls if side == "tls-up" else None
-    if kind == "floor":
+    if kind in ("floor", "plain"):
         floor_relay(up_port, down_tls, up_tls)
     else:
         asyncio.run(pump_relay(up_port, down_tls, up_tls, threads=kind == "thread"))
@@ -175,36 +184,58 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds, each kind once per round")
     parser.add_argument("--answers", type=int, default=40, help="answers per kind per round")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--gap-ms", type=float, default=4.0)
+    parser.add_argument(
+        "--gap-ms", type=float, nargs="+", default=[4.0], help="the token rate; several: each, interleaved"
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    figures: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
+    gaps: list[float] = sorted(set(args.gap_ms))
+    runs = [(kind, gap) for kind in KINDS for gap in gaps]
+    figures: dict[tuple[str, float], list[tuple[float, float]]] = {run: [] for run in runs}
     for r in range(args.rounds):
-        order = list(KINDS)
-        rng.shuffle(order)
-        for kind in order:
-            figures[kind].append(one_round(kind, args.answers, args.tokens, args.gap_ms))
-        line = "  ".join(f"{k} {figures[k][-1][0]:5.0f} / {figures[k][-1][1]:5.0f}" for k in KINDS)
-        print(f"round {r + 1}: us per token, R1 / R2: {line}", flush=True)
-    print()
-    print(f"== CPU per token (us), median of {args.rounds} rounds of {args.answers} answers ==")
-    print(f"{'kind':<10} {'R1 plain->TLS':>14} {'R2 TLS->plain':>14} {'R1 / floor':>11} {'R2 / floor':>11}")
-    floor = [statistics.median(x[i] for x in figures["floor"]) for i in (0, 1)]
-    for kind in KINDS:
-        leg = [statistics.median(x[i] for x in figures[kind]) for i in (0, 1)]
+        rng.shuffle(runs)
+        for kind, gap in runs:
+            figures[kind, gap].append(one_round(kind, args.answers, args.tokens, gap))
+        for gap in gaps:
+            line = "  ".join(
+                f"{k} {figures[k, gap][-1][0]:5.0f} / {figures[k, gap][-1][1]:5.0f}" for k in KINDS
+            )
+            print(f"round {r + 1}, gap {gap:g} ms: us per token, R1 / R2: {line}", flush=True)
+    legs = ("R1 plain->TLS", "R2 TLS->plain")
+    for gap in gaps:
+        print()
         print(
-            f"{kind:<10} {leg[0]:>14.1f} {leg[1]:>14.1f} {leg[0] / floor[0]:>11.2f} {leg[1] / floor[1]:>11.2f}"
+            f"== CPU per token (us) at {gap:g} ms between tokens, median of {args.rounds} rounds of {args.answers} answers =="
         )
-    paired = {
-        kind: [
-            statistics.median(x[i] / y[i] for x, y in zip(figures[kind], figures["callback"], strict=True))
-            for i in (0, 1)
-        ]
-        for kind in ("thread", "floor")
-    }
-    for kind, (one, two) in paired.items():
-        print(f"SUMMARY {kind} / callback, paired per round: R1 {one:.2f}, R2 {two:.2f}")
+        print(f"{'kind':<10} {legs[0]:>14} {legs[1]:>14} {'R1 / floor':>11} {'R2 / floor':>11}")
+        floor = _medians(figures["floor", gap])
+        for kind in KINDS:
+            leg = _medians(figures[kind, gap])
+            print(
+                f"{kind:<10} {leg[0]:>14.1f} {leg[1]:>14.1f} {leg[0] / floor[0]:>11.2f} {leg[1] / floor[1]:>11.2f}"
+            )
+        print("  plain: both legs without TLS (plain->plain), beside the floor's TLS legs")
+        for kind in ("thread", "floor"):
+            one, two = _paired(figures[kind, gap], figures["callback", gap])
+            print(f"SUMMARY gap {gap:g} ms: {kind} / callback, paired per round: R1 {one:.2f}, R2 {two:.2f}")
+    if len(gaps) > 1:
+        slow, fast = gaps[-1], gaps[0]
+        print()
+        print(f"== CPU per token at {slow:g} ms over at {fast:g} ms between tokens, paired per round ==")
+        for kind in KINDS:
+            one, two = _paired(figures[kind, slow], figures[kind, fast])
+            print(f"SUMMARY {kind}: R1 {one:.2f}, R2 {two:.2f}")
+
+
+def _medians(rounds: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(x[0] for x in rounds), statistics.median(x[1] for x in rounds)
+
+
+def _paired(top: list[tuple[float, float]], bottom: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median over rounds of each leg's ratio, ``top`` over ``bottom`` in the same round."""
+    one, two = (statistics.median(x[i] / y[i] for x, y in zip(top, bottom, strict=True)) for i in (0, 1))
+    return one, two
 
 
 if __name__ == "__main__":
