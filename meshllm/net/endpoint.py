@@ -36,7 +36,7 @@ from meshllm.net.control_server import CONTROL_TIMEOUT_S, ControlServer, TunnelH
 from meshllm.net.dialler import dial
 from meshllm.net.fast_path import FastPath
 from meshllm.net.loop_watch import LoopWatch
-from meshllm.net.notices import NOTICE_BATCH, notice_payloads
+from meshllm.net.notices import finish_introductions, send_notices
 from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.net.published import Counters, Published
 from meshllm.net.quic_listener import GuardedQuicServer
@@ -54,7 +54,6 @@ from meshllm.wire.framing import (
 from meshllm.wire.gate import Gate
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.messages import (
-    Ack,
     ConnectionLost,
     Gossip,
     GossipFailed,
@@ -488,70 +487,17 @@ class MeshEndpoint:
         node's connections."""
         self.forget(notice.node_id)
         routes = self._routes_without(notice.node_id)
-        await self._notify_all(
-            StreamKind.PEER_DOWN, notice, wait_ack=False, timeout=2.0, routes=routes, members=members
-        )
+        targets = [c for c in self._all if members or c.passive]
+        await send_notices(targets, StreamKind.PEER_DOWN, notice, routes, self.count_out)
 
     async def leave(self, notice: PeerLeaving, timeout: float) -> None:
         """Tell everyone we are leaving (passive connections with our table without us), wait
         (bounded) for their acks, and close every connection."""
         routes = self._routes_without(self.node_id)
-        await self._finish_introductions(timeout / 2)
-        await self._notify_all(StreamKind.PEER_LEAVING, notice, wait_ack=True, timeout=timeout, routes=routes)
+        await finish_introductions(self._all, timeout / 2)
+        await send_notices(list(self._all), StreamKind.PEER_LEAVING, notice, routes, self.count_out, timeout)
         for conn in list(self._all):
             self._close(conn)
-
-    async def _finish_introductions(self, timeout: float) -> None:
-        """Wait (bounded) for the connections we dialled whose first exchange is in flight: the other
-        side may have registered us already, and only an authenticated connection is told notices
-        (a node that left just after joining was declared dead instead)."""
-        waits = [
-            asyncio.ensure_future(c.authenticated.wait())
-            for c in self._all
-            if c.outbound and c.usable and c.auth_lock.locked() and not c.authenticated.is_set()
-        ]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=timeout)
-            for task in pending:
-                task.cancel()
-
-    async def _notify_all(
-        self,
-        kind: StreamKind,
-        msg: Message,
-        wait_ack: bool,
-        timeout: float,
-        routes: RouteTable | None = None,
-        members: bool = True,
-    ) -> None:
-        """One notice stream per authenticated connection, packed once, sent in paced batches
-        (:mod:`meshllm.net.notices`); with ``wait_ack``, wait (bounded) for every ack."""
-        targets = [
-            c for c in self._all if c.authenticated.is_set() and not c.terminated and (members or c.passive)
-        ]
-        plain, pushed = notice_payloads(kind, msg, routes)
-        acks: list[asyncio.Task[Any]] = []
-        for i, conn in enumerate(targets):
-            if i and i % NOTICE_BATCH == 0:
-                await asyncio.sleep(0)  # let the loop read its sockets: replies, probes, requests
-            if conn.terminated:
-                continue
-            data = pushed if conn.passive else plain
-            try:
-                reader, writer = await conn.create_stream()
-                self.count_out(kind, data, 2 if data is not plain else 1)
-                writer.write(data)
-                writer.write_eof()
-            except Exception:  # a connection closing under us: expected here
-                continue
-            if wait_ack:
-                acks.append(asyncio.ensure_future(read_frame_as(reader, Ack)))
-        if acks:
-            done, pending = await asyncio.wait(acks, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            for task in done:
-                task.exception()  # failures to reach a peer are expected on shutdown/death
 
     def stats(self) -> TransportStats:
         auth = [c for c in self._all if c.authenticated.is_set() and not c.terminated]
