@@ -8,7 +8,7 @@ relay's own cost is not lost in llama.cpp's noise (tests/bench/bench_gateway.py 
 R1 is the host's leg (llama-server's plain answer into the fast path's TLS), R2 the gateway's (the fast
 path's TLS out to the client). The producer answers each one-byte request with ``--tokens`` chunks of
 an SSE event the size of llama-server's, ``--gap-ms`` apart (its token rate), then the last chunk. Each
-relay is its own process, in one of three kinds, run in a random order per round:
+relay is its own process, in one of four kinds, run in a random order per round:
 
   thread    meshllm's body pump with relay threads (meshllm/net/thread_relay.py), as the nodes run it,
   callback  the same pump with relay threads off (the event loop's transport callbacks),
@@ -16,11 +16,11 @@ relay is its own process, in one of three kinds, run in a random order per round
   plain     the floor relay with no TLS on either leg: what TLS adds to the floor.
 
 With more than one ``--gap-ms`` every kind runs at each gap, interleaved, and the run prints each
-kind's CPU per token at the longest gap over the shortest. On this project's 2-core Firecracker VM a
-token that comes after 10 ms (SmolLM2's rate) costs a relay about 5 times what one after 1 ms does:
-the code and data a wake-up touches have left the caches meanwhile (llama-server's threads thrash them
-further), so what sets a relay's CPU per token at a real token rate is how much it touches, Python's
-interpreter and OpenSSL's record layer most of all, more than how many instructions it runs.
+kind's CPU per token at the longest gap over the shortest. On this project's 2-core Firecracker VM
+(``--rounds 3 --answers 20 --gap-ms 1 10``) a relay thread pays 3.4-4 times the CPU for a token that
+comes 10 ms after the last one (SmolLM2's rate) as for one 1 ms after: between tokens, what a wake-up
+touches leaves the caches (on a node, llama-server's threads run in between). At 10 ms, TLS is about
+40 % of the floor's CPU per token; the kernel's loopback TCP and the interpreter share the rest.
 
 CPU is each relay process's, from ``/proc/PID/task/*/schedstat``, divided by the tokens passed. Both
 relays use the fast path's own TLS contexts (TLS 1.3, the node certificates).
