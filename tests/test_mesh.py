@@ -14,11 +14,11 @@ from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
 from meshllm.net import endpoint as endpoint_module
-from meshllm.net.endpoint import ALPN
-from meshllm.wire.codec import M
+from meshllm.net.endpoint import ALPN, MeshEndpoint
+from meshllm.wire.codec import M, Message
 from meshllm.wire.framing import FrameBuffer, StreamKind, pack_stream_start
 from meshllm.wire.invite import InviteToken, MeshMembership
-from meshllm.wire.messages import Gossip, Hello, Refused
+from meshllm.wire.messages import Gossip, Hello, PeerDown, PeerDownReceived, Refused
 from tests.support import NodeFactory, wait_until
 
 
@@ -45,6 +45,33 @@ def test_leave_is_a_leave_not_a_death(nodes: NodeFactory) -> None:
     assert record["peer_name"] == "b"
     assert a.peer_ids() == set()
     assert not nodes.logs["a"].find("peer.died")
+
+
+def test_a_death_a_node_decided_goes_to_its_members_and_one_it_heard_does_not(
+    nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that decides a peer is dead tells its members (``members``); one that heard of the death
+    from another member tells only its passive connections, since the members have had it."""
+    a = nodes.start("a")
+    b = nodes.start("b", join=(a.invite_token,))
+    wait_until(lambda: a.peer_ids() == {b.node_id}, timeout=10, what="b to join")
+    ep_a, ep_b = a.endpoint, b.endpoint
+    assert isinstance(ep_a, MeshEndpoint) and isinstance(ep_b, MeshEndpoint)
+    heard: list[str] = []
+    tell = ep_b.directory.tell
+
+    def noting(name: str, message: Message) -> bool:
+        if isinstance(message, PeerDownReceived):
+            heard.append(message.notice.node_id)
+        return tell(name, message)
+
+    monkeypatch.setattr(ep_b.directory, "tell", noting)
+    for dead, members in (("heard-of", False), ("decided", True)):
+        notice = PeerDown(node_id=dead, incarnation=1, reporter=a.node_id)
+        ep_a.loop_thread.run(ep_a.broadcast_peer_down(notice, members=members), timeout=10)
+    wait_until(lambda: "decided" in heard, timeout=10, what="b to hear of the death a decided")
+    # Had the first notice gone to b, it would have gone first, on the same connection.
+    assert "heard-of" not in heard
 
 
 def test_a_node_that_leaves_while_its_join_is_answered_leaves(
