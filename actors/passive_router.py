@@ -18,7 +18,7 @@ import time
 from actors.base import Directory, MsgpackActor, handles
 from meshllm.logsetup import Logger
 from meshllm.placement import rank_hosts
-from meshllm.routing import available, drop_host, hosted_by, hosts_of, model_list
+from meshllm.routing import available, drop_host, hosted_by, hostless, hosts_of, model_list
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     GetPlan,
@@ -189,7 +189,11 @@ class PassiveRouter(MsgpackActor):
         seconds, spread so that a thousand passive nodes do not ask at once."""
         models = hosted_by(self.table, node_id)
         if routes is not None:
-            self._take(drop_host(routes, node_id), source, "routes.pushed")
+            pushed = drop_host(routes, node_id)
+            # The sender lists what the node served with no host left, also where our table is older
+            # than that service (a host that came up since our last refresh): those are lost too.
+            models += tuple(name for name in hostless(pushed) if name not in models)
+            self._take(pushed, source, "routes.pushed")
         else:
             self.table = drop_host(self.table, node_id)
             self._refresh_soon(NOTICE_SPREAD_S)

@@ -229,7 +229,7 @@ class PeerRegistry(MsgpackActor):
         # A death taken from another member's notice is not told to the members again, but our passive
         # connections hear of deaths only from us (with the routing table, so that they need not ask).
         notice = PeerDown(node_id=msg.node_id, incarnation=ann.incarnation, reporter=self.own.node_id)
-        self.tell("transport", BroadcastPeerDown(notice=notice, members=msg.broadcast))
+        self.tell("transport", BroadcastPeerDown(notice=notice, members=msg.broadcast, served=ann.serving))
 
     @handles(PeerDownReceived)
     def on_peer_down(self, msg: PeerDownReceived) -> None:

@@ -117,7 +117,7 @@ class TransportBridge(MsgpackActor):
 
     @handles(BroadcastPeerDown)
     def on_broadcast_down(self, msg: BroadcastPeerDown) -> None:
-        self._spawn(self.endpoint.broadcast_peer_down(msg.notice, msg.members))
+        self._spawn(self.endpoint.broadcast_peer_down(msg.notice, msg.members, msg.served))
 
     @handles(ForgetPeer)
     def on_forget(self, msg: ForgetPeer) -> None:

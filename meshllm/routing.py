@@ -106,6 +106,22 @@ def drop_host(table: RouteTable, node_id: str, model: str | None = None) -> Rout
     return replace(table, models=models, actives=actives)
 
 
+def without_dead_host(table: RouteTable, node_id: str, served: Iterable[str] = ()) -> RouteTable:
+    """The table to push with ``node_id``'s death notice: without it as a host, and with each model of
+    ``served`` (what it announced serving) that the table no longer lists kept as a model with no host.
+    The sender's router may have rebuilt its table without the dead node already; a passive node whose
+    own table had not yet seen that node serve them still learns those models lost their host."""
+    dropped = drop_host(table, node_id)
+    listed = {m.name for m in dropped.models}
+    lost = tuple(ModelRoute(name, ()) for name in dict.fromkeys(served) if name not in listed)
+    return replace(dropped, models=dropped.models + lost) if lost else dropped
+
+
+def hostless(table: RouteTable) -> tuple[str, ...]:
+    """The models the table lists with no host."""
+    return tuple(m.name for m in table.models if not m.hosts)
+
+
 def hosted_by(table: RouteTable, node_id: str) -> tuple[str, ...]:
     """The models ``node_id`` is a host of in the table."""
     return tuple(m.name for m in table.models if any(h.node_id == node_id for h in m.hosts))

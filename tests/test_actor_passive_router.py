@@ -15,6 +15,7 @@ import pytest
 import actors.passive_router as passive_module
 from actors.passive_router import EAGER_REFRESH_S, NOTICE_SPREAD_S, RETRY_S, PassiveRouter
 from meshllm.placement import rank_hosts
+from meshllm.routing import without_dead_host
 from meshllm.wire.codec import Message
 from meshllm.wire.messages import (
     GetPlan,
@@ -298,6 +299,21 @@ def test_a_death_notice_with_the_senders_table_is_taken_without_asking(h: Harnes
     clock.advance(REFRESH_S * 2 / 3 - 1)
     assert tick(h) == 1  # no refresh until the next scheduled one
     assert h.log.events("routes.pushed")[-1]["source"] == "host-0"
+
+
+def test_a_death_notice_tells_of_a_model_the_dead_host_served_since_our_last_refresh(h: Harness) -> None:
+    """Our table is older than the dead host's service of "fresh" (it came up since our last refresh).
+    The sender's table lists "fresh" with no host left: it is lost too, so a standby takes the gap."""
+    standby = h.dummy("standby")
+    start(h)
+    say(h, RoutesReceived(source="host-0", table=TABLE), Subscribe(subscriber="standby"))
+    after = without_dead_host(TABLE, "host-1", served=("small", "fresh"))
+    assert ModelRoute("fresh", ()) in after.models
+    notice = PeerDown(node_id="host-1", incarnation=1, reporter="host-0")
+    say(h, PeerDownReceived(notice=notice, from_peer="host-0", routes=after))
+    lost = standby.wait_for(HostsLost)
+    assert lost.node_id == "host-1" and lost.models == ("big", "small", "fresh")
+    assert route(h, "fresh").known and route(h, "fresh").hosts == ()  # waited for, not a 404
 
 
 def test_a_pushed_table_that_still_lists_the_dead_host_does_not_bring_it_back(h: Harness) -> None:

@@ -297,7 +297,7 @@ def test_its_own_announcement_is_signed_again_at_each_version(h: Harness) -> Non
 def test_declare_dead_publishes_the_death_and_broadcasts_it(h: Harness) -> None:
     start(h)
     transport = h.inboxes["transport"]
-    a, b = ann("a", incarnation=3), ann("b")
+    a, b = ann("a", incarnation=3, models=("m", "n"), serving=("m",)), ann("b")
     say(h, gossip(a), gossip(b))
     mark = transport.mark()
 
@@ -306,7 +306,8 @@ def test_declare_dead_publishes_the_death_and_broadcasts_it(h: Harness) -> None:
         assert events(h.inboxes[name])[-1] == PeerDied(node_id=A, incarnation=3, reason="no answer for 3.5s")
     assert transport.messages(since=mark) == [
         GossipSnapshot(gossip=Gossip(announcements=(OWN, b))),
-        BroadcastPeerDown(notice=PeerDown(node_id=A, incarnation=3, reporter=ME)),
+        # What it served goes with it: the table pushed to passive nodes keeps those models, hostless.
+        BroadcastPeerDown(notice=PeerDown(node_id=A, incarnation=3, reporter=ME), served=("m",)),
     ]
     reply = status(h)
     assert [p.node_id for p in reply.peers] == [B] and reply.dead == (A,)

@@ -26,13 +26,14 @@ from meshllm.net import library_internals
 from meshllm.net.endpoint import ALPN, MeshEndpoint
 from meshllm.net.notices import notice_payloads, read_pushed_routes
 from meshllm.node import Node
-from meshllm.routing import drop_host, hosted_by
+from meshllm.routing import drop_host, hosted_by, without_dead_host
 from meshllm.wire.admission import make_hello
 from meshllm.wire.codec import Message
 from meshllm.wire.framing import FrameBuffer, StreamKind, pack_frame, pack_stream_start, read_frame_as
 from meshllm.wire.identity import NodeIdentity
 from meshllm.wire.invite import InviteToken
 from meshllm.wire.messages import (
+    BroadcastPeerDown,
     GetRouteTable,
     Hello,
     HostInfo,
@@ -216,6 +217,31 @@ def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connecti
         assert encoded["RouteTable"] == 1 and encoded["PeerDown"] == 1  # once, not once per connection
         assert all(c.notices == [[notice, drop_host(table, "someone-dead")]] for c in held)
         assert ep.published.route_version == version
+    finally:
+        stop.set()
+        thread.join(20)
+
+
+def test_the_table_pushed_with_a_death_keeps_what_the_dead_node_served_without_a_host(
+    nodes: NodeFactory,
+) -> None:
+    """The sender's own table may already be rebuilt without the dead node: the models it served are
+    listed with no host, so a passive node whose table never saw it serve them still learns of the gap."""
+    a, ep, token = node_with_a_client_token(nodes)
+    stop, held = threading.Event(), []
+    thread = threading.Thread(target=lambda: asyncio.run(_hold_passive(token, a.quic_port, 1, stop, held)))
+    thread.start()
+    try:
+        wait_until(lambda: len(held) == 1, timeout=20, what="a passive connection")
+        table = ep.published.route_table
+        notice = PeerDown(node_id="someone-dead", incarnation=1, reporter=a.node_id)
+        # As the registry asks for it: through the transport actor to the endpoint.
+        a.directory.tell("transport", BroadcastPeerDown(notice=notice, served=("gone-model",)))
+        wait_until(lambda: held[0].notices, timeout=10, what="the notice")
+        [[got, pushed]] = held[0].notices
+        assert got == notice
+        assert pushed == without_dead_host(table, "someone-dead", ("gone-model",))
+        assert ModelRoute("gone-model", ()) in pushed.models
     finally:
         stop.set()
         thread.join(20)

@@ -41,7 +41,7 @@ from meshllm.net.preauth_guard import PreAuthGuard
 from meshllm.net.published import Counters, Published
 from meshllm.net.quic_listener import GuardedQuicServer
 from meshllm.net.revocation import Revocations
-from meshllm.routing import drop_host, model_list, route_reply
+from meshllm.routing import model_list, route_reply, without_dead_host
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError, M, Message
 from meshllm.wire.framing import (
@@ -476,17 +476,21 @@ class MeshEndpoint:
             result = ProbeResult(node_id=node_id, ok=False, rtt_ms=0.0, error=f"{type(exc).__name__}: {exc}")
         self.directory.tell("heartbeat", result)
 
-    def _routes_without(self, node_id: str) -> RouteTable | None:
-        """The table passive connections get with a notice about ``node_id`` (an active node's only:
-        a passive node publishes none)."""
-        return drop_host(self.published.route_table, node_id) if self.role == "active" else None
+    def _routes_without(self, node_id: str, served: tuple[str, ...] = ()) -> RouteTable | None:
+        """The table passive connections get with a notice about ``node_id``, the models it ``served``
+        kept without a host (an active node's only: a passive node publishes none)."""
+        if self.role != "active":
+            return None
+        return without_dead_host(self.published.route_table, node_id, served)
 
-    async def broadcast_peer_down(self, notice: PeerDown, members: bool = True) -> None:
+    async def broadcast_peer_down(
+        self, notice: PeerDown, members: bool = True, served: tuple[str, ...] = ()
+    ) -> None:
         """Push a death notice down every authenticated connection (only the passive ones unless
-        ``members``), passive ones with our routing table without the dead node, then drop the dead
-        node's connections."""
+        ``members``), passive ones with our routing table without the dead node (``served``: the
+        models it announced serving, listed without a host), then drop the dead node's connections."""
         self.forget(notice.node_id)
-        routes = self._routes_without(notice.node_id)
+        routes = self._routes_without(notice.node_id, served)
         targets = [c for c in self._all if members or c.passive]
         await send_notices(targets, StreamKind.PEER_DOWN, notice, routes, self.count_out)
 

@@ -325,6 +325,7 @@ class BroadcastPeerDown(Message):
 
     notice: PeerDown
     members: bool = True
+    served: tuple[str, ...] = ()  # the models the dead node announced serving, kept in the pushed table
 
 
 @message(115)
