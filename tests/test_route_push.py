@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -180,6 +181,20 @@ async def _hold_passive(
             await asyncio.sleep(0.02)
 
 
+@contextlib.contextmanager
+def passive_connections(node: Node, token: InviteToken, n: int) -> Iterator[list[_Passive]]:
+    """``n`` passive connections to ``node``, admitted and held (on a thread) for the ``with`` block."""
+    stop, held = threading.Event(), []
+    thread = threading.Thread(target=lambda: asyncio.run(_hold_passive(token, node.quic_port, n, stop, held)))
+    thread.start()
+    try:
+        wait_until(lambda: len(held) == n, timeout=20, what=f"{n} passive connections")
+        yield held
+    finally:
+        stop.set()
+        thread.join(20)
+
+
 def node_with_a_client_token(nodes: NodeFactory) -> tuple[Node, MeshEndpoint, InviteToken]:
     a = nodes.start("a")
     assert isinstance(a.endpoint, MeshEndpoint)
@@ -203,11 +218,7 @@ def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connecti
     nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, ep, token = node_with_a_client_token(nodes)
-    stop, held = threading.Event(), []
-    thread = threading.Thread(target=lambda: asyncio.run(_hold_passive(token, a.quic_port, 5, stop, held)))
-    thread.start()
-    try:
-        wait_until(lambda: len(held) == 5, timeout=20, what="5 passive connections")
+    with passive_connections(a, token, 5) as held:
         version = ep.published.route_version
         encoded = count_encodings(monkeypatch)
         table = ep.published.route_table
@@ -217,9 +228,6 @@ def test_a_death_notice_carries_the_table_packed_once_for_every_passive_connecti
         assert encoded["RouteTable"] == 1 and encoded["PeerDown"] == 1  # once, not once per connection
         assert all(c.notices == [[notice, drop_host(table, "someone-dead")]] for c in held)
         assert ep.published.route_version == version
-    finally:
-        stop.set()
-        thread.join(20)
 
 
 def test_the_table_pushed_with_a_death_keeps_what_the_dead_node_served_without_a_host(
@@ -228,11 +236,7 @@ def test_the_table_pushed_with_a_death_keeps_what_the_dead_node_served_without_a
     """The sender's own table may already be rebuilt without the dead node: the models it served are
     listed with no host, so a passive node whose table never saw it serve them still learns of the gap."""
     a, ep, token = node_with_a_client_token(nodes)
-    stop, held = threading.Event(), []
-    thread = threading.Thread(target=lambda: asyncio.run(_hold_passive(token, a.quic_port, 1, stop, held)))
-    thread.start()
-    try:
-        wait_until(lambda: len(held) == 1, timeout=20, what="a passive connection")
+    with passive_connections(a, token, 1) as held:
         table = ep.published.route_table
         notice = PeerDown(node_id="someone-dead", incarnation=1, reporter=a.node_id)
         # As the registry asks for it: through the transport actor to the endpoint.
@@ -242,9 +246,6 @@ def test_the_table_pushed_with_a_death_keeps_what_the_dead_node_served_without_a
         assert got == notice
         assert pushed == without_dead_host(table, "someone-dead", ("gone-model",))
         assert ModelRoute("gone-model", ()) in pushed.models
-    finally:
-        stop.set()
-        thread.join(20)
 
 
 def test_route_requests_are_answered_from_the_frame_encoded_once_per_version(
