@@ -202,10 +202,9 @@ class HttpTunnelServer:
 
     def _answered(self, writer: asyncio.StreamWriter, status: int) -> None:
         """The request on ``writer`` got its head and first bytes (written just now)."""
-        record = self._answering.get(writer)
-        if record is not None:
-            record.status = status
-            record.first_byte()
+        record = self._answering[writer]  # serve() made it
+        record.status = status
+        record.first_byte()
 
     def _sent_back(self, writer: asyncio.StreamWriter, reason: str) -> None:
         """Refuse the request on ``writer`` before any answer: its requester tries another host."""
@@ -213,9 +212,7 @@ class HttpTunnelServer:
         self._ended(writer, REFUSED)
 
     def _ended(self, writer: asyncio.StreamWriter, end: str) -> None:
-        record = self._answering.get(writer)
-        if record is not None:
-            record.end = end
+        self._answering[writer].end = end
 
     async def serve(
         self,

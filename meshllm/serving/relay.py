@@ -34,20 +34,16 @@ from meshllm.net.body_pump import pump_body
 from meshllm.net.library_internals import send_chunks_as_they_are, send_head_with_first_write
 from meshllm.net.pump_result import PumpEnd, PumpResult
 from meshllm.net.raw_http import BadBody, Body, ChunkedBody, LengthBody, dechunk
-from meshllm.serving.request_log import CLIENT_LEFT, HOST_LOST, WHOLE, record_of
+from meshllm.serving.request_log import CLIENT_LEFT, HOST_LOST, RECORD, WHOLE
 
 
 def _ended(request: web.Request, end: str) -> None:
-    """Note in the request's access-log record how its answer ended."""
-    record = record_of(request)
-    if record is not None:
-        record.end = end
+    """Note in the request's access-log record (the gateway's proxy made it) how its answer ended."""
+    request[RECORD].end = end
 
 
 def _first_byte(request: web.Request) -> None:
-    record = record_of(request)
-    if record is not None:
-        record.first_byte()
+    request[RECORD].first_byte()
 
 
 def sse_error(reason: str) -> bytes:

@@ -84,8 +84,3 @@ class RequestRecord:
 
 RECORD = web.RequestKey("meshllm.request_record", RequestRecord)
 """The key of a gateway request's :class:`RequestRecord` in its ``web.Request``."""
-
-
-def record_of(request: web.Request) -> RequestRecord | None:
-    """The record the gateway keeps for ``request``, if it keeps one."""
-    return request.get(RECORD)

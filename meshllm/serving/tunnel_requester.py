@@ -26,7 +26,7 @@ from meshllm.net.http_tunnel import CHUNK, UpstreamUnavailable, pass_headers
 from meshllm.net.library_internals import abort_tunnel
 from meshllm.net.raw_http import FRAMED, FRAMED_HEADER, BadBody, UntilEnd, body_from_tunnel, first_bytes
 from meshllm.serving.relay import relay
-from meshllm.serving.request_log import record_of
+from meshllm.serving.request_log import RECORD
 from meshllm.wire.admission import AuthError
 from meshllm.wire.codec import CodecError
 from meshllm.wire.framing import PeerRefused, StreamKind, read_frame_as
@@ -115,9 +115,7 @@ class TunnelRequester:
         try:
             try:
                 reader, writer, fast, pooled = await self._open_tunnel(host, header, body)
-                record = record_of(request)
-                if record is not None:
-                    record.via = "fast" if fast else "quic"
+                request[RECORD].via = "fast" if fast else "quic"
                 read_more = self._tunnel_reader(host, reader, fast)
                 head = await self._while_alive(host, read_frame_as(reader, TunnelResponse), ping=not fast)
                 framing = body_from_tunnel(head.headers)
