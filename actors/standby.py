@@ -228,6 +228,9 @@ class Standby(MsgpackActor):
             delay = promotion_delay(offer.name, self.own_id, self.capacity, self.window_s)
             self.pending = _Pending(offer.name, gap.reason, now + delay)
             return
+        # A model first seen as a gap for its demand may be reported lost a moment later (its host's
+        # death notice came after a table without it): it is then taken for the lost host.
+        pending.reason = gap.reason
         if msg.fresh and pending.refresh_asked and not self.done:
             # Claims are ranked by delay: the standby that looked first claimed first.
             mine = (promotion_delay(pending.model, self.own_id, self.capacity, self.window_s), self.own_id)

@@ -45,13 +45,31 @@ class Gap:
 def pick_model_assignment(
     offers: Sequence[Offer], capacity_bytes: int, gaps: Sequence[Gap]
 ) -> tuple[Offer, Gap] | None:
-    """The gap this standby takes, with the offer that fills it; None when it can fill none."""
-    by_name = {g.name: g for g in gaps}
+    """The gap this standby takes, with the offer that fills it; None when it can fill none. A model
+    may be a gap twice, for a lost host and for its demand: see :func:`one_gap_per_model`."""
+    by_name = one_gap_per_model(gaps)
     fitting = [o for o in offers if o.name in by_name and o.need_bytes <= capacity_bytes]
     if not fitting:
         return None
     best = min(fitting, key=lambda o: (not o.on_disk, -by_name[o.name].demand_per_host, o.name))
     return best, by_name[best.name]
+
+
+def one_gap_per_model(gaps: Sequence[Gap]) -> dict[str, Gap]:
+    """Each model's gap, by name. Where a model is a gap both for a reason of its own (its host died
+    or left, or an active node wants it) and for its demand, that reason is kept, with the demand
+    figure for ranking, whatever the order: the node that takes it says it replaces a lost host, and
+    steps back when the model's own host returns (a demand promotion would stay while demand lasts,
+    beside that host)."""
+    out: dict[str, Gap] = {}
+    for gap in gaps:
+        seen = out.get(gap.name)
+        if seen is None:
+            out[gap.name] = gap
+            continue
+        reason = seen.reason if gap.reason == "demand" else gap.reason
+        out[gap.name] = Gap(gap.name, reason, max(seen.demand_per_host, gap.demand_per_host))
+    return out
 
 
 def _unit(model: str, node_id: str) -> float:

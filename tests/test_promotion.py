@@ -18,6 +18,7 @@ from meshllm.promotion import (
     Offer,
     gaps_in,
     keeps_promotion,
+    one_gap_per_model,
     pick_model_assignment,
     promotion_delay,
     race_key,
@@ -149,6 +150,17 @@ def test_pick_examples() -> None:
     assert pick_model_assignment([warm], 24 * GIB, []) is None
     # A cold offer is still taken when it is the only one that fits.
     assert pick_model_assignment([cold, big], 24 * GIB, gaps) == (cold, gaps[1])
+
+
+def test_a_model_that_lost_its_host_and_is_in_demand_is_taken_for_the_lost_host() -> None:
+    warm = Offer("warm", 8 * GIB, on_disk=True)
+    other = Offer("other", 8 * GIB, on_disk=True)
+    lost_and_wanted = [Gap("warm", "death"), Gap("other", "gap", 2.0), Gap("warm", "demand", 12.0)]
+    # The reason is the lost host whichever comes first; the demand still ranks it.
+    for gaps in (lost_and_wanted, lost_and_wanted[::-1]):
+        assert pick_model_assignment([warm, other], 24 * GIB, gaps) == (warm, Gap("warm", "death", 12.0))
+    assert one_gap_per_model([Gap("m", "demand", 11.0), Gap("m", "gap")]) == {"m": Gap("m", "gap", 11.0)}
+    assert one_gap_per_model([Gap("m", "leave", 0.0)]) == {"m": Gap("m", "leave", 0.0)}
 
 
 # -- the race: key and delay --------------------------------------------------------------------------
