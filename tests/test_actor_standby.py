@@ -9,7 +9,6 @@ import threading
 from actors.standby import Standby
 from meshllm.promotion import GIB, Offer
 from meshllm.wire.messages import (
-    GetStandby,
     HostsLost,
     RefreshNow,
     RoutesChanged,
@@ -65,4 +64,3 @@ def test_a_model_seen_in_demand_then_reported_lost_is_taken_for_the_lost_host(h:
         h.tell("standby", RoutesChanged(table=table({"m": 20.0})))
     assert promotions.done.wait(WAIT)
     assert promotions.calls == [("m", "death")]
-    h.sync("standby", GetStandby())
